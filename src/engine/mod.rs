@@ -1,0 +1,948 @@
+//! The replication engine of one volume: a deterministic state machine with
+//! no I/O of its own. The shell (`crate::volume`) feeds it events (requests,
+//! I/O completions, peer state) and carries out the actions it emits (issue a
+//! local or peer I/O, persist metadata, complete a request, announce state).
+//! Same inputs, same outputs: the simulator in `tests/` drives it with seeded
+//! faults.
+
+pub mod peer;
+pub mod request;
+
+use std::collections::{BTreeSet, VecDeque};
+
+pub use peer::{NodeView, Relation, Role, negotiate};
+pub use request::{INTERNAL_ID_BASE, Leg, Op, Range, Request, RequestId, RequestTable};
+
+use crate::meta::bitmap::BITMAP_PAGE_BYTES;
+use crate::meta::{Bitmap, DiskState, Generations};
+
+/// Resync chunks in flight at once.
+pub const RESYNC_WINDOW: usize = 8;
+
+/// Why a request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IoFailure {
+    /// No reachable copy could serve it (local disk failed and no peer).
+    #[error("no usable copy of the data: local disk failed and the peer is unreachable")]
+    NoCopy,
+    /// This node is not primary.
+    #[error("volume is not primary on this node")]
+    NotPrimary,
+}
+
+/// Why a promotion was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PromoteError {
+    /// The connected peer is primary.
+    #[error("peer still primary: demote it first")]
+    PeerPrimary,
+    /// This copy may lack acknowledged writes.
+    #[error(
+        "local data is {0:?}: it may lack acknowledged writes (use --force to start a new data history from it)"
+    )]
+    NotUpToDate(DiskState),
+    /// No local disk.
+    #[error("no local disk")]
+    Diskless,
+    /// The node is receiving a resync.
+    #[error("a resync to this node is in progress; wait for it to finish")]
+    SyncTarget,
+}
+
+/// Why a demotion was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DemoteError {
+    /// Client requests are still in flight.
+    #[error("{0} requests still in flight; stop the application first")]
+    Busy(usize),
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Issue `op` on the local disk.
+    LocalIo {
+        /// Request.
+        id: RequestId,
+        /// Operation (Write, Zeroes, Flush).
+        op: Op,
+        /// Range.
+        range: Range,
+    },
+    /// Send `op` to the peer and report `peer_done`.
+    PeerIo {
+        /// Request.
+        id: RequestId,
+        /// Operation.
+        op: Op,
+        /// Range.
+        range: Range,
+    },
+    /// Read `range` locally, send it to the peer as resync data, and report
+    /// `peer_done` for `id`.
+    ResyncChunk {
+        /// Internal request id.
+        id: RequestId,
+        /// The chunk.
+        range: Range,
+    },
+    /// Complete a client request.
+    Complete {
+        /// Request.
+        id: RequestId,
+        /// Outcome.
+        result: Result<(), IoFailure>,
+    },
+    /// Durably write these bitmap pages, then the superblock fields, then
+    /// report `meta_persisted(token)`.
+    PersistMeta {
+        /// Sequence token.
+        token: u64,
+        /// Disk state to record.
+        disk: DiskState,
+        /// Generations to record.
+        generations: Generations,
+        /// Role to record.
+        primary: bool,
+        /// Bitmap pages (index, bytes) to write first.
+        pages: Vec<(u32, Box<[u8; BITMAP_PAGE_BYTES]>)>,
+    },
+    /// Send this node's current `NodeView` to the peer.
+    AnnounceState,
+    /// Tell the peer the resync finished, with the source's generations.
+    SendSyncDone {
+        /// Source generations.
+        generations: Generations,
+    },
+    /// Start (true) or stop (false) exporting the volume to applications.
+    Export(bool),
+    /// Something an operator should hear about.
+    Notify(Notice),
+}
+
+/// Notable events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// The local disk failed and was detached.
+    LocalDiskFailed,
+    /// The peer dropped out of the up-to-date set; writes go on without it.
+    PeerOutdated,
+    /// Histories diverged.
+    SplitBrain,
+    /// A resync started (this node is the source).
+    ResyncStarted,
+    /// A resync finished.
+    ResyncDone,
+    /// Connected but refused (reason).
+    PeerRefused(&'static str),
+}
+
+/// Static parameters of one engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Usable data size.
+    pub data_bytes: u64,
+    /// Bytes per bitmap bit.
+    pub chunk_bytes: u64,
+    /// This node wins ties between equal peers (true on exactly one node).
+    pub tie_winner: bool,
+}
+
+/// Progress of a resync in which this node is the source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResyncProgress {
+    /// Next chunk to look at.
+    pub cursor: u64,
+    /// Chunks in flight.
+    pub inflight: usize,
+    /// Chunks to copy when it started (dirty bits).
+    pub total_chunks: u64,
+    /// Chunks copied.
+    pub done_chunks: u64,
+}
+
+/// Snapshot for `status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineStatus {
+    /// Role.
+    pub role: Role,
+    /// Local disk state.
+    pub disk: DiskState,
+    /// Peer view when connected.
+    pub peer: Option<NodeView>,
+    /// Relation to the peer when connected.
+    pub relation: Option<Relation>,
+    /// Generations.
+    pub generations: Generations,
+    /// Out-of-sync bytes according to the bitmap.
+    pub out_of_sync_bytes: u64,
+    /// Client requests in flight.
+    pub inflight_requests: usize,
+    /// Resync progress when this node is the source.
+    pub resync: Option<ResyncProgress>,
+}
+
+/// Where reads are served from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadPath {
+    /// The local disk.
+    Local,
+    /// The peer (this node is diskless).
+    Peer,
+    /// Nowhere: not primary, or no usable copy.
+    Refuse,
+}
+
+/// The engine.
+pub struct Engine {
+    cfg: EngineConfig,
+    role: Role,
+    disk: DiskState,
+    gens: Generations,
+    bitmap: Bitmap,
+    peer: Option<(NodeView, Relation)>,
+    table: RequestTable,
+    actions: VecDeque<Action>,
+    meta_issued: u64,
+    meta_persisted: u64,
+    pages_to_persist: BTreeSet<u32>,
+    rng: u64,
+    resync: Option<ResyncProgress>,
+    next_internal: RequestId,
+    announce_after: Option<u64>,
+    sync_done_after: Option<u64>,
+    replicating: bool,
+}
+
+impl Engine {
+    /// An engine for a volume whose metadata says `disk`, `gens`, `primary`,
+    /// with its persisted `bitmap`. `seed` feeds generation identifiers.
+    pub fn new(
+        cfg: EngineConfig,
+        disk: DiskState,
+        gens: Generations,
+        bitmap: Bitmap,
+        seed: u64,
+    ) -> Self {
+        Engine {
+            cfg,
+            role: Role::Secondary,
+            disk,
+            gens,
+            bitmap,
+            peer: None,
+            table: RequestTable::default(),
+            actions: VecDeque::new(),
+            meta_issued: 0,
+            meta_persisted: 0,
+            pages_to_persist: BTreeSet::new(),
+            rng: seed,
+            resync: None,
+            next_internal: INTERNAL_ID_BASE,
+            announce_after: None,
+            sync_done_after: None,
+            replicating: false,
+        }
+    }
+
+    /// Marks every chunk out of sync (recovery after this node crashed while
+    /// primary: any region may differ from the peer) and persists that.
+    pub fn mark_all_out_of_sync(&mut self) -> u64 {
+        let pages = self.bitmap.set_all();
+        self.pages_to_persist.extend(pages);
+        self.persist()
+    }
+
+    /// The next action for the shell, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// This node's view, as announced to the peer.
+    pub fn view(&self) -> NodeView {
+        NodeView {
+            role: self.role,
+            disk: self.disk,
+            generations: self.gens,
+            data_bytes: self.cfg.data_bytes,
+            dirty_chunks: self.bitmap.set_count(),
+            sync_target: matches!(self.peer, Some((_, Relation::SyncTarget)))
+                && self.announce_after.is_none(),
+        }
+    }
+
+    /// Status snapshot.
+    pub fn status(&self) -> EngineStatus {
+        EngineStatus {
+            role: self.role,
+            disk: self.disk,
+            peer: self.peer.map(|(v, _)| v),
+            relation: self.peer.map(|(_, r)| r),
+            generations: self.gens,
+            out_of_sync_bytes: self.bitmap.dirty_bytes(self.cfg.data_bytes),
+            inflight_requests: self
+                .table
+                .requests
+                .keys()
+                .filter(|id| **id < INTERNAL_ID_BASE)
+                .count(),
+            resync: self.resync,
+        }
+    }
+
+    /// Where a read should go right now.
+    pub fn read_path(&self) -> ReadPath {
+        if self.role != Role::Primary {
+            ReadPath::Refuse
+        } else if self.disk == DiskState::UpToDate {
+            ReadPath::Local
+        } else if self.disk == DiskState::Diskless && self.replicating() {
+            ReadPath::Peer
+        } else {
+            ReadPath::Refuse
+        }
+    }
+
+    /// Whether writes received from the peer may be applied here.
+    pub fn accepts_peer_writes(&self) -> bool {
+        self.role == Role::Secondary
+            && self.disk != DiskState::Diskless
+            && matches!(
+                self.peer,
+                Some((
+                    _,
+                    Relation::InSync | Relation::SyncTarget | Relation::ServingDiskless
+                ))
+            )
+    }
+
+    /// Whether application writes are mirrored to the peer now.
+    pub fn replicating(&self) -> bool {
+        match &self.peer {
+            Some((p, rel)) => {
+                p.disk != DiskState::Diskless
+                    && matches!(
+                        rel,
+                        Relation::InSync
+                            | Relation::DisklessClient
+                            | Relation::SyncSource {
+                                target_ready: true,
+                                ..
+                            }
+                    )
+            }
+            None => false,
+        }
+    }
+
+    fn fresh_id(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(1);
+        Generations::fresh_id(self.rng)
+    }
+
+    fn persist(&mut self) -> u64 {
+        self.meta_issued += 1;
+        if self.disk == DiskState::Diskless {
+            // No disk to write to: nothing can wait on it.
+            self.pages_to_persist.clear();
+            self.meta_persisted = self.meta_issued;
+            return self.meta_issued;
+        }
+        let pages = std::mem::take(&mut self.pages_to_persist)
+            .into_iter()
+            .map(|p| (p, Box::new(self.bitmap.page_bytes(p))))
+            .collect();
+        self.actions.push_back(Action::PersistMeta {
+            token: self.meta_issued,
+            disk: self.disk,
+            generations: self.gens,
+            primary: self.role == Role::Primary,
+            pages,
+        });
+        self.meta_issued
+    }
+
+    /// Called after every event: react to the peer leaving the set of nodes
+    /// that receive writes.
+    fn after_event(&mut self) {
+        let now = self.replicating();
+        if self.replicating
+            && !now
+            && self.role == Role::Primary
+            && self.disk == DiskState::UpToDate
+        {
+            let id = self.fresh_id();
+            self.gens.start_tracking(id);
+            self.persist();
+            self.actions.push_back(Action::Notify(Notice::PeerOutdated));
+        }
+        self.replicating = now;
+    }
+
+    // ---- client requests ----
+
+    /// A client request. `Read` is only submitted when `read_path` says Peer.
+    pub fn submit(&mut self, id: RequestId, op: Op, range: Range) {
+        if self.role != Role::Primary {
+            self.actions.push_back(Action::Complete {
+                id,
+                result: Err(IoFailure::NotPrimary),
+            });
+            return;
+        }
+        let req = Request {
+            op,
+            range,
+            local: Leg::Unused,
+            peer: Leg::Unused,
+            meta_token: 0,
+            local_deferred: false,
+            started: false,
+        };
+        if self.table.insert(id, req) {
+            self.start(id);
+        }
+        self.after_event();
+    }
+
+    fn start(&mut self, id: RequestId) {
+        let replicating = self.replicating();
+        let has_disk = self.disk != DiskState::Diskless;
+        let Some(r) = self.table.requests.get(&id) else {
+            return;
+        };
+        let (op, range) = (r.op, r.range);
+        if op == Op::ResyncChunk {
+            self.actions.push_back(Action::ResyncChunk { id, range });
+            if let Some(r) = self.table.requests.get_mut(&id) {
+                r.peer = Leg::Pending;
+            }
+            return;
+        }
+        let mut token = 0;
+        if op != Op::Read && op != Op::Flush && !replicating && has_disk {
+            let pages = self.bitmap.set_range(range.offset, range.len);
+            if !pages.is_empty() {
+                self.pages_to_persist.extend(pages);
+                token = self.persist();
+            } else if self.meta_issued > self.meta_persisted {
+                // Earlier bits (or the generation change) are still on their way.
+                token = self.meta_issued;
+            }
+        }
+        let Some(r) = self.table.requests.get_mut(&id) else {
+            return;
+        };
+        r.meta_token = token;
+        if op != Op::Read && has_disk {
+            if token != 0 {
+                r.local_deferred = true;
+            } else {
+                r.local = Leg::Pending;
+                self.actions.push_back(Action::LocalIo { id, op, range });
+            }
+        }
+        if replicating {
+            r.peer = Leg::Pending;
+            self.actions.push_back(Action::PeerIo { id, op, range });
+        }
+        self.try_complete(id);
+    }
+
+    fn try_complete(&mut self, id: RequestId) {
+        let persisted = self.meta_persisted;
+        let Some(r) = self.table.requests.get(&id) else {
+            return;
+        };
+        if r.local == Leg::Pending
+            || r.peer == Leg::Pending
+            || r.local_deferred
+            || (r.meta_token != 0 && r.meta_token > persisted)
+        {
+            return;
+        }
+        if r.op == Op::ResyncChunk {
+            return; // finished in resync_chunk_finished
+        }
+        let ok = r.local == Leg::Done || r.peer == Leg::Done;
+        self.actions.push_back(Action::Complete {
+            id,
+            result: if ok { Ok(()) } else { Err(IoFailure::NoCopy) },
+        });
+        self.finish(id);
+    }
+
+    fn finish(&mut self, id: RequestId) {
+        for next in self.table.remove(id) {
+            self.start(next);
+        }
+    }
+
+    /// The local leg of `id` finished.
+    pub fn local_done(&mut self, id: RequestId, ok: bool) {
+        if let Some(r) = self.table.requests.get_mut(&id) {
+            r.local = if ok { Leg::Done } else { Leg::Failed };
+        }
+        if !ok {
+            self.local_disk_failed();
+        }
+        self.try_complete(id);
+        self.after_event();
+    }
+
+    /// The peer leg of `id` finished (`ok` false: the peer reported an error
+    /// or the link dropped).
+    pub fn peer_done(&mut self, id: RequestId, ok: bool) {
+        let Some(r) = self.table.requests.get_mut(&id) else {
+            return;
+        };
+        if r.peer != Leg::Pending {
+            return;
+        }
+        if r.op == Op::ResyncChunk {
+            self.resync_chunk_finished(id, ok);
+            self.after_event();
+            return;
+        }
+        if ok {
+            r.peer = Leg::Done;
+        } else {
+            self.peer_leg_lost(id);
+        }
+        self.try_complete(id);
+        self.after_event();
+    }
+
+    /// The peer will not have request `id`: cover its range in the bitmap.
+    fn peer_leg_lost(&mut self, id: RequestId) {
+        let Some(r) = self.table.requests.get_mut(&id) else {
+            return;
+        };
+        r.peer = Leg::Unused;
+        let (op, range) = (r.op, r.range);
+        if matches!(op, Op::Write { .. } | Op::Zeroes { .. }) {
+            // The generation change must be recorded before any write
+            // completes without the peer.
+            if self.replicating && self.role == Role::Primary && self.disk == DiskState::UpToDate {
+                let id = self.fresh_id();
+                self.gens.start_tracking(id);
+                self.replicating = false;
+                self.actions.push_back(Action::Notify(Notice::PeerOutdated));
+            }
+            let pages = self.bitmap.set_range(range.offset, range.len);
+            self.pages_to_persist.extend(pages);
+            let token = self.persist();
+            if let Some(r) = self.table.requests.get_mut(&id) {
+                r.meta_token = token;
+            }
+        }
+    }
+
+    /// Metadata up to `token` is durable.
+    pub fn meta_persisted(&mut self, token: u64) {
+        self.meta_persisted = self.meta_persisted.max(token);
+        let ready: Vec<RequestId> = self
+            .table
+            .requests
+            .iter()
+            .filter(|(_, r)| r.meta_token != 0 && r.meta_token <= self.meta_persisted)
+            .map(|(id, _)| *id)
+            .collect();
+        let has_disk = self.disk != DiskState::Diskless;
+        for id in ready {
+            if let Some(r) = self.table.requests.get_mut(&id) {
+                r.meta_token = 0;
+                if r.local_deferred {
+                    r.local_deferred = false;
+                    if has_disk {
+                        r.local = Leg::Pending;
+                        self.actions.push_back(Action::LocalIo {
+                            id,
+                            op: r.op,
+                            range: r.range,
+                        });
+                    }
+                }
+            }
+            self.try_complete(id);
+        }
+        if self
+            .announce_after
+            .is_some_and(|t| t <= self.meta_persisted)
+        {
+            self.announce_after = None;
+            self.actions.push_back(Action::AnnounceState);
+        }
+        if let Some(t) = self.sync_done_after
+            && t <= self.meta_persisted
+        {
+            self.sync_done_after = None;
+            self.actions.push_back(Action::SendSyncDone {
+                generations: self.gens,
+            });
+            self.actions.push_back(Action::Notify(Notice::ResyncDone));
+        }
+        self.after_event();
+    }
+
+    /// Persisting metadata failed: the local disk is unusable.
+    pub fn meta_failed(&mut self) {
+        self.local_disk_failed();
+        // Requests that waited for the metadata can only finish through the peer.
+        let waiting: Vec<RequestId> = self
+            .table
+            .requests
+            .iter()
+            .filter(|(_, r)| r.meta_token != 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            if let Some(r) = self.table.requests.get_mut(&id) {
+                r.meta_token = 0;
+                r.local_deferred = false;
+                if r.local == Leg::Unused {
+                    r.local = Leg::Failed;
+                }
+            }
+            self.try_complete(id);
+        }
+        self.after_event();
+    }
+
+    fn local_disk_failed(&mut self) {
+        if self.disk == DiskState::Diskless {
+            return;
+        }
+        self.disk = DiskState::Diskless;
+        self.meta_persisted = self.meta_issued; // nothing more can be persisted
+        self.actions
+            .push_back(Action::Notify(Notice::LocalDiskFailed));
+        self.actions.push_back(Action::AnnounceState);
+        self.renegotiate();
+    }
+
+    // ---- roles ----
+
+    /// Makes this node primary. Returns the metadata token to wait for.
+    pub fn promote(&mut self, force: bool) -> Result<u64, PromoteError> {
+        if self.role == Role::Primary {
+            return Ok(self.meta_issued);
+        }
+        if let Some((p, rel)) = &self.peer {
+            if p.role == Role::Primary {
+                return Err(PromoteError::PeerPrimary);
+            }
+            if *rel == Relation::SyncTarget && !force {
+                return Err(PromoteError::SyncTarget);
+            }
+        }
+        match self.disk {
+            DiskState::Diskless => {
+                if !matches!(self.peer, Some((_, Relation::DisklessClient))) {
+                    return Err(PromoteError::Diskless);
+                }
+            }
+            DiskState::UpToDate => {}
+            other if !force => return Err(PromoteError::NotUpToDate(other)),
+            _ => {
+                let id = self.fresh_id();
+                self.gens.start_new_history(id);
+                self.disk = DiskState::UpToDate;
+            }
+        }
+        self.role = Role::Primary;
+        if self.peer.is_some() {
+            self.renegotiate();
+        }
+        if !self.replicating() && self.disk == DiskState::UpToDate && self.gens.bitmap == 0 {
+            // Writing without the peer from the start: track changes for it.
+            let id = self.fresh_id();
+            self.gens.start_tracking(id);
+        }
+        self.replicating = self.replicating();
+        let token = self.persist();
+        self.actions.push_back(Action::AnnounceState);
+        self.actions.push_back(Action::Export(true));
+        Ok(token)
+    }
+
+    /// Makes this node secondary.
+    pub fn demote(&mut self) -> Result<u64, DemoteError> {
+        if self.role == Role::Secondary {
+            return Ok(self.meta_issued);
+        }
+        let busy = self.status().inflight_requests;
+        if busy > 0 {
+            return Err(DemoteError::Busy(busy));
+        }
+        self.role = Role::Secondary;
+        self.actions.push_back(Action::Export(false));
+        let token = self.persist();
+        self.actions.push_back(Action::AnnounceState);
+        self.after_event();
+        Ok(token)
+    }
+
+    // ---- peer ----
+
+    /// The peer's state arrived (first time after connecting, or changed).
+    pub fn peer_state(&mut self, view: NodeView) {
+        let first = self.peer.is_none();
+        let old = self.peer.map(|(v, r)| (v, r));
+        let rel = old
+            .map(|(_, r)| r)
+            .unwrap_or(Relation::Refused("negotiating"));
+        self.peer = Some((view, rel));
+        let renegotiate = first
+            || matches!(
+                rel,
+                Relation::NoData | Relation::Refused(_) | Relation::Diverged
+            )
+            || old.is_some_and(|(v, _)| v.disk != view.disk || v.role != view.role);
+        if rel == Relation::InSync
+            && self.gens.bitmap != 0
+            && self.bitmap.set_count() == 0
+            && view.disk == DiskState::UpToDate
+            && view.generations.current == self.gens.current
+        {
+            // The target confirmed the finished resync.
+            self.gens.sync_source_done();
+            self.persist();
+        }
+        if renegotiate {
+            self.renegotiate();
+        } else if let Relation::SyncSource {
+            target_ready: false,
+            full,
+        } = rel
+            && view.sync_target
+        {
+            self.peer = Some((
+                view,
+                Relation::SyncSource {
+                    target_ready: true,
+                    full,
+                },
+            ));
+            self.pump_resync();
+        }
+        self.after_event();
+    }
+
+    fn renegotiate(&mut self) {
+        let Some((view, old)) = self.peer else { return };
+        let new = negotiate(&self.view(), &view, self.cfg.tie_winner);
+        let same = std::mem::discriminant(&new) == std::mem::discriminant(&old);
+        if new == old || (same && !matches!(new, Relation::Refused(_))) {
+            if let Relation::SyncSource {
+                target_ready: false,
+                full,
+            } = old
+                && view.sync_target
+            {
+                self.peer = Some((
+                    view,
+                    Relation::SyncSource {
+                        target_ready: true,
+                        full,
+                    },
+                ));
+                self.pump_resync();
+            }
+            return;
+        }
+        self.peer = Some((view, new));
+        match new {
+            Relation::SyncSource { full, .. } => {
+                if full {
+                    let pages = self.bitmap.set_all();
+                    self.pages_to_persist.extend(pages);
+                    self.persist();
+                }
+                self.resync = Some(ResyncProgress {
+                    total_chunks: self.bitmap.set_count(),
+                    ..Default::default()
+                });
+                self.actions
+                    .push_back(Action::Notify(Notice::ResyncStarted));
+                if view.sync_target {
+                    self.peer = Some((
+                        view,
+                        Relation::SyncSource {
+                            target_ready: true,
+                            full,
+                        },
+                    ));
+                    self.pump_resync();
+                }
+            }
+            Relation::SyncTarget => {
+                self.disk = DiskState::Inconsistent;
+                let token = self.persist();
+                self.announce_after = Some(token);
+            }
+            Relation::ServingDiskless => {
+                // The peer's old disk will need everything once it returns.
+                if self.gens.bitmap == 0 {
+                    let id = self.fresh_id();
+                    self.gens.start_tracking(id);
+                }
+                let pages = self.bitmap.set_all();
+                self.pages_to_persist.extend(pages);
+                self.persist();
+            }
+            Relation::InSync => {
+                if self.disk == DiskState::Outdated {
+                    self.disk = DiskState::UpToDate;
+                    self.persist();
+                }
+            }
+            Relation::Diverged => self.actions.push_back(Action::Notify(Notice::SplitBrain)),
+            Relation::Refused(why) => self
+                .actions
+                .push_back(Action::Notify(Notice::PeerRefused(why))),
+            Relation::DisklessClient | Relation::NoData => {}
+        }
+        self.actions.push_back(Action::AnnounceState);
+    }
+
+    /// The connection to the peer is gone.
+    pub fn peer_disconnected(&mut self) {
+        if self.peer.is_none() {
+            return;
+        }
+        let pending: Vec<RequestId> = self
+            .table
+            .requests
+            .iter()
+            .filter(|(_, r)| r.peer == Leg::Pending)
+            .map(|(id, _)| *id)
+            .collect();
+        self.resync = None;
+        let resync_ids: Vec<RequestId> = self
+            .table
+            .requests
+            .iter()
+            .filter(|(_, r)| r.op == Op::ResyncChunk)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in resync_ids {
+            // Started or queued, these chunks stay dirty for the next resync.
+            self.finish(id);
+        }
+        for id in pending {
+            if self
+                .table
+                .requests
+                .get(&id)
+                .is_some_and(|r| r.op != Op::ResyncChunk)
+            {
+                self.peer_leg_lost(id);
+                self.try_complete(id);
+            }
+        }
+        self.peer = None;
+        self.announce_after = None;
+        self.sync_done_after = None;
+        self.after_event();
+    }
+
+    /// The peer finished resyncing this node from `source` generations.
+    pub fn peer_sync_done(&mut self, source: Generations) {
+        if !matches!(self.peer, Some((_, Relation::SyncTarget))) {
+            return;
+        }
+        self.gens.sync_target_done(&source);
+        self.disk = DiskState::UpToDate;
+        if let Some((v, _)) = self.peer {
+            self.peer = Some((v, Relation::InSync));
+        }
+        let token = self.persist();
+        self.announce_after = Some(token);
+        self.actions.push_back(Action::Notify(Notice::ResyncDone));
+        self.after_event();
+    }
+
+    // ---- resync (this node is the source) ----
+
+    fn pump_resync(&mut self) {
+        let Some(mut prog) = self.resync else { return };
+        if !matches!(
+            self.peer,
+            Some((
+                _,
+                Relation::SyncSource {
+                    target_ready: true,
+                    ..
+                }
+            ))
+        ) {
+            return;
+        }
+        while prog.inflight < RESYNC_WINDOW {
+            let Some(chunk) = self.bitmap.next_set(prog.cursor) else {
+                break;
+            };
+            prog.cursor = chunk + 1;
+            let offset = chunk * self.cfg.chunk_bytes;
+            let len = self.cfg.chunk_bytes.min(self.cfg.data_bytes - offset);
+            let id = self.next_internal;
+            self.next_internal += 1;
+            prog.inflight += 1;
+            let req = Request {
+                op: Op::ResyncChunk,
+                range: Range::new(offset, len),
+                local: Leg::Unused,
+                peer: Leg::Unused,
+                meta_token: 0,
+                local_deferred: false,
+                started: false,
+            };
+            if self.table.insert(id, req) {
+                self.start(id);
+            }
+        }
+        if prog.inflight == 0 && self.bitmap.next_set(prog.cursor).is_none() {
+            if self.bitmap.set_count() > 0 {
+                // Bits set behind the cursor: another pass.
+                prog.cursor = 0;
+                self.resync = Some(prog);
+                return self.pump_resync();
+            }
+            self.resync = None;
+            // The bitmap base is dropped only when the target confirms it
+            // adopted our generation (see `peer_state`).
+            if let Some((v, _)) = self.peer {
+                self.peer = Some((v, Relation::InSync));
+            }
+            self.replicating = self.replicating();
+            let token = self.persist();
+            self.sync_done_after = Some(token);
+            return;
+        }
+        self.resync = Some(prog);
+    }
+
+    fn resync_chunk_finished(&mut self, id: RequestId, ok: bool) {
+        let Some(r) = self.table.requests.get(&id) else {
+            return;
+        };
+        let chunk = r.range.offset / self.cfg.chunk_bytes;
+        if let Some(p) = self.resync.as_mut() {
+            p.inflight = p.inflight.saturating_sub(1);
+            if ok {
+                p.done_chunks += 1;
+            }
+        }
+        if ok && let Some(page) = self.bitmap.clear(chunk) {
+            self.pages_to_persist.insert(page);
+        }
+        self.finish(id);
+        if ok {
+            self.pump_resync();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,221 @@
+//! What one node knows about its peer, and how two nodes relate once they
+//! have exchanged their states.
+
+use crate::meta::{DiskState, Generations, SyncDecision};
+
+/// A node's role for one volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub enum Role {
+    /// The writer: exports the volume to applications.
+    Primary,
+    /// Receives the primary's writes; exports nothing.
+    Secondary,
+}
+
+/// The state a node announces to its peer for one volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeView {
+    /// Role.
+    pub role: Role,
+    /// Local disk state.
+    pub disk: DiskState,
+    /// Generation identifiers.
+    pub generations: Generations,
+    /// Usable data size.
+    pub data_bytes: u64,
+    /// Set bits in the dirty bitmap.
+    pub dirty_chunks: u64,
+    /// Ready to receive a resync (disk persisted as Inconsistent).
+    pub sync_target: bool,
+}
+
+/// How this node relates to its connected peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relation {
+    /// Same data history: writes are mirrored.
+    InSync,
+    /// This node copies its dirty chunks to the peer; once the peer is ready,
+    /// application writes are mirrored too.
+    SyncSource {
+        /// The peer persisted itself as a sync target.
+        target_ready: bool,
+        /// Copy every chunk, not just the bitmap.
+        full: bool,
+    },
+    /// This node receives a resync.
+    SyncTarget,
+    /// This node has no disk: every read and write goes to the peer.
+    DisklessClient,
+    /// The peer has no disk: this node holds the only copy.
+    ServingDiskless,
+    /// Neither node has data yet; an operator must choose the first primary.
+    NoData,
+    /// The histories diverged (split brain): nothing is synced automatically.
+    Diverged,
+    /// Connected but incompatible (reason given); nothing is mirrored.
+    Refused(&'static str),
+}
+
+impl Relation {
+    /// Name for status output.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Relation::InSync => "InSync",
+            Relation::SyncSource {
+                target_ready: false,
+                ..
+            } => "StartingSyncSource",
+            Relation::SyncSource { .. } => "SyncSource",
+            Relation::SyncTarget => "SyncTarget",
+            Relation::DisklessClient => "DisklessClient",
+            Relation::ServingDiskless => "ServingDiskless",
+            Relation::NoData => "NoData",
+            Relation::Diverged => "SplitBrain",
+            Relation::Refused(_) => "Refused",
+        }
+    }
+}
+
+/// Decides the relation of `me` to `peer`. `tie_winner` breaks ties where
+/// both sides hold dirty bits for the same history (it is true on exactly one
+/// of the two nodes).
+pub fn negotiate(me: &NodeView, peer: &NodeView, tie_winner: bool) -> Relation {
+    use DiskState::*;
+    if me.data_bytes != peer.data_bytes {
+        return Relation::Refused("the peer's volume has a different size");
+    }
+    if me.role == Role::Primary && peer.role == Role::Primary {
+        return Relation::Refused("both nodes are primary");
+    }
+    match (me.disk, peer.disk) {
+        (Diskless, Diskless) => return Relation::Refused("neither node has a disk"),
+        (Diskless, UpToDate) => return Relation::DisklessClient,
+        (Diskless, _) => {
+            return Relation::Refused("this node is diskless and the peer is not up to date");
+        }
+        (UpToDate, Diskless) => return Relation::ServingDiskless,
+        (_, Diskless) => {
+            return Relation::Refused("the peer is diskless and this node is not up to date");
+        }
+        _ => {}
+    }
+    let source = |full| {
+        if me.disk != UpToDate {
+            Relation::Refused("this node has newer data but is not up to date")
+        } else if peer.role == Role::Primary {
+            Relation::Refused("the peer is primary but has older data")
+        } else {
+            Relation::SyncSource {
+                target_ready: false,
+                full,
+            }
+        }
+    };
+    let target = || {
+        if peer.disk != UpToDate {
+            Relation::Refused("the peer has newer data but is not up to date")
+        } else if me.role == Role::Primary {
+            Relation::Refused("this node is primary but the peer has newer data; demote it")
+        } else {
+            Relation::SyncTarget
+        }
+    };
+    match me.generations.compare(&peer.generations) {
+        SyncDecision::NoData => Relation::NoData,
+        SyncDecision::Diverged => Relation::Diverged,
+        SyncDecision::LocalAheadBitmap => source(peer.dirty_chunks > 0),
+        SyncDecision::LocalAheadFull => source(true),
+        SyncDecision::PeerAheadBitmap | SyncDecision::PeerAheadFull => target(),
+        SyncDecision::InSync => match (me.disk, peer.disk) {
+            (UpToDate, Inconsistent) => source(true),
+            (Inconsistent, UpToDate) => target(),
+            (Inconsistent, Inconsistent) => Relation::Refused("neither copy is consistent"),
+            _ => match (me.dirty_chunks > 0, peer.dirty_chunks > 0) {
+                (false, false) => Relation::InSync,
+                (true, false) => source(false),
+                (false, true) => target(),
+                (true, true) => {
+                    let me_wins = match (me.role, peer.role) {
+                        (Role::Primary, _) => true,
+                        (_, Role::Primary) => false,
+                        _ => tie_winner,
+                    };
+                    if me_wins { source(true) } else { target() }
+                }
+            },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(role: Role, disk: DiskState, current: u64) -> NodeView {
+        NodeView {
+            role,
+            disk,
+            generations: Generations {
+                current,
+                ..Default::default()
+            },
+            data_bytes: 1 << 20,
+            dirty_chunks: 0,
+            sync_target: false,
+        }
+    }
+
+    #[test]
+    fn equal_histories_mirror() {
+        let a = view(Role::Primary, DiskState::UpToDate, 5);
+        let b = view(Role::Secondary, DiskState::UpToDate, 5);
+        assert_eq!(negotiate(&a, &b, true), Relation::InSync);
+        assert_eq!(negotiate(&b, &a, false), Relation::InSync);
+    }
+
+    #[test]
+    fn size_mismatch_and_two_primaries_are_refused() {
+        let a = view(Role::Primary, DiskState::UpToDate, 5);
+        let mut b = view(Role::Secondary, DiskState::UpToDate, 5);
+        b.data_bytes += 4096;
+        assert!(matches!(negotiate(&a, &b, true), Relation::Refused(_)));
+        let c = view(Role::Primary, DiskState::UpToDate, 5);
+        assert!(matches!(negotiate(&a, &c, true), Relation::Refused(_)));
+    }
+
+    #[test]
+    fn primary_with_older_data_never_becomes_target() {
+        let mut a = view(Role::Primary, DiskState::UpToDate, 5);
+        let mut b = view(Role::Secondary, DiskState::UpToDate, 5);
+        b.generations.start_tracking(9);
+        assert!(matches!(negotiate(&a, &b, true), Relation::Refused(_)));
+        a.role = Role::Secondary;
+        assert_eq!(negotiate(&a, &b, true), Relation::SyncTarget);
+        assert_eq!(
+            negotiate(&b, &a, false),
+            Relation::SyncSource {
+                target_ready: false,
+                full: false
+            }
+        );
+    }
+
+    #[test]
+    fn dirty_bits_on_both_sides_pick_one_source() {
+        let mut a = view(Role::Secondary, DiskState::UpToDate, 5);
+        let mut b = view(Role::Secondary, DiskState::UpToDate, 5);
+        a.dirty_chunks = 3;
+        b.dirty_chunks = 4;
+        let ra = negotiate(&a, &b, true);
+        let rb = negotiate(&b, &a, false);
+        assert_eq!(
+            ra,
+            Relation::SyncSource {
+                target_ready: false,
+                full: true
+            }
+        );
+        assert_eq!(rb, Relation::SyncTarget);
+    }
+}

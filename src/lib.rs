@@ -1,0 +1,19 @@
+//! blkrep: userspace synchronous block replication for Linux.
+//!
+//! Two nodes mirror a volume with protocol C semantics (a write completes
+//! only when both disks have it) over a QUIC link with mutual TLS. The
+//! architecture, one module per concern:
+//!
+//! - [`engine`]: the per-volume replication state machine (no I/O).
+//! - [`meta`]: superblock, generation identifiers, dirty bitmap.
+//! - [`store`]: the local disk through io_uring with O_DIRECT.
+//! - [`link`]: the QUIC connection to the peer and its wire format.
+//! - [`volume`]: the shell that runs one engine against store and link.
+//! - [`frontend`]: how applications reach a volume (NBD; ublk).
+//! - [`control`]: the daemon's Unix control socket and its typed requests.
+//! - [`config`], [`cert`], [`daemon`]: configuration, certificates, the agent.
+
+pub mod engine;
+pub mod link;
+pub mod meta;
+pub mod store;

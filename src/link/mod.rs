@@ -1,0 +1,3 @@
+//! The replication link: one QUIC connection per peer node.
+
+pub mod wire;
