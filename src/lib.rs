@@ -13,7 +13,16 @@
 //! - [`control`]: the daemon's Unix control socket and its typed requests.
 //! - [`config`], [`cert`], [`daemon`]: configuration, certificates, the agent.
 
+pub mod bench;
+pub mod cert;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod demo;
 pub mod engine;
+pub mod frontend;
 pub mod link;
 pub mod meta;
 pub mod store;
+pub mod testkit;
+pub mod volume;

@@ -1,1 +1,291 @@
-fn main() {}
+//! The `blkrep` command line: the CLI edge (anyhow lives only here).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use blkrep::config::{Config, DEFAULT_CONFIG_PATH};
+use blkrep::control::{self, ErrorCode, Request, Response};
+
+/// Exit status when the daemon cannot be reached.
+const EXIT_NO_DAEMON: u8 = 8;
+
+#[derive(Parser)]
+#[command(
+    name = "blkrep",
+    version,
+    about = "Userspace synchronous block replication: DRBD's job without a kernel module",
+    after_help = "Exit status: 0 done, 1 failed, 2 bad request or usage, 3 not attached, \
+4 outdated (local data not up to date), 5 no quorum, 6 peer still primary, \
+7 diverged histories, 8 daemon not reachable, 9 busy (I/O in flight)."
+)]
+struct Cli {
+    /// Node configuration file.
+    #[arg(long, short, global = true, env = "BLKREP_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a cluster CA or issue node certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Write fresh metadata for a volume on this node's backing disk.
+    CreateMd {
+        /// Volume name.
+        volume: String,
+        /// Overwrite existing metadata or a disk that looks in use.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the node agent (one per node; systemd service).
+    Daemon,
+    /// Bring a volume up on this node (as secondary).
+    Attach {
+        /// Volume name.
+        volume: String,
+    },
+    /// Take a volume down on this node.
+    Detach {
+        /// Volume name.
+        volume: String,
+    },
+    /// Make this node the writer and export the volume here.
+    Primary {
+        /// Volume name.
+        volume: String,
+        /// Promote a copy that is not known to be up to date (starts a new
+        /// data history; the first primary of a new volume needs this).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop being the writer on this node.
+    Secondary {
+        /// Volume name.
+        volume: String,
+    },
+    /// Show role, disk and peer state, export, resync progress.
+    Status {
+        /// Only this volume.
+        volume: Option<String>,
+        /// Print the stable JSON report instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set up a throw-away two-node cluster on loopback, replicate a verified
+    /// write through NBD, and compare both copies.
+    Demo(blkrep::demo::DemoArgs),
+    /// Benchmark the replicated volume against the raw backing disk.
+    Bench(blkrep::bench::BenchArgs),
+    /// Test and drill helpers.
+    #[command(subcommand)]
+    Debug(DebugCommand),
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Create a cluster CA (ca.pem, ca.key) in DIR.
+    Ca {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a certificate for NODE signed by the CA.
+    Issue {
+        /// Node name (as in the config's [nodes]).
+        node: String,
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Output directory (NODE.pem, NODE.key).
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650, allow_negative_numbers = true)]
+        days: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DebugCommand {
+    /// Make the local disk of VOLUME fail every I/O (needs
+    /// `debug.fault_injection = true` in the config).
+    FailDisk {
+        /// Volume name.
+        volume: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLKREP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("blkrep: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Cert(CertCommand::Ca { out }) => {
+            blkrep::cert::create_ca(&out)?;
+            println!("created cluster CA in {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cert(CertCommand::Issue {
+            node,
+            ca,
+            out,
+            days,
+        }) => {
+            blkrep::cert::issue(&node, &ca, &out, days)?;
+            println!("issued certificate for {node} in {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CreateMd { volume, force } => create_md(&cli.config, &volume, force),
+        Command::Daemon => {
+            let cfg = load(&cli.config)?;
+            runtime()?.block_on(async move {
+                let daemon = blkrep::daemon::Daemon::start(cfg).await?;
+                wait_for_signal().await;
+                tracing::info!("shutting down");
+                daemon.shutdown().await;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Attach { volume } => request(&cli.config, Request::Attach { volume }, false),
+        Command::Detach { volume } => request(&cli.config, Request::Detach { volume }, false),
+        Command::Primary { volume, force } => {
+            request(&cli.config, Request::Primary { volume, force }, false)
+        }
+        Command::Secondary { volume } => request(&cli.config, Request::Secondary { volume }, false),
+        Command::Status { volume, json } => request(&cli.config, Request::Status { volume }, json),
+        Command::Debug(DebugCommand::FailDisk { volume }) => {
+            request(&cli.config, Request::FailDisk { volume }, false)
+        }
+        Command::Demo(args) => {
+            let ok = runtime()?.block_on(blkrep::demo::run(args))?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Bench(args) => {
+            runtime()?.block_on(blkrep::bench::run(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn create_md(config: &std::path::Path, volume: &str, force: bool) -> anyhow::Result<ExitCode> {
+    let cfg = load(config)?;
+    let v = cfg
+        .volume(volume)
+        .with_context(|| format!("volume {volume:?} is not in {}", config.display()))?;
+    let node = v
+        .nodes
+        .get(&cfg.node)
+        .with_context(|| format!("volume {volume:?} is not configured on node {}", cfg.node))?;
+    // Refuse while the daemon has the volume attached.
+    if cfg.control_socket.exists() {
+        let rt = runtime()?;
+        let status = rt.block_on(control::call(
+            &cfg.control_socket,
+            &Request::Status {
+                volume: Some(volume.to_string()),
+            },
+        ));
+        if let Ok(Response::Status(s)) = status
+            && s.volumes.iter().any(|x| x.attached)
+        {
+            anyhow::bail!("volume {volume} is attached; detach it before writing new metadata");
+        }
+    }
+    let layout = blkrep::volume::create_metadata(
+        &node.disk,
+        &node.meta_location(),
+        volume,
+        v.chunk_bytes,
+        force,
+    )?;
+    println!(
+        "wrote metadata for {volume} on {}: {} data bytes, bitmap chunk {} bytes",
+        node.disk.display(),
+        layout.data_bytes,
+        v.chunk_bytes
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn request(config: &std::path::Path, req: Request, json: bool) -> anyhow::Result<ExitCode> {
+    let cfg = load(config)?;
+    let rt = runtime()?;
+    let resp = match rt.block_on(control::call(&cfg.control_socket, &req)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("blkrep: {e}");
+            return Ok(ExitCode::from(EXIT_NO_DAEMON));
+        }
+    };
+    match resp {
+        Response::Ok { message } => {
+            println!("{message}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::Status(s) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", blkrep::control::status::render_text(&s));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::Error { code, message } => {
+            eprintln!("blkrep: {message}");
+            Ok(ExitCode::from(exit_byte(code)))
+        }
+    }
+}
+
+fn exit_byte(code: ErrorCode) -> u8 {
+    u8::try_from(code.exit_code()).unwrap_or(1)
+}

@@ -609,6 +609,12 @@ impl Engine {
         self.after_event();
     }
 
+    /// The local disk failed outside a tracked request (e.g. a resync read).
+    pub fn disk_failed(&mut self) {
+        self.local_disk_failed();
+        self.after_event();
+    }
+
     fn local_disk_failed(&mut self) {
         if self.disk == DiskState::Diskless {
             return;
@@ -854,6 +860,9 @@ impl Engine {
         }
         self.gens.sync_target_done(&source);
         self.disk = DiskState::UpToDate;
+        // This copy now equals the source: nothing of ours is out of sync.
+        let pages = self.bitmap.clear_all();
+        self.pages_to_persist.extend(pages);
         if let Some((v, _)) = self.peer {
             self.peer = Some((v, Relation::InSync));
         }

@@ -1,3 +1,374 @@
-//! The replication link: one QUIC connection per peer node.
+//! The replication link: one QUIC endpoint per node and one connection per
+//! peer node, carrying every volume the two share. Mutual TLS with the
+//! cluster CA; the node with the lexicographically smaller name dials, the
+//! other accepts; reconnects with capped exponential backoff; every transport
+//! option is set explicitly for a dedicated replication link.
 
+pub mod connection;
+pub mod tls;
 pub mod wire;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+pub use connection::{
+    HelloMsg, InboundHandler, InboundRequest, PeerConnection, Reply, VolumeStateMsg,
+};
+use wire::{Header, Kind};
+
+/// Link errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// No connection, or it closed.
+    #[error("peer connection closed")]
+    Closed,
+    /// The peer did not answer in time; the connection was dropped.
+    #[error("peer did not answer in time")]
+    Timeout,
+    /// A frame failed validation.
+    #[error("bad frame from peer: {0}")]
+    Wire(#[from] wire::WireError),
+    /// The peer broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A message could not be encoded.
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+    /// Endpoint setup failed.
+    #[error("cannot set up the replication endpoint on {addr}: {message}")]
+    Setup {
+        /// Address.
+        addr: SocketAddr,
+        /// Problem.
+        message: String,
+    },
+}
+
+/// Link tunables (see `config::LinkConfig`).
+#[derive(Clone, Debug)]
+pub struct LinkSettings {
+    /// A silent peer is declared dead after this long.
+    pub peer_timeout_ms: u64,
+    /// QUIC keepalive interval.
+    pub keepalive_interval_ms: u64,
+    /// Largest reconnect backoff.
+    pub reconnect_backoff_max_ms: u64,
+    /// Requests in flight per connection.
+    pub inflight_requests_max: usize,
+    /// MTU discovery upper bound.
+    pub mtu_max_bytes: u16,
+}
+
+impl From<&crate::config::LinkConfig> for LinkSettings {
+    fn from(c: &crate::config::LinkConfig) -> Self {
+        LinkSettings {
+            peer_timeout_ms: c.peer_timeout_ms,
+            keepalive_interval_ms: c.keepalive_interval_ms,
+            reconnect_backoff_max_ms: c.reconnect_backoff_max_ms,
+            inflight_requests_max: c.inflight_requests_max,
+            mtu_max_bytes: c.mtu_max_bytes,
+        }
+    }
+}
+
+/// QUIC transport settings for a dedicated replication link.
+pub fn transport_config(s: &LinkSettings) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    let idle = Duration::from_millis(s.peer_timeout_ms);
+    if let Ok(idle) = quinn::IdleTimeout::try_from(idle) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.keep_alive_interval(Some(Duration::from_millis(s.keepalive_interval_ms)));
+    // Windows sized for a fast LAN with ~1 ms RTT and 1 MiB writes in flight.
+    t.stream_receive_window(quinn::VarInt::from_u32(64 << 20));
+    t.receive_window(quinn::VarInt::from_u32(128 << 20));
+    t.send_window(128 << 20);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(2));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t.datagram_receive_buffer_size(None);
+    t.initial_mtu(1200);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(s.mtu_max_bytes);
+    t.mtu_discovery_config(Some(mtu));
+    t.initial_rtt(Duration::from_millis(1));
+    t
+}
+
+struct PeerSlot {
+    address: SocketAddr,
+    current: Mutex<Option<Arc<PeerConnection>>>,
+}
+
+/// The node's replication endpoint and its peer connections.
+pub struct Link {
+    me: String,
+    endpoint: quinn::Endpoint,
+    peers: HashMap<String, PeerSlot>,
+    handler: Arc<dyn InboundHandler>,
+    settings: LinkSettings,
+    client: quinn::ClientConfig,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Link {
+    /// Binds the endpoint on `bind` and starts dialing/accepting `peers`.
+    pub fn start(
+        me: &str,
+        bind: SocketAddr,
+        peers: &[(String, SocketAddr)],
+        tls: &tls::TlsMaterial,
+        settings: LinkSettings,
+        handler: Arc<dyn InboundHandler>,
+    ) -> Result<Arc<Self>, LinkError> {
+        let setup = |message: String| LinkError::Setup {
+            addr: bind,
+            message,
+        };
+        let transport = Arc::new(transport_config(&settings));
+        let server_crypto = tls.quic_server().map_err(|e| setup(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport.clone());
+        let client_crypto = tls.quic_client().map_err(|e| setup(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(transport);
+        let endpoint = quinn::Endpoint::server(server, bind).map_err(|e| setup(e.to_string()))?;
+        let link = Arc::new(Link {
+            me: me.to_string(),
+            endpoint,
+            peers: peers
+                .iter()
+                .filter(|(n, _)| n != me)
+                .map(|(n, a)| {
+                    (
+                        n.clone(),
+                        PeerSlot {
+                            address: *a,
+                            current: Mutex::new(None),
+                        },
+                    )
+                })
+                .collect(),
+            handler,
+            settings,
+            client,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
+        tokio::spawn(link.clone().accept_loop());
+        for name in link.peers.keys() {
+            if link.me.as_str() < name.as_str() {
+                tokio::spawn(link.clone().dial_loop(name.clone()));
+            }
+        }
+        Ok(link)
+    }
+
+    /// The current connection to `peer`, if up.
+    pub fn connection(&self, peer: &str) -> Option<Arc<PeerConnection>> {
+        let slot = self.peers.get(peer)?;
+        let c = slot.current.lock().ok()?.clone()?;
+        c.is_open().then_some(c)
+    }
+
+    /// Closes every connection and the endpoint.
+    pub fn shutdown(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.endpoint
+            .close(connection::CLOSE_SHUTDOWN.into(), b"shutdown");
+    }
+
+    fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.settings.peer_timeout_ms * 4)
+    }
+
+    async fn dial_loop(self: Arc<Self>, peer: String) {
+        let min_backoff = Duration::from_millis(50);
+        let max_backoff = Duration::from_millis(self.settings.reconnect_backoff_max_ms);
+        let mut backoff = min_backoff;
+        let Some(addr) = self.peers.get(&peer).map(|s| s.address) else {
+            return;
+        };
+        loop {
+            match self.dial(&peer, addr).await {
+                Ok((quic, send, recv)) => {
+                    backoff = min_backoff;
+                    self.run(peer.clone(), quic, send, recv).await;
+                }
+                Err(e) => tracing::debug!("connecting to {peer} at {addr}: {e}"),
+            }
+            if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(max_backoff);
+        }
+    }
+
+    async fn dial(
+        &self,
+        peer: &str,
+        addr: SocketAddr,
+    ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), LinkError> {
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), addr, peer)
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let quic = connecting
+            .await
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let (mut send, mut recv) = quic
+            .open_bi()
+            .await
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        send_hello(&mut send, &self.me).await?;
+        let hello = read_hello(&mut recv).await?;
+        if hello.node != peer {
+            quic.close(
+                connection::CLOSE_PROTOCOL_ERROR.into(),
+                b"hello names another node",
+            );
+            return Err(LinkError::Protocol(format!(
+                "peer says it is {:?}",
+                hello.node
+            )));
+        }
+        Ok((quic, send, recv))
+    }
+
+    async fn accept_loop(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let link = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                if let Err(e) = link.accept_one(incoming).await {
+                    tracing::warn!("refused replication connection from {remote}: {e}");
+                }
+            });
+        }
+    }
+
+    async fn accept_one(self: &Arc<Self>, incoming: quinn::Incoming) -> Result<(), LinkError> {
+        let quic = incoming
+            .await
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let candidates: Vec<&str> = self
+            .peers
+            .keys()
+            .map(String::as_str)
+            .filter(|n| *n < self.me.as_str())
+            .collect();
+        let Some(peer) = tls::identify_peer(&quic, &candidates).map(str::to_string) else {
+            quic.close(connection::CLOSE_PROTOCOL_ERROR.into(), b"unknown node");
+            return Err(LinkError::Protocol(
+                "certificate names no node that should connect to this one".into(),
+            ));
+        };
+        let (mut send, mut recv) = tokio::time::timeout(self.request_timeout(), quic.accept_bi())
+            .await
+            .map_err(|_| LinkError::Timeout)?
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let hello = read_hello(&mut recv).await?;
+        if hello.node != peer {
+            quic.close(
+                connection::CLOSE_PROTOCOL_ERROR.into(),
+                b"hello names another node",
+            );
+            return Err(LinkError::Protocol(format!(
+                "certificate is for {peer:?} but hello says {:?}",
+                hello.node
+            )));
+        }
+        send_hello(&mut send, &self.me).await?;
+        self.run(peer, quic, send, recv).await;
+        Ok(())
+    }
+
+    async fn run(
+        &self,
+        peer: String,
+        quic: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        let conn = PeerConnection::start(
+            peer.clone(),
+            quic,
+            send,
+            self.settings.inflight_requests_max,
+            self.request_timeout(),
+        );
+        let Some(slot) = self.peers.get(&peer) else {
+            return;
+        };
+        let old = slot
+            .current
+            .lock()
+            .ok()
+            .and_then(|mut c| c.replace(conn.clone()));
+        if let Some(old) = old {
+            old.close(connection::CLOSE_REPLACED, "replaced by a newer connection");
+        }
+        tracing::info!("replication link to {peer} is up (connection {})", conn.id);
+        self.handler.connection_changed(&peer, Some(conn.clone()));
+        let err = conn.read_loop(recv, &self.handler).await;
+        tracing::info!("replication link to {peer} is down: {err}");
+        let was_current = slot
+            .current
+            .lock()
+            .ok()
+            .map(|mut c| {
+                let same = c.as_ref().is_some_and(|x| x.id == conn.id);
+                if same {
+                    *c = None;
+                }
+                same
+            })
+            .unwrap_or(false);
+        conn.close(connection::CLOSE_SHUTDOWN, "reader stopped");
+        if was_current {
+            self.handler.connection_changed(&peer, None);
+        }
+    }
+}
+
+async fn send_hello(send: &mut quinn::SendStream, me: &str) -> Result<(), LinkError> {
+    let msg = HelloMsg {
+        node: me.to_string(),
+        protocol: wire::PROTOCOL_VERSION,
+    };
+    let json = serde_json::to_vec(&msg).map_err(|e| LinkError::Encode(e.to_string()))?;
+    let h = Header::new(Kind::Hello).encode(&json);
+    send.write_all(&h).await.map_err(|_| LinkError::Closed)?;
+    send.write_all(&json).await.map_err(|_| LinkError::Closed)?;
+    Ok(())
+}
+
+async fn read_hello(recv: &mut quinn::RecvStream) -> Result<HelloMsg, LinkError> {
+    let buf = connection::read_control(recv, Kind::Hello).await?;
+    serde_json::from_slice(&buf).map_err(|e| LinkError::Protocol(format!("bad hello: {e}")))
+}
+
+/// Builds a data request header.
+pub fn data_header(kind: Kind, volume: u32, offset: u64, op_len: u32, flags: u16) -> Header {
+    let mut h = Header::new(kind);
+    h.volume = volume;
+    h.offset = offset;
+    h.op_len = op_len;
+    h.flags = flags;
+    h
+}
+
+/// Wraps an aligned buffer as `Bytes` without copying.
+pub fn bytes_of(buf: Arc<crate::store::AlignedBuf>) -> Bytes {
+    Bytes::from_owner(ArcBuf(buf))
+}
+
+struct ArcBuf(Arc<crate::store::AlignedBuf>);
+impl AsRef<[u8]> for ArcBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+}

@@ -122,6 +122,21 @@ impl Bitmap {
         (0..self.pages()).collect()
     }
 
+    /// Clears every chunk; returns the pages that changed.
+    pub fn clear_all(&mut self) -> Vec<u32> {
+        let per_page = (CHUNKS_PER_PAGE / 64) as usize;
+        let changed = self
+            .words
+            .chunks(per_page)
+            .enumerate()
+            .filter(|(_, ws)| ws.iter().any(|w| *w != 0))
+            .map(|(i, _)| i as u32)
+            .collect();
+        self.words.iter_mut().for_each(|w| *w = 0);
+        self.set_count = 0;
+        changed
+    }
+
     /// The first set chunk at or after `from`.
     pub fn next_set(&self, from: u64) -> Option<u64> {
         let mut c = from;

@@ -89,6 +89,14 @@ impl MetaDevice {
         )
     }
 
+    /// Durably writes one bitmap page from its encoded bytes.
+    pub fn write_page_bytes(&self, page: u32, bytes: &[u8]) -> Result<(), MetaError> {
+        if page >= self.layout.bitmap_pages || bytes.len() != BITMAP_PAGE_BYTES {
+            return Err(MetaError::Corrupt("bitmap page out of range"));
+        }
+        self.write_block(self.layout.bitmap_page_offset(page), bytes)
+    }
+
     /// Writes a whole fresh metadata area: both superblock copies and a bitmap
     /// with every bit as in `bitmap`.
     pub fn format(&self, sb: &Superblock, bitmap: &Bitmap) -> Result<(), MetaError> {

@@ -1,0 +1,315 @@
+//! `blkrep bench`: the same fio workloads against (a) a raw file on the same
+//! disk (io_uring, O_DIRECT) and (b) the replicated volume with both nodes on
+//! this machine (fio's NBD engine on the primary's export), in one run,
+//! printed side by side with ratios.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::testkit::cluster::{ClusterError, ClusterOptions, LocalCluster, scratch_dir};
+
+/// Options of `blkrep bench`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Size of the volume and of the raw file in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub size_mib: u64,
+    /// Seconds per workload and target.
+    #[arg(long, default_value_t = 5)]
+    pub runtime_s: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Working directory (default: a fresh one under the temp dir).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// Bench errors.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Cluster problem.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// fio missing or failing.
+    #[error("fio: {0}")]
+    Fio(String),
+    /// Other I/O.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// One workload.
+struct Workload {
+    name: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    iodepth: u32,
+    sync: bool,
+    metric: Metric,
+}
+
+#[derive(Clone, Copy)]
+enum Metric {
+    Iops,
+    BytesPerS,
+    LatencyP50Us,
+}
+
+impl Metric {
+    fn unit(self) -> &'static str {
+        match self {
+            Metric::Iops => "IOPS",
+            Metric::BytesPerS => "MB/s",
+            Metric::LatencyP50Us => "us p50 (lower is better)",
+        }
+    }
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "4k-randwrite-qd1-sync",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 1,
+        sync: true,
+        metric: Metric::LatencyP50Us,
+    },
+    Workload {
+        name: "4k-randwrite-qd32",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+        sync: false,
+        metric: Metric::Iops,
+    },
+    Workload {
+        name: "1m-seqwrite-qd8",
+        rw: "write",
+        bs: "1m",
+        iodepth: 8,
+        sync: false,
+        metric: Metric::BytesPerS,
+    },
+    Workload {
+        name: "4k-randread-qd1",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 1,
+        sync: false,
+        metric: Metric::Iops,
+    },
+    Workload {
+        name: "4k-randread-qd32",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 32,
+        sync: false,
+        metric: Metric::Iops,
+    },
+    Workload {
+        name: "4k-randrw70-qd32",
+        rw: "randrw",
+        bs: "4k",
+        iodepth: 32,
+        sync: false,
+        metric: Metric::Iops,
+    },
+];
+
+/// One row of the result.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchRow {
+    /// Workload name.
+    pub name: String,
+    /// Raw file figure.
+    pub raw: f64,
+    /// Replicated volume figure.
+    pub replicated: f64,
+    /// replicated / raw for throughput, raw / replicated for latency
+    /// (so higher is always better, 1.0 = no overhead).
+    pub ratio: f64,
+    /// Unit.
+    pub unit: String,
+}
+
+fn fio(args: &[String]) -> Result<serde_json::Value, BenchError> {
+    let out = Command::new("fio")
+        .args(args)
+        .arg("--output-format=json")
+        .output()
+        .map_err(|e| {
+            BenchError::Fio(format!(
+                "cannot run fio ({e}); install it (apt-get install fio)"
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(BenchError::Fio(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text
+        .find('{')
+        .ok_or_else(|| BenchError::Fio("no JSON output".into()))?;
+    serde_json::from_str(&text[start..])
+        .map_err(|e| BenchError::Fio(format!("unreadable output: {e}")))
+}
+
+fn figure(v: &serde_json::Value, w: &Workload) -> f64 {
+    let job = &v["jobs"][0];
+    let side = |k: &str| &job[k];
+    match w.metric {
+        Metric::Iops => {
+            side("read")["iops"].as_f64().unwrap_or(0.0)
+                + side("write")["iops"].as_f64().unwrap_or(0.0)
+        }
+        Metric::BytesPerS => {
+            (side("read")["bw_bytes"].as_f64().unwrap_or(0.0)
+                + side("write")["bw_bytes"].as_f64().unwrap_or(0.0))
+                / 1e6
+        }
+        Metric::LatencyP50Us => {
+            let clat = &side("write")["clat_ns"]["percentile"]["50.000000"];
+            let sync = &job["sync"]["lat_ns"]["percentile"]["50.000000"];
+            (clat.as_f64().unwrap_or(0.0) + sync.as_f64().unwrap_or(0.0)) / 1000.0
+        }
+    }
+}
+
+fn common(w: &Workload, size: u64, runtime_s: u64) -> Vec<String> {
+    let mut a = vec![
+        format!("--name={}", w.name),
+        format!("--rw={}", w.rw),
+        format!("--bs={}", w.bs),
+        format!("--iodepth={}", w.iodepth),
+        format!("--size={size}"),
+        format!("--runtime={runtime_s}"),
+        "--time_based".into(),
+        "--randrepeat=0".into(),
+        "--norandommap".into(),
+    ];
+    if w.rw == "randrw" {
+        a.push("--rwmixread=70".into());
+    }
+    a
+}
+
+fn run_raw(w: &Workload, file: &Path, size: u64, runtime_s: u64) -> Result<f64, BenchError> {
+    let mut a = common(w, size, runtime_s);
+    a.push("--ioengine=io_uring".into());
+    a.push("--direct=1".into());
+    a.push(format!("--filename={}", file.display()));
+    if w.sync {
+        a.push("--fdatasync=1".into());
+    }
+    Ok(figure(&fio(&a)?, w))
+}
+
+fn run_nbd(w: &Workload, socket: &Path, size: u64, runtime_s: u64) -> Result<f64, BenchError> {
+    let mut a = common(w, size, runtime_s);
+    a.push("--ioengine=nbd".into());
+    a.push(format!("--uri=nbd+unix:///?socket={}", socket.display()));
+    if w.sync {
+        // fio's nbd engine sends --fsync as an NBD flush.
+        a.push("--fsync=1".into());
+    }
+    Ok(figure(&fio(&a)?, w))
+}
+
+/// Runs the benchmark and prints the table (or JSON).
+pub async fn run(args: BenchArgs) -> Result<Vec<BenchRow>, BenchError> {
+    let bin = std::env::current_exe().map_err(|e| BenchError::Io(e.to_string()))?;
+    let dir = args.dir.clone().unwrap_or_else(|| scratch_dir("bench"));
+    let size = args.size_mib << 20;
+    let opts = ClusterOptions {
+        volume: "bench".into(),
+        disk_bytes: size + (16 << 20),
+        ..Default::default()
+    };
+    let mut c = LocalCluster::create(&bin, &dir, opts)?;
+    c.bring_up().await?;
+    let vol_size = c.status(0).await?.size_bytes.unwrap_or(size);
+    let raw = dir.join("raw.img");
+    {
+        let f = std::fs::File::create(&raw).map_err(|e| BenchError::Io(e.to_string()))?;
+        f.set_len(vol_size)
+            .map_err(|e| BenchError::Io(e.to_string()))?;
+    }
+    // Lay both targets out fully so neither pays for allocating blocks.
+    let fill = Workload {
+        name: "fill",
+        rw: "write",
+        bs: "1m",
+        iodepth: 8,
+        sync: false,
+        metric: Metric::BytesPerS,
+    };
+    let fill_args = |extra: Vec<String>| {
+        let mut a = common(&fill, vol_size, 0);
+        a.retain(|x| x != "--time_based" && !x.starts_with("--runtime"));
+        a.extend(extra);
+        a
+    };
+    fio(&fill_args(vec![
+        "--ioengine=io_uring".into(),
+        "--direct=1".into(),
+        format!("--filename={}", raw.display()),
+    ]))?;
+    let socket = c.nbd_socket(0);
+    fio(&fill_args(vec![
+        "--ioengine=nbd".into(),
+        format!("--uri=nbd+unix:///?socket={}", socket.display()),
+    ]))?;
+    let mut rows = Vec::new();
+    for w in WORKLOADS {
+        let r = run_raw(w, &raw, vol_size, args.runtime_s)?;
+        let v = run_nbd(w, &socket, vol_size, args.runtime_s)?;
+        let ratio = match w.metric {
+            Metric::LatencyP50Us => {
+                if v > 0.0 {
+                    r / v
+                } else {
+                    0.0
+                }
+            }
+            _ => {
+                if r > 0.0 {
+                    v / r
+                } else {
+                    0.0
+                }
+            }
+        };
+        rows.push(BenchRow {
+            name: w.name.into(),
+            raw: r,
+            replicated: v,
+            ratio,
+            unit: w.metric.unit().into(),
+        });
+    }
+    let rtt_us = c.status(0).await?.peer.rtt_us;
+    if args.json {
+        let obj = serde_json::json!({ "workloads": rows, "rtt_us": rtt_us });
+        println!("{obj}");
+    } else {
+        println!(
+            "both nodes on this machine: replicated writes hit the same disk twice and share its cores"
+        );
+        println!(
+            "{:<24} {:>14} {:>14} {:>7}  unit",
+            "workload", "raw", "replicated", "ratio"
+        );
+        for r in &rows {
+            println!(
+                "{:<24} {:>14.1} {:>14.1} {:>7.2}  {}",
+                r.name, r.raw, r.replicated, r.ratio, r.unit
+            );
+        }
+        if let Some(rtt) = rtt_us {
+            println!("link round-trip time (QUIC estimate): {rtt} us");
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,434 @@
+//! The node configuration file (TOML). One file describes the cluster; the
+//! `node` key says which node this file is for, so the rest can be identical
+//! on every node.
+//!
+//! ```toml
+//! node = "alpha"
+//! control_socket = "/run/blkrep/control.sock"
+//! run_dir = "/run/blkrep"
+//!
+//! [tls]
+//! ca = "/etc/blkrep/ca.pem"
+//! cert = "/etc/blkrep/alpha.pem"
+//! key = "/etc/blkrep/alpha.key"
+//!
+//! [nodes.alpha]
+//! address = "10.0.0.1:7788"
+//! [nodes.beta]
+//! address = "10.0.0.2:7788"
+//!
+//! [[volume]]
+//! name = "vm-101-disk-0"
+//! nodes.alpha = { disk = "/dev/vg0/vm-101", meta = "internal" }
+//! nodes.beta = { disk = "/dev/vg0/vm-101", meta = "internal" }
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default config path.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/blkrep/blkrep.toml";
+
+/// A configuration problem, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// TOML syntax or type error (the message names the key and line).
+    #[error("config {path}: {message}")]
+    Parse {
+        /// File.
+        path: String,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value is not acceptable.
+    #[error("config {path}: key `{key}`: {problem}")]
+    Invalid {
+        /// File.
+        path: String,
+        /// Dotted key.
+        key: String,
+        /// What is wrong and what is expected.
+        problem: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's name (must match its certificate).
+    pub node: String,
+    /// Path of the control socket.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// Directory for runtime files (NBD sockets).
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+    /// TLS files.
+    pub tls: TlsConfig,
+    /// Link tunables.
+    #[serde(default)]
+    pub link: LinkConfig,
+    /// Every node of the cluster by name.
+    pub nodes: BTreeMap<String, NodeConfig>,
+    /// Replicated volumes.
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
+    /// Test and drill switches.
+    #[serde(default)]
+    pub debug: DebugConfig,
+    /// The file this was read from (for messages).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// TLS material: the cluster CA and this node's certificate and key (PEM).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Cluster CA certificate.
+    pub ca: PathBuf,
+    /// This node's certificate.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+}
+
+/// Replication link tunables (units last).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinkConfig {
+    /// A peer silent for this long is declared dead.
+    pub peer_timeout_ms: u64,
+    /// Keepalive interval (must be well below `peer_timeout_ms`).
+    pub keepalive_interval_ms: u64,
+    /// Longest wait between reconnect attempts.
+    pub reconnect_backoff_max_ms: u64,
+    /// Replicated requests in flight per connection (backpressure beyond).
+    pub inflight_requests_max: usize,
+    /// Largest UDP payload to probe for (jumbo frames on a dedicated link).
+    pub mtu_max_bytes: u16,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            peer_timeout_ms: 3000,
+            keepalive_interval_ms: 500,
+            reconnect_backoff_max_ms: 2000,
+            inflight_requests_max: 512,
+            mtu_max_bytes: 8952,
+        }
+    }
+}
+
+/// One node of the cluster.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Replication address (UDP, QUIC).
+    pub address: SocketAddr,
+}
+
+/// One volume.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// Volume name.
+    pub name: String,
+    /// Bytes per dirty-bitmap bit (power of two, 4 KiB .. 1 MiB).
+    #[serde(default = "default_chunk_bytes")]
+    pub chunk_bytes: u32,
+    /// Resync bandwidth cap; 0 = unlimited.
+    #[serde(default)]
+    pub resync_rate_max_bytes_per_s: u64,
+    /// The two nodes holding it.
+    pub nodes: BTreeMap<String, VolumeNodeConfig>,
+}
+
+/// Where one node keeps one volume.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeNodeConfig {
+    /// Backing disk (file, partition, LV, zvol).
+    pub disk: PathBuf,
+    /// `internal` (at the end of the disk) or the path of a metadata file.
+    #[serde(default = "default_meta")]
+    pub meta: String,
+}
+
+/// Switches for tests and drills.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebugConfig {
+    /// Allow `blkrep debug fail-disk` to inject local disk faults.
+    #[serde(default)]
+    pub fault_injection: bool,
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/blkrep/control.sock")
+}
+fn default_run_dir() -> PathBuf {
+    PathBuf::from("/run/blkrep")
+}
+fn default_chunk_bytes() -> u32 {
+    crate::meta::DEFAULT_CHUNK_BYTES
+}
+fn default_meta() -> String {
+    "internal".into()
+}
+
+/// Where a volume's metadata lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MetaLocation {
+    /// At the end of the backing disk.
+    Internal,
+    /// In a separate file.
+    External(PathBuf),
+}
+
+impl VolumeNodeConfig {
+    /// Parsed metadata location.
+    pub fn meta_location(&self) -> MetaLocation {
+        if self.meta == "internal" {
+            MetaLocation::Internal
+        } else {
+            MetaLocation::External(PathBuf::from(&self.meta))
+        }
+    }
+}
+
+/// Whether `name` is a valid node name: a DNS label (it is the certificate's
+/// subject name).
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// Whether `name` is a valid volume name.
+pub fn valid_volume_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= crate::meta::superblock::VOLUME_NAME_MAX_BYTES
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !name.starts_with('.')
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text (`path` is used in messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.path = path.to_path_buf();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn invalid(&self, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.display().to_string(),
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for name in self.nodes.keys() {
+            if !valid_node_name(name) {
+                return Err(self.invalid(
+                    format!("nodes.{name}"),
+                    "node names must be lowercase letters, digits and '-' (a DNS label)",
+                ));
+            }
+        }
+        if !self.nodes.contains_key(&self.node) {
+            return Err(self.invalid(
+                "node",
+                format!("this node {:?} is not listed under [nodes]", self.node),
+            ));
+        }
+        let l = &self.link;
+        if l.peer_timeout_ms < 100 || l.peer_timeout_ms > 600_000 {
+            return Err(self.invalid("link.peer_timeout_ms", "must be between 100 and 600000"));
+        }
+        if l.keepalive_interval_ms == 0 || l.keepalive_interval_ms * 2 > l.peer_timeout_ms {
+            return Err(self.invalid(
+                "link.keepalive_interval_ms",
+                "must be non-zero and at most half of link.peer_timeout_ms",
+            ));
+        }
+        if l.inflight_requests_max == 0 || l.inflight_requests_max > 65536 {
+            return Err(self.invalid("link.inflight_requests_max", "must be between 1 and 65536"));
+        }
+        if l.mtu_max_bytes < 1200 {
+            return Err(self.invalid("link.mtu_max_bytes", "must be at least 1200"));
+        }
+        if l.reconnect_backoff_max_ms < 10 {
+            return Err(self.invalid("link.reconnect_backoff_max_ms", "must be at least 10"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, v) in self.volumes.iter().enumerate() {
+            let key = format!("volume[{i}]");
+            if !valid_volume_name(&v.name) {
+                return Err(self.invalid(
+                    format!("{key}.name"),
+                    "volume names are 1-64 characters from A-Z a-z 0-9 - _ .",
+                ));
+            }
+            if !seen.insert(&v.name) {
+                return Err(self.invalid(
+                    format!("{key}.name"),
+                    format!("duplicate volume {:?}", v.name),
+                ));
+            }
+            if !v.chunk_bytes.is_power_of_two() || !(4096..=1 << 20).contains(&v.chunk_bytes) {
+                return Err(self.invalid(
+                    format!("{key}.chunk_bytes"),
+                    "must be a power of two between 4096 and 1048576",
+                ));
+            }
+            if v.nodes.len() != 2 {
+                return Err(self.invalid(
+                    format!("{key}.nodes"),
+                    format!("a volume has exactly two nodes, found {}", v.nodes.len()),
+                ));
+            }
+            for n in v.nodes.keys() {
+                if !self.nodes.contains_key(n) {
+                    return Err(self.invalid(
+                        format!("{key}.nodes.{n}"),
+                        format!("node {n:?} is not listed under [nodes]"),
+                    ));
+                }
+            }
+            if !v.nodes.contains_key(&self.node) {
+                return Err(self.invalid(
+                    format!("{key}.nodes"),
+                    format!("volume {:?} is not on this node {:?}", v.name, self.node),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The volume called `name`.
+    pub fn volume(&self, name: &str) -> Option<&VolumeConfig> {
+        self.volumes.iter().find(|v| v.name == name)
+    }
+
+    /// This node's replication address.
+    pub fn own_address(&self) -> SocketAddr {
+        self.nodes[&self.node].address
+    }
+}
+
+impl VolumeConfig {
+    /// The peer node's name (the one that is not `me`).
+    pub fn peer_of(&self, me: &str) -> Option<&str> {
+        self.nodes.keys().map(String::as_str).find(|n| *n != me)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node = "alpha"
+control_socket = "/tmp/c.sock"
+[tls]
+ca = "ca.pem"
+cert = "a.pem"
+key = "a.key"
+[nodes.alpha]
+address = "127.0.0.1:7788"
+[nodes.beta]
+address = "127.0.0.2:7788"
+[[volume]]
+name = "vm-1"
+nodes.alpha = { disk = "/tmp/a.img" }
+nodes.beta = { disk = "/tmp/b.img", meta = "/tmp/b.meta" }
+"#;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, Path::new("/etc/blkrep/test.toml"))
+    }
+
+    #[test]
+    fn good_config_parses() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.volumes[0].peer_of("alpha"), Some("beta"));
+        assert_eq!(
+            c.volumes[0].nodes["beta"].meta_location(),
+            MetaLocation::External("/tmp/b.meta".into())
+        );
+        assert_eq!(c.link.peer_timeout_ms, 3000);
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e = parse(
+            &GOOD
+                .replace("chunk", "x")
+                .replace("name = \"vm-1\"", "name = \"vm-1\"\nchunk_bytes = 1000"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("test.toml") && e.contains("volume[0].chunk_bytes"),
+            "{e}"
+        );
+        let e = parse(&GOOD.replace("node = \"alpha\"", "node = \"gamma\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`node`"), "{e}");
+        let e = parse(&GOOD.replace("[tls]", "typo = 1\n[tls]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("test.toml") && e.contains("typo"), "{e}");
+        let e = parse(&GOOD.replace("127.0.0.2:7788", "nowhere"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("address"), "{e}");
+        let e = parse(&GOOD.replace(
+            "nodes.beta = { disk = \"/tmp/b.img\", meta = \"/tmp/b.meta\" }",
+            "",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("exactly two nodes"), "{e}");
+        let e = parse(&GOOD.replace("[nodes.beta]", "[nodes.Beta_1]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("DNS label"), "{e}");
+    }
+}

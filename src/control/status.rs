@@ -1,0 +1,243 @@
+//! The status report: a stable JSON schema that tools parse (documented in
+//! README.md, "Status JSON"). Fields are only ever added, never renamed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::volume::VolumeStatus;
+
+/// Status of the node and its volumes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Schema version of this report.
+    pub schema: u32,
+    /// Node name.
+    pub node: String,
+    /// Every configured volume (or just the one asked for).
+    pub volumes: Vec<VolumeStatusReport>,
+}
+
+/// Status of one volume on this node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VolumeStatusReport {
+    /// Volume name.
+    pub name: String,
+    /// Attached on this node.
+    pub attached: bool,
+    /// "Primary" or "Secondary" (null when not attached).
+    pub role: Option<String>,
+    /// "UpToDate", "Outdated", "Inconsistent", "Diskless" (null when not attached).
+    pub disk: Option<String>,
+    /// Usable size in bytes.
+    pub size_bytes: Option<u64>,
+    /// Backing disk path.
+    pub backing: String,
+    /// Where applications connect, when exported (e.g. an NBD URI).
+    pub export: Option<String>,
+    /// Client requests in flight.
+    pub inflight_requests: usize,
+    /// Bytes that differ from the peer's copy, per the dirty bitmap.
+    pub out_of_sync_bytes: u64,
+    /// The peer.
+    pub peer: PeerReport,
+    /// Resync progress when this node is the sync source.
+    pub resync: Option<ResyncReport>,
+    /// Current data generation id (hex).
+    pub generation: Option<String>,
+}
+
+/// The peer of a volume.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerReport {
+    /// Peer node name.
+    pub name: String,
+    /// "Connected" or "Disconnected".
+    pub connection: String,
+    /// Relation: InSync, SyncSource, SyncTarget, StartingSyncSource,
+    /// DisklessClient, ServingDiskless, NoData, SplitBrain, Refused.
+    pub relation: Option<String>,
+    /// Why the peer was refused, when relation is Refused.
+    pub refused_reason: Option<String>,
+    /// Peer's role as it announced it.
+    pub role: Option<String>,
+    /// Peer's disk state; "Outdated" while disconnected after this node
+    /// wrote without it.
+    pub disk: Option<String>,
+    /// Link round-trip time.
+    pub rtt_us: Option<u64>,
+}
+
+/// Resync progress.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResyncReport {
+    /// Bytes to copy when it started.
+    pub total_bytes: u64,
+    /// Bytes copied.
+    pub done_bytes: u64,
+    /// done / total in percent.
+    pub percent: f64,
+}
+
+fn name<T: Serialize>(v: &T) -> Option<String> {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|x| x.as_str().map(str::to_string))
+}
+
+impl VolumeStatusReport {
+    /// A configured but not attached volume.
+    pub fn detached(name: &str, backing: &str, peer: &str) -> Self {
+        VolumeStatusReport {
+            name: name.into(),
+            attached: false,
+            role: None,
+            disk: None,
+            size_bytes: None,
+            backing: backing.into(),
+            export: None,
+            inflight_requests: 0,
+            out_of_sync_bytes: 0,
+            peer: PeerReport {
+                name: peer.into(),
+                connection: "Disconnected".into(),
+                relation: None,
+                refused_reason: None,
+                role: None,
+                disk: None,
+                rtt_us: None,
+            },
+            resync: None,
+            generation: None,
+        }
+    }
+
+    /// From a live volume.
+    pub fn from_volume(name: &str, s: &VolumeStatus, export: Option<String>) -> Self {
+        let e = &s.engine;
+        let peer_disk = match (&e.peer, s.connected) {
+            (Some(p), _) => name_of_disk(p.disk),
+            (None, false) if e.generations.bitmap != 0 => Some("Outdated".to_string()),
+            _ => None,
+        };
+        let resync = e.resync.map(|r| {
+            let total = (r.total_chunks * s.chunk_bytes).min(s.data_bytes);
+            let done = (r.done_chunks * s.chunk_bytes).min(total);
+            ResyncReport {
+                total_bytes: total,
+                done_bytes: done,
+                percent: if total == 0 {
+                    100.0
+                } else {
+                    done as f64 * 100.0 / total as f64
+                },
+            }
+        });
+        VolumeStatusReport {
+            name: name.into(),
+            attached: true,
+            role: name_of(&e.role),
+            disk: name_of_disk(e.disk),
+            size_bytes: Some(s.data_bytes),
+            backing: s.disk_path.display().to_string(),
+            export,
+            inflight_requests: e.inflight_requests,
+            out_of_sync_bytes: e.out_of_sync_bytes,
+            peer: PeerReport {
+                name: s.peer_name.clone(),
+                connection: if s.connected {
+                    "Connected"
+                } else {
+                    "Disconnected"
+                }
+                .into(),
+                relation: e.relation.map(|r| r.name().to_string()),
+                refused_reason: match e.relation {
+                    Some(crate::engine::Relation::Refused(why)) => Some(why.to_string()),
+                    _ => None,
+                },
+                role: e.peer.as_ref().and_then(|p| name_of(&p.role)),
+                disk: peer_disk,
+                rtt_us: s.rtt_us,
+            },
+            resync,
+            generation: (e.generations.current != 0)
+                .then(|| format!("{:016x}", e.generations.current)),
+        }
+    }
+}
+
+fn name_of<T: Serialize>(v: &T) -> Option<String> {
+    name(v)
+}
+
+fn name_of_disk(d: crate::meta::DiskState) -> Option<String> {
+    name(&d)
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Human-readable rendering of a status report.
+pub fn render_text(s: &NodeStatus) -> String {
+    let mut out = String::new();
+    for v in &s.volumes {
+        if !v.attached {
+            out.push_str(&format!(
+                "{}  not attached on {} (backing {})\n",
+                v.name, s.node, v.backing
+            ));
+            continue;
+        }
+        out.push_str(&format!(
+            "{}  role={} disk={} size={}\n",
+            v.name,
+            v.role.as_deref().unwrap_or("-"),
+            v.disk.as_deref().unwrap_or("-"),
+            human_bytes(v.size_bytes.unwrap_or(0)),
+        ));
+        let p = &v.peer;
+        out.push_str(&format!(
+            "  peer {}: {} {}{}{}\n",
+            p.name,
+            p.connection,
+            p.relation.as_deref().unwrap_or(""),
+            match (&p.role, &p.disk) {
+                (Some(r), Some(d)) => format!(" ({r}, {d})"),
+                (None, Some(d)) => format!(" ({d})"),
+                _ => String::new(),
+            },
+            p.rtt_us.map(|r| format!(" rtt={r}us")).unwrap_or_default(),
+        ));
+        if let Some(why) = &p.refused_reason {
+            out.push_str(&format!("  refused: {why}\n"));
+        }
+        if let Some(e) = &v.export {
+            out.push_str(&format!("  export: {e}\n"));
+        }
+        out.push_str(&format!(
+            "  out-of-sync: {}  in-flight: {}\n",
+            human_bytes(v.out_of_sync_bytes),
+            v.inflight_requests
+        ));
+        if let Some(r) = &v.resync {
+            out.push_str(&format!(
+                "  resync: {:.1}% ({} of {})\n",
+                r.percent,
+                human_bytes(r.done_bytes),
+                human_bytes(r.total_bytes)
+            ));
+        }
+    }
+    out
+}

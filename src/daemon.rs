@@ -1,0 +1,418 @@
+//! The node agent (`blkrep daemon`): one QUIC endpoint, one connection per
+//! peer node, one io_uring thread, the control socket, and the attached
+//! volumes.
+//!
+//! Per-volume cost: one tokio task for the engine, one for metadata writes,
+//! one for control messages, the in-memory bitmap (one bit per chunk: 20 KiB
+//! for 10 GiB at 64 KiB chunks), and buffers only for I/O in flight.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::config::Config;
+use crate::control::server::{self, ControlHandler};
+use crate::control::status::{NodeStatus, VolumeStatusReport};
+use crate::control::{ErrorCode, Request, Response};
+use crate::engine::PromoteError;
+use crate::frontend::Export;
+use crate::link::tls::TlsMaterial;
+use crate::link::{
+    InboundHandler, InboundRequest, Link, LinkSettings, PeerConnection, VolumeStateMsg,
+};
+use crate::store::FaultPlan;
+use crate::store::uring::Uring;
+use crate::volume::{self, AttachOptions, VolumeError, VolumeHandle};
+
+/// Daemon start-up errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// TLS material.
+    #[error(transparent)]
+    Tls(#[from] crate::link::tls::TlsError),
+    /// Link setup.
+    #[error(transparent)]
+    Link(#[from] crate::link::LinkError),
+    /// Local setup.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+}
+
+struct Attached {
+    handle: VolumeHandle,
+    peer: String,
+    faults: Arc<FaultPlan>,
+}
+
+/// The running agent.
+pub struct Daemon {
+    cfg: Config,
+    ring: Uring,
+    link: Mutex<Option<Arc<Link>>>,
+    volumes: Mutex<HashMap<String, Attached>>,
+    exports: Mutex<HashMap<String, Export>>,
+    me: Weak<Daemon>,
+}
+
+impl Daemon {
+    /// Starts the agent: io_uring, link, control socket. Returns once all
+    /// are listening; they keep running on the tokio runtime.
+    pub async fn start(cfg: Config) -> Result<Arc<Self>, DaemonError> {
+        let ring = Uring::start().map_err(|source| DaemonError::Io {
+            what: "cannot set up io_uring".into(),
+            source,
+        })?;
+        let tls = TlsMaterial::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+        let listener = server::bind(&cfg.control_socket).map_err(|source| DaemonError::Io {
+            what: format!(
+                "cannot bind control socket {}",
+                cfg.control_socket.display()
+            ),
+            source,
+        })?;
+        let daemon = Arc::new_cyclic(|me| Daemon {
+            cfg: cfg.clone(),
+            ring,
+            link: Mutex::new(None),
+            volumes: Mutex::new(HashMap::new()),
+            exports: Mutex::new(HashMap::new()),
+            me: me.clone(),
+        });
+        let peers: Vec<(String, std::net::SocketAddr)> = cfg
+            .nodes
+            .iter()
+            .map(|(n, c)| (n.clone(), c.address))
+            .collect();
+        let handler: Arc<dyn InboundHandler> = daemon.clone();
+        let link = Link::start(
+            &cfg.node,
+            cfg.own_address(),
+            &peers,
+            &tls,
+            LinkSettings::from(&cfg.link),
+            handler,
+        )?;
+        if let Ok(mut l) = daemon.link.lock() {
+            *l = Some(link);
+        }
+        let control: Arc<dyn ControlHandler> = daemon.clone();
+        tokio::spawn(server::serve(listener, control));
+        tracing::info!(
+            "blkrep daemon {} up: replication on {}, control socket {}",
+            cfg.node,
+            cfg.own_address(),
+            cfg.control_socket.display()
+        );
+        Ok(daemon)
+    }
+
+    /// Detaches every volume (best effort) and closes the link.
+    pub async fn shutdown(&self) {
+        let handles: Vec<(String, VolumeHandle)> = self
+            .volumes
+            .lock()
+            .map(|v| {
+                v.iter()
+                    .map(|(n, a)| (n.clone(), a.handle.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (name, h) in handles {
+            if let Err(e) = h.detach().await {
+                tracing::warn!("volume {name}: not detached cleanly: {e}");
+            }
+        }
+        if let Some(link) = self.link.lock().ok().and_then(|l| l.clone()) {
+            link.shutdown();
+        }
+        let _ = std::fs::remove_file(&self.cfg.control_socket);
+    }
+
+    fn volume(&self, name: &str) -> Option<VolumeHandle> {
+        self.volumes
+            .lock()
+            .ok()?
+            .get(name)
+            .map(|a| a.handle.clone())
+    }
+
+    fn export_hook(&self) -> volume::ExportHook {
+        let me = self.me.clone();
+        let run_dir = self.cfg.run_dir.clone();
+        Arc::new(move |handle: &VolumeHandle, on: bool| {
+            let Some(d) = me.upgrade() else { return };
+            let Ok(mut exports) = d.exports.lock() else {
+                return;
+            };
+            if let Some(old) = exports.remove(handle.name()) {
+                old.stop();
+            }
+            if on {
+                match Export::start(handle.clone(), &run_dir) {
+                    Ok(e) => {
+                        tracing::info!("volume {} exported at {}", handle.name(), e.endpoint());
+                        exports.insert(handle.name().to_string(), e);
+                    }
+                    Err(e) => tracing::error!("volume {}: cannot start export: {e}", handle.name()),
+                }
+            }
+        })
+    }
+
+    fn attach(&self, name: &str) -> Response {
+        let Some(vcfg) = self.cfg.volume(name) else {
+            return err(
+                ErrorCode::BadRequest,
+                format!("volume {name:?} is not in {}", self.cfg.path.display()),
+            );
+        };
+        if self.volume(name).is_some() {
+            return Response::Ok {
+                message: format!("volume {name} is already attached"),
+            };
+        }
+        let (Some(node_cfg), Some(peer)) =
+            (vcfg.nodes.get(&self.cfg.node), vcfg.peer_of(&self.cfg.node))
+        else {
+            return err(
+                ErrorCode::BadRequest,
+                format!("volume {name:?} is not configured on this node"),
+            );
+        };
+        let index = self
+            .cfg
+            .volumes
+            .iter()
+            .position(|v| v.name == name)
+            .unwrap_or(0) as u32;
+        let faults = FaultPlan::healthy();
+        let opts = AttachOptions {
+            name: name.to_string(),
+            index,
+            disk: node_cfg.disk.clone(),
+            meta: node_cfg.meta_location(),
+            node: self.cfg.node.clone(),
+            peer: peer.to_string(),
+            resync_rate_max_bytes_per_s: vcfg.resync_rate_max_bytes_per_s,
+            ring: self.ring.clone(),
+            faults: self.cfg.debug.fault_injection.then(|| faults.clone()),
+            export: self.export_hook(),
+        };
+        let handle = match volume::attach(opts) {
+            Ok(h) => h,
+            Err(e) => return err(ErrorCode::Failed, format!("cannot attach {name}: {e}")),
+        };
+        let conn = self
+            .link
+            .lock()
+            .ok()
+            .and_then(|l| l.as_ref().and_then(|l| l.connection(peer)));
+        if let Ok(mut v) = self.volumes.lock() {
+            v.insert(
+                name.to_string(),
+                Attached {
+                    handle: handle.clone(),
+                    peer: peer.to_string(),
+                    faults,
+                },
+            );
+        }
+        if let Some(c) = conn {
+            handle.connection_changed(Some(c));
+        }
+        tracing::info!("volume {name} attached");
+        Response::Ok {
+            message: format!("volume {name} attached"),
+        }
+    }
+
+    async fn detach(&self, name: &str) -> Response {
+        let Some(h) = self.volume(name) else {
+            return not_attached(name);
+        };
+        match h.detach().await {
+            Ok(()) => {
+                if let Ok(mut v) = self.volumes.lock() {
+                    v.remove(name);
+                }
+                if let Some(e) = self.exports.lock().ok().and_then(|mut x| x.remove(name)) {
+                    e.stop();
+                }
+                Response::Ok {
+                    message: format!("volume {name} detached"),
+                }
+            }
+            Err(e) => volume_err(e),
+        }
+    }
+
+    async fn status(&self, only: Option<&str>) -> Response {
+        let mut volumes = Vec::new();
+        for v in &self.cfg.volumes {
+            if only.is_some_and(|o| o != v.name) {
+                continue;
+            }
+            let peer = v.peer_of(&self.cfg.node).unwrap_or("");
+            let backing = v
+                .nodes
+                .get(&self.cfg.node)
+                .map(|n| n.disk.display().to_string())
+                .unwrap_or_default();
+            let report = match self.volume(&v.name) {
+                Some(h) => match h.status().await {
+                    Ok(s) => {
+                        let export = self
+                            .exports
+                            .lock()
+                            .ok()
+                            .and_then(|e| e.get(&v.name).map(Export::endpoint));
+                        VolumeStatusReport::from_volume(&v.name, &s, export)
+                    }
+                    Err(_) => VolumeStatusReport::detached(&v.name, &backing, peer),
+                },
+                None => VolumeStatusReport::detached(&v.name, &backing, peer),
+            };
+            volumes.push(report);
+        }
+        if let Some(o) = only
+            && volumes.is_empty()
+        {
+            return err(
+                ErrorCode::BadRequest,
+                format!("volume {o:?} is not configured"),
+            );
+        }
+        Response::Status(NodeStatus {
+            schema: 1,
+            node: self.cfg.node.clone(),
+            volumes,
+        })
+    }
+}
+
+fn err(code: ErrorCode, message: String) -> Response {
+    Response::Error { code, message }
+}
+
+fn not_attached(name: &str) -> Response {
+    err(
+        ErrorCode::NotAttached,
+        format!("volume {name} is not attached on this node (run `blkrep attach {name}`)"),
+    )
+}
+
+fn volume_err(e: VolumeError) -> Response {
+    let code = match &e {
+        VolumeError::Promote(PromoteError::PeerPrimary) => ErrorCode::PeerPrimary,
+        VolumeError::Promote(PromoteError::NotUpToDate(_) | PromoteError::SyncTarget) => {
+            ErrorCode::Outdated
+        }
+        VolumeError::Demote(_) => ErrorCode::Busy,
+        VolumeError::Detached => ErrorCode::NotAttached,
+        _ => ErrorCode::Failed,
+    };
+    err(code, e.to_string())
+}
+
+impl ControlHandler for Daemon {
+    fn handle(&self, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send + '_>> {
+        Box::pin(async move {
+            match req {
+                Request::Attach { volume } => self.attach(&volume),
+                Request::Detach { volume } => self.detach(&volume).await,
+                Request::Primary { volume, force } => match self.volume(&volume) {
+                    Some(h) => match h.promote(force).await {
+                        Ok(()) => Response::Ok {
+                            message: format!("{volume} is primary on {}", self.cfg.node),
+                        },
+                        Err(e) => volume_err(e),
+                    },
+                    None => not_attached(&volume),
+                },
+                Request::Secondary { volume } => match self.volume(&volume) {
+                    Some(h) => match h.demote().await {
+                        Ok(()) => Response::Ok {
+                            message: format!("{volume} is secondary on {}", self.cfg.node),
+                        },
+                        Err(e) => volume_err(e),
+                    },
+                    None => not_attached(&volume),
+                },
+                Request::Status { volume } => self.status(volume.as_deref()).await,
+                Request::FailDisk { volume } => {
+                    if !self.cfg.debug.fault_injection {
+                        return err(
+                            ErrorCode::BadRequest,
+                            "fault injection is disabled (debug.fault_injection)".into(),
+                        );
+                    }
+                    let plan = self
+                        .volumes
+                        .lock()
+                        .ok()
+                        .and_then(|v| v.get(&volume).map(|a| a.faults.clone()));
+                    match plan {
+                        Some(p) => {
+                            p.fail_all.store(true, std::sync::atomic::Ordering::Relaxed);
+                            Response::Ok {
+                                message: format!("local disk of {volume} now fails every I/O"),
+                            }
+                        }
+                        None => not_attached(&volume),
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl InboundHandler for Daemon {
+    fn connection_changed(&self, peer: &str, conn: Option<Arc<PeerConnection>>) {
+        let handles: Vec<VolumeHandle> = self
+            .volumes
+            .lock()
+            .map(|v| {
+                v.values()
+                    .filter(|a| a.peer == peer)
+                    .map(|a| a.handle.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for h in handles {
+            h.connection_changed(conn.clone());
+        }
+    }
+
+    fn volume_state(&self, conn: &Arc<PeerConnection>, msg: VolumeStateMsg) {
+        let target = self.volumes.lock().ok().and_then(|v| {
+            v.get(&msg.volume)
+                .filter(|a| a.peer == conn.peer)
+                .map(|a| a.handle.clone())
+        });
+        if let Some(h) = target {
+            h.peer_state(conn.id, msg);
+        }
+    }
+
+    fn request(&self, conn: &Arc<PeerConnection>, volume: &str, req: InboundRequest) {
+        let target = self.volumes.lock().ok().and_then(|v| {
+            v.get(volume)
+                .filter(|a| a.peer == conn.peer)
+                .map(|a| a.handle.clone())
+        });
+        let refused = match target {
+            Some(h) => h.replica_request(conn.clone(), req).err(),
+            None => Some(req),
+        };
+        if let Some(req) = refused {
+            let c = conn.clone();
+            tokio::spawn(async move { c.reply(req.request, libc::EPERM as u32, None).await });
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! One established, authenticated connection to a peer node: a single
+//! bidirectional QUIC stream carrying framed messages for every volume the
+//! two nodes share. Requests are matched to replies by request id; the
+//! number in flight is bounded (backpressure); every frame is checked before
+//! anything acts on it, and a bad frame drops the whole connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::LinkError;
+use super::wire::{self, Header, Kind, OutFrame, WireError};
+use crate::store::AlignedBuf;
+
+/// QUIC application close code for a protocol violation.
+pub const CLOSE_PROTOCOL_ERROR: u32 = 1;
+/// QUIC application close code when a newer connection replaces this one.
+pub const CLOSE_REPLACED: u32 = 2;
+/// QUIC application close code for an orderly shutdown.
+pub const CLOSE_SHUTDOWN: u32 = 3;
+
+/// A reply to a request.
+#[derive(Debug)]
+pub struct Reply {
+    /// 0 or an errno from the peer.
+    pub status: u32,
+    /// Data of a ReadReply.
+    pub data: Option<AlignedBuf>,
+}
+
+/// A request from the peer for one of our volumes.
+#[derive(Debug)]
+pub struct InboundRequest {
+    /// Frame kind (Write, Flush, Zeroes, ReadRequest).
+    pub kind: Kind,
+    /// FLAG_* bits.
+    pub flags: u16,
+    /// Request id to reply to.
+    pub request: u64,
+    /// Byte offset.
+    pub offset: u64,
+    /// Length for Zeroes/ReadRequest; payload length for Write.
+    pub len: u64,
+    /// Write payload.
+    pub data: Option<AlignedBuf>,
+}
+
+/// A control message about one volume.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeStateMsg {
+    /// Volume name.
+    pub volume: String,
+    /// The sender's index for this volume (used in its data frames).
+    pub index: u32,
+    /// The sender's state; None when it detached the volume.
+    pub view: Option<crate::engine::NodeView>,
+    /// Sent once when a resync finished: the source's generations.
+    pub sync_done: Option<crate::meta::Generations>,
+}
+
+/// The first message each side sends.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HelloMsg {
+    /// Sender's node name.
+    pub node: String,
+    /// Sender's protocol version.
+    pub protocol: u8,
+}
+
+/// Receives what arrives on connections.
+pub trait InboundHandler: Send + Sync + 'static {
+    /// A connection to `peer` came up (Some) or went down (None).
+    fn connection_changed(&self, peer: &str, conn: Option<Arc<PeerConnection>>);
+    /// A volume state message arrived.
+    fn volume_state(&self, conn: &Arc<PeerConnection>, msg: VolumeStateMsg);
+    /// A data request for `volume` arrived; reply with `conn.reply`.
+    fn request(&self, conn: &Arc<PeerConnection>, volume: &str, req: InboundRequest);
+}
+
+/// An established connection.
+pub struct PeerConnection {
+    /// Peer node name (authenticated by its certificate).
+    pub peer: String,
+    /// Unique id of this connection within the process.
+    pub id: u64,
+    quic: quinn::Connection,
+    out: mpsc::Sender<OutFrame>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    next_request: AtomicU64,
+    permits: Semaphore,
+    inbound_inflight: AtomicUsize,
+    inbound_max: usize,
+    remote_volumes: Mutex<HashMap<u32, String>>,
+    request_timeout: Duration,
+}
+
+static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
+impl PeerConnection {
+    /// Wraps an authenticated connection and its stream; spawns the writer.
+    /// The caller runs `read_loop` on `recv`.
+    pub fn start(
+        peer: String,
+        quic: quinn::Connection,
+        mut send: quinn::SendStream,
+        inflight_max: usize,
+        request_timeout: Duration,
+    ) -> Arc<Self> {
+        let (out, mut rx) = mpsc::channel::<OutFrame>(inflight_max.max(16) * 2);
+        let conn = Arc::new(PeerConnection {
+            peer,
+            id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
+            quic: quic.clone(),
+            out,
+            pending: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+            permits: Semaphore::new(inflight_max),
+            inbound_inflight: AtomicUsize::new(0),
+            inbound_max: inflight_max * 2,
+            remote_volumes: Mutex::new(HashMap::new()),
+            request_timeout,
+        });
+        tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                let mut chunks = [f.header, f.payload];
+                if let Err(e) = send.write_all_chunks(&mut chunks).await {
+                    tracing::debug!("link writer stopped: {e}");
+                    break;
+                }
+            }
+            let _ = send.finish();
+        });
+        conn
+    }
+
+    /// Whether the connection is still open.
+    pub fn is_open(&self) -> bool {
+        self.quic.close_reason().is_none()
+    }
+
+    /// Closes the connection with an application code and reason.
+    pub fn close(&self, code: u32, reason: &str) {
+        self.quic.close(code.into(), reason.as_bytes());
+    }
+
+    /// Round-trip time estimate of the QUIC path.
+    pub fn rtt(&self) -> Duration {
+        self.quic.rtt()
+    }
+
+    fn fail_pending(&self) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.clear();
+        }
+    }
+
+    /// Sends a request and waits for its reply.
+    pub async fn request(&self, mut h: Header, payload: Bytes) -> Result<Reply, LinkError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| LinkError::Closed)?;
+        if !self.is_open() {
+            return Err(LinkError::Closed);
+        }
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        h.request = id;
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .map_err(|_| LinkError::Closed)?
+            .insert(id, tx);
+        if self.out.send(OutFrame::new(h, payload)).await.is_err() {
+            return Err(LinkError::Closed);
+        }
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(LinkError::Closed),
+            Err(_) => {
+                // A peer that keeps the connection alive but never answers is
+                // as good as dead: drop the connection so every waiter learns it.
+                self.close(CLOSE_PROTOCOL_ERROR, "request timed out");
+                self.fail_pending();
+                Err(LinkError::Timeout)
+            }
+        }
+    }
+
+    /// Sends a message that has no reply.
+    pub async fn send(&self, h: Header, payload: Bytes) -> Result<(), LinkError> {
+        self.out
+            .send(OutFrame::new(h, payload))
+            .await
+            .map_err(|_| LinkError::Closed)
+    }
+
+    /// Sends a volume state message.
+    pub async fn send_volume_state(&self, msg: &VolumeStateMsg) -> Result<(), LinkError> {
+        let json = serde_json::to_vec(msg).map_err(|e| LinkError::Encode(e.to_string()))?;
+        self.send(Header::new(Kind::VolumeState), Bytes::from(json))
+            .await
+    }
+
+    /// Replies to an inbound request.
+    pub async fn reply(&self, request: u64, status: u32, data: Option<Bytes>) {
+        let kind = if data.is_some() {
+            Kind::ReadReply
+        } else {
+            Kind::Ack
+        };
+        let mut h = Header::new(kind);
+        h.request = request;
+        h.status = status;
+        self.inbound_inflight.fetch_sub(1, Ordering::Relaxed);
+        let _ = self.send(h, data.unwrap_or_default()).await;
+    }
+
+    fn protocol_error(&self, what: &str) -> LinkError {
+        tracing::warn!(
+            "link to {}: protocol error: {what}; dropping the connection",
+            self.peer
+        );
+        self.close(CLOSE_PROTOCOL_ERROR, what);
+        LinkError::Protocol(what.to_string())
+    }
+
+    /// Reads and dispatches frames until the connection ends or a frame is bad.
+    pub async fn read_loop(
+        self: &Arc<Self>,
+        mut recv: quinn::RecvStream,
+        handler: &Arc<dyn InboundHandler>,
+    ) -> LinkError {
+        let err = loop {
+            match self.read_one(&mut recv, handler).await {
+                Ok(()) => continue,
+                Err(e) => break e,
+            }
+        };
+        self.fail_pending();
+        err
+    }
+
+    async fn read_one(
+        self: &Arc<Self>,
+        recv: &mut quinn::RecvStream,
+        handler: &Arc<dyn InboundHandler>,
+    ) -> Result<(), LinkError> {
+        let h = read_header(recv).await.map_err(|e| match e {
+            LinkError::Wire(w) => self.protocol_error(&w.to_string()),
+            other => other,
+        })?;
+        match h.kind {
+            Kind::Write | Kind::ReadReply => {
+                if h.payload_len as usize % crate::store::aligned::BUF_ALIGN_BYTES != 0 {
+                    return Err(self.protocol_error("data payload is not a multiple of 4096 bytes"));
+                }
+                let mut buf = AlignedBuf::zeroed(h.payload_len as usize);
+                recv.read_exact(buf.as_mut_slice())
+                    .await
+                    .map_err(|_| LinkError::Closed)?;
+                h.verify_payload(buf.as_slice())
+                    .map_err(|e| self.protocol_error(&e.to_string()))?;
+                if h.kind == Kind::ReadReply {
+                    self.complete(h, Some(buf));
+                    return Ok(());
+                }
+                self.inbound(h, Some(buf), handler)
+            }
+            Kind::Ack => {
+                self.complete(h, None);
+                Ok(())
+            }
+            Kind::Flush | Kind::Zeroes | Kind::ReadRequest => self.inbound(h, None, handler),
+            Kind::Hello | Kind::VolumeState => {
+                let mut buf = vec![0u8; h.payload_len as usize];
+                recv.read_exact(&mut buf)
+                    .await
+                    .map_err(|_| LinkError::Closed)?;
+                h.verify_payload(&buf)
+                    .map_err(|e| self.protocol_error(&e.to_string()))?;
+                if h.kind == Kind::Hello {
+                    return Err(self.protocol_error("unexpected second hello"));
+                }
+                let msg: VolumeStateMsg = serde_json::from_slice(&buf)
+                    .map_err(|e| self.protocol_error(&format!("bad volume state message: {e}")))?;
+                if let Ok(mut m) = self.remote_volumes.lock() {
+                    if msg.view.is_some() {
+                        m.insert(msg.index, msg.volume.clone());
+                    } else {
+                        m.remove(&msg.index);
+                    }
+                }
+                handler.volume_state(self, msg);
+                Ok(())
+            }
+        }
+    }
+
+    fn complete(&self, h: Header, data: Option<AlignedBuf>) {
+        let waiter = self
+            .pending
+            .lock()
+            .ok()
+            .and_then(|mut p| p.remove(&h.request));
+        if let Some(tx) = waiter {
+            let _ = tx.send(Reply {
+                status: h.status,
+                data,
+            });
+        }
+    }
+
+    fn inbound(
+        self: &Arc<Self>,
+        h: Header,
+        data: Option<AlignedBuf>,
+        handler: &Arc<dyn InboundHandler>,
+    ) -> Result<(), LinkError> {
+        let volume = self
+            .remote_volumes
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&h.volume).cloned())
+            .ok_or_else(|| self.protocol_error("request for a volume the peer never announced"))?;
+        if self.inbound_inflight.fetch_add(1, Ordering::Relaxed) >= self.inbound_max {
+            return Err(self.protocol_error("peer exceeded the in-flight request limit"));
+        }
+        let len = match h.kind {
+            Kind::Write => u64::from(h.payload_len),
+            _ => u64::from(h.op_len),
+        };
+        let req = InboundRequest {
+            kind: h.kind,
+            flags: h.flags,
+            request: h.request,
+            offset: h.offset,
+            len,
+            data,
+        };
+        handler.request(self, &volume, req);
+        Ok(())
+    }
+}
+
+/// Reads one header from the stream.
+pub async fn read_header(recv: &mut quinn::RecvStream) -> Result<Header, LinkError> {
+    let mut hb = [0u8; wire::HEADER_BYTES];
+    recv.read_exact(&mut hb)
+        .await
+        .map_err(|_| LinkError::Closed)?;
+    Header::decode(&hb).map_err(LinkError::Wire)
+}
+
+/// Reads a whole control frame (Hello) with its payload.
+pub async fn read_control(
+    recv: &mut quinn::RecvStream,
+    expect: Kind,
+) -> Result<Vec<u8>, LinkError> {
+    let h = read_header(recv).await?;
+    if h.kind != expect {
+        return Err(LinkError::Protocol(format!(
+            "expected {expect:?}, got {:?}",
+            h.kind
+        )));
+    }
+    let mut buf = vec![0u8; h.payload_len as usize];
+    recv.read_exact(&mut buf)
+        .await
+        .map_err(|_| LinkError::Closed)?;
+    h.verify_payload(&buf)
+        .map_err(|e: WireError| LinkError::Wire(e))?;
+    Ok(buf)
+}

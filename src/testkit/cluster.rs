@@ -1,0 +1,418 @@
+//! A real two-node cluster on one machine: fresh certificates, sparse files
+//! as disks, one `blkrep daemon` process per node on 127.0.0.1 and
+//! 127.0.0.2. Used by `blkrep demo`, `blkrep bench` and the integration
+//! tests.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::control::{self, NodeStatus, Request, Response, VolumeStatusReport};
+
+/// Names of the two nodes.
+pub const NODE_NAMES: [&str; 2] = ["alpha", "beta"];
+
+/// Options of a local cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Volume name.
+    pub volume: String,
+    /// Size of each backing file.
+    pub disk_bytes: u64,
+    /// Bitmap chunk size.
+    pub chunk_bytes: u32,
+    /// Peer failure detection time.
+    pub peer_timeout_ms: u64,
+    /// Allow `debug fail-disk`.
+    pub fault_injection: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            volume: "demo".into(),
+            disk_bytes: 64 << 20,
+            chunk_bytes: 64 * 1024,
+            peer_timeout_ms: 2000,
+            fault_injection: false,
+        }
+    }
+}
+
+/// Errors of the local cluster helper.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Setup I/O.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    /// Certificates.
+    #[error(transparent)]
+    Cert(#[from] crate::cert::CertError),
+    /// Metadata.
+    #[error(transparent)]
+    Meta(#[from] crate::meta::MetaError),
+    /// A daemon did not come up or a condition was not reached.
+    #[error("{0}")]
+    Timeout(String),
+    /// The daemon refused a request.
+    #[error("node {node}: {message}")]
+    Refused {
+        /// Node.
+        node: String,
+        /// Message.
+        message: String,
+    },
+    /// Control socket problem.
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+}
+
+/// One node's files.
+#[derive(Clone, Debug)]
+pub struct NodeFiles {
+    /// Node name.
+    pub name: String,
+    /// Config file.
+    pub config: PathBuf,
+    /// Backing file.
+    pub disk: PathBuf,
+    /// Control socket.
+    pub control: PathBuf,
+    /// Run directory (NBD sockets).
+    pub run_dir: PathBuf,
+    /// Replication address.
+    pub address: SocketAddr,
+    /// Daemon log.
+    pub log: PathBuf,
+}
+
+/// A running (or stopped) local cluster.
+pub struct LocalCluster {
+    /// Working directory (removed on drop unless `keep`).
+    pub dir: PathBuf,
+    /// The blkrep binary.
+    pub bin: PathBuf,
+    /// Node files.
+    pub nodes: [NodeFiles; 2],
+    /// Options used.
+    pub opts: ClusterOptions,
+    children: [Option<Child>; 2],
+    /// Keep the directory on drop.
+    pub keep: bool,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
+    let w = what.into();
+    move |e| ClusterError::Io(w, e)
+}
+
+fn free_udp_port(ip: [u8; 4]) -> Result<SocketAddr, ClusterError> {
+    let s = UdpSocket::bind(SocketAddr::from((ip, 0))).map_err(io("finding a free UDP port"))?;
+    s.local_addr().map_err(io("finding a free UDP port"))
+}
+
+impl LocalCluster {
+    /// Creates certificates, configs and disks with fresh metadata in `dir`.
+    pub fn create(bin: &Path, dir: &Path, opts: ClusterOptions) -> Result<Self, ClusterError> {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        let tls = dir.join("tls");
+        crate::cert::create_ca(&tls)?;
+        let addrs = [
+            free_udp_port([127, 0, 0, 1])?,
+            free_udp_port([127, 0, 0, 2])?,
+        ];
+        let files: Vec<NodeFiles> = NODE_NAMES
+            .iter()
+            .zip(addrs)
+            .map(|(n, a)| {
+                let nd = dir.join(n);
+                NodeFiles {
+                    name: n.to_string(),
+                    config: nd.join("blkrep.toml"),
+                    disk: nd.join("disk.img"),
+                    control: nd.join("control.sock"),
+                    run_dir: nd.join("run"),
+                    address: a,
+                    log: nd.join("daemon.log"),
+                }
+            })
+            .collect();
+        for f in &files {
+            crate::cert::issue(&f.name, &tls, &tls, 30)?;
+            let nd = f.config.parent().unwrap_or(dir);
+            std::fs::create_dir_all(nd).map_err(io("creating node dir"))?;
+            let disk = std::fs::File::create(&f.disk).map_err(io("creating disk file"))?;
+            disk.set_len(opts.disk_bytes)
+                .map_err(io("sizing disk file"))?;
+        }
+        for f in &files {
+            let text = config_text(f, &files, &tls, &opts);
+            std::fs::write(&f.config, text).map_err(io("writing config"))?;
+            crate::volume::create_metadata(
+                &f.disk,
+                &crate::config::MetaLocation::Internal,
+                &opts.volume,
+                opts.chunk_bytes,
+                false,
+            )?;
+        }
+        let [a, b]: [NodeFiles; 2] = files
+            .try_into()
+            .map_err(|_| ClusterError::Timeout("internal: node list".into()))?;
+        Ok(LocalCluster {
+            dir: dir.to_path_buf(),
+            bin: bin.to_path_buf(),
+            nodes: [a, b],
+            opts,
+            children: [None, None],
+            keep: false,
+        })
+    }
+
+    /// Starts node `i`'s daemon and waits until its control socket answers.
+    pub async fn start(&mut self, i: usize) -> Result<(), ClusterError> {
+        let n = &self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .map_err(io("opening daemon log"))?;
+        let child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&n.config)
+            .arg("daemon")
+            .env(
+                "BLKREP_LOG",
+                std::env::var("BLKREP_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(io(format!("starting {}", self.bin.display())))?;
+        self.children[i] = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if control::call(&n.control, &Request::Status { volume: None })
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if let Some(c) = self.children[i].as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                return Err(ClusterError::Timeout(format!(
+                    "daemon {} exited with {st}; see {}",
+                    n.name,
+                    n.log.display()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(ClusterError::Timeout(format!(
+                    "daemon {} did not start",
+                    n.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills node `i`'s daemon with SIGKILL (a crash).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops node `i`'s daemon with SIGTERM and waits for it.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            // SAFETY: kill(2) on the pid of a child we spawned and still own.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    /// PID of node `i`'s daemon.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.children[i].as_ref().map(Child::id)
+    }
+
+    /// Sends a control request to node `i`.
+    pub async fn call(&self, i: usize, req: Request) -> Result<Response, ClusterError> {
+        Ok(control::call(&self.nodes[i].control, &req).await?)
+    }
+
+    /// Sends a request and requires success.
+    pub async fn ok(&self, i: usize, req: Request) -> Result<String, ClusterError> {
+        match self.call(i, req).await? {
+            Response::Ok { message } => Ok(message),
+            Response::Error { message, .. } => Err(ClusterError::Refused {
+                node: self.nodes[i].name.clone(),
+                message,
+            }),
+            Response::Status(_) => Ok(String::new()),
+        }
+    }
+
+    /// Status of the volume on node `i`.
+    pub async fn status(&self, i: usize) -> Result<VolumeStatusReport, ClusterError> {
+        match self
+            .call(
+                i,
+                Request::Status {
+                    volume: Some(self.opts.volume.clone()),
+                },
+            )
+            .await?
+        {
+            Response::Status(NodeStatus { mut volumes, .. }) if !volumes.is_empty() => {
+                Ok(volumes.remove(0))
+            }
+            other => Err(ClusterError::Refused {
+                node: self.nodes[i].name.clone(),
+                message: format!("unexpected status answer {other:?}"),
+            }),
+        }
+    }
+
+    /// Polls node `i` until `pred` holds on its volume status.
+    pub async fn wait_for(
+        &self,
+        i: usize,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&VolumeStatusReport) -> bool,
+    ) -> Result<VolumeStatusReport, ClusterError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status(i).await;
+            if let Ok(s) = &s
+                && pred(s)
+            {
+                return Ok(s.clone());
+            }
+            if Instant::now() > deadline {
+                return Err(ClusterError::Timeout(format!(
+                    "node {}: {what} not reached within {timeout:?}; last status {s:?}",
+                    self.nodes[i].name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until both nodes report the volume connected and in sync.
+    pub async fn wait_in_sync(&self, timeout: Duration) -> Result<(), ClusterError> {
+        for i in 0..2 {
+            self.wait_for(i, "in sync", timeout, |s| {
+                s.peer.relation.as_deref() == Some("InSync")
+                    && s.disk.as_deref() == Some("UpToDate")
+                    && s.peer.disk.as_deref() == Some("UpToDate")
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Starts both daemons, attaches the volume on both, makes node 0 the
+    /// first primary (forced: fresh metadata has no data history) and waits
+    /// for the initial sync.
+    pub async fn bring_up(&mut self) -> Result<(), ClusterError> {
+        for i in 0..2 {
+            self.start(i).await?;
+        }
+        for i in 0..2 {
+            self.ok(
+                i,
+                Request::Attach {
+                    volume: self.opts.volume.clone(),
+                },
+            )
+            .await?;
+        }
+        self.ok(
+            0,
+            Request::Primary {
+                volume: self.opts.volume.clone(),
+                force: true,
+            },
+        )
+        .await?;
+        self.wait_in_sync(Duration::from_secs(120)).await
+    }
+
+    /// The NBD socket of node `i`.
+    pub fn nbd_socket(&self, i: usize) -> PathBuf {
+        crate::frontend::nbd_socket_path(&self.nodes[i].run_dir, &self.opts.volume)
+    }
+
+    /// The data area of node `i`'s disk (the bytes a client sees).
+    pub fn read_data(&self, i: usize, data_bytes: u64) -> Result<Vec<u8>, ClusterError> {
+        let mut v = std::fs::read(&self.nodes[i].disk).map_err(io("reading disk file"))?;
+        v.truncate(data_bytes as usize);
+        Ok(v)
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for i in 0..2 {
+            self.kill(i);
+        }
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn config_text(me: &NodeFiles, all: &[NodeFiles], tls: &Path, opts: &ClusterOptions) -> String {
+    let mut t = format!(
+        "node = \"{}\"\ncontrol_socket = \"{}\"\nrun_dir = \"{}\"\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[link]\npeer_timeout_ms = {}\nkeepalive_interval_ms = {}\nreconnect_backoff_max_ms = 500\n\n[debug]\nfault_injection = {}\n\n",
+        me.name,
+        me.control.display(),
+        me.run_dir.display(),
+        tls.join("ca.pem").display(),
+        tls.join(format!("{}.pem", me.name)).display(),
+        tls.join(format!("{}.key", me.name)).display(),
+        opts.peer_timeout_ms,
+        (opts.peer_timeout_ms / 4).max(50),
+        opts.fault_injection,
+    );
+    for n in all {
+        t.push_str(&format!(
+            "[nodes.{}]\naddress = \"{}\"\n",
+            n.name, n.address
+        ));
+    }
+    t.push_str(&format!(
+        "\n[[volume]]\nname = \"{}\"\nchunk_bytes = {}\n",
+        opts.volume, opts.chunk_bytes
+    ));
+    for n in all {
+        t.push_str(&format!(
+            "nodes.{} = {{ disk = \"{}\", meta = \"internal\" }}\n",
+            n.name,
+            n.disk.display()
+        ));
+    }
+    t
+}
+
+/// A fresh scratch directory under the system temp dir.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    std::env::temp_dir().join(format!(
+        "blkrep-{tag}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}

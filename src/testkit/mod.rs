@@ -1,0 +1,5 @@
+//! Tools to run real clusters on one machine: used by `blkrep demo`,
+//! `blkrep bench` and the integration tests.
+
+pub mod cluster;
+pub mod nbd_client;

@@ -1,0 +1,294 @@
+//! The I/O shell around one volume's engine: opens the metadata and the
+//! store, runs the engine in one task, carries out its actions (local I/O,
+//! peer requests, metadata writes, announcements) and feeds the results back.
+//! Frontends talk to a `VolumeHandle`; local reads bypass the engine task.
+
+mod create;
+mod shell;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::engine::{DemoteError, EngineStatus, IoFailure, Op, PromoteError, Range, ReadPath};
+use crate::link::{InboundRequest, PeerConnection, VolumeStateMsg};
+use crate::meta::MetaError;
+use crate::store::{AlignedBuf, BlockStore, StoreError};
+
+pub use create::create_metadata;
+pub use shell::{AttachOptions, ExportHook, attach, open_meta};
+
+/// Client requests in flight per volume.
+pub const CLIENT_INFLIGHT_MAX: usize = 1024;
+
+/// Errors of volume operations.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The engine refused or failed the request.
+    #[error(transparent)]
+    Io(#[from] IoFailure),
+    /// A local read failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Metadata problem at attach.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// Promotion refused.
+    #[error(transparent)]
+    Promote(#[from] PromoteError),
+    /// Demotion refused.
+    #[error(transparent)]
+    Demote(#[from] DemoteError),
+    /// The request is outside the volume or misaligned.
+    #[error("request at {offset}+{len} is outside the volume or not 4 KiB aligned")]
+    OutOfRange {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The volume was detached.
+    #[error("volume is detached")]
+    Detached,
+    /// Something else, explained.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Snapshot for `status`.
+#[derive(Clone, Debug)]
+pub struct VolumeStatus {
+    /// Engine state.
+    pub engine: EngineStatus,
+    /// Name of the peer node.
+    pub peer_name: String,
+    /// Whether the peer link is up.
+    pub connected: bool,
+    /// Link round-trip time in microseconds, when connected.
+    pub rtt_us: Option<u64>,
+    /// Usable size.
+    pub data_bytes: u64,
+    /// Backing disk path.
+    pub disk_path: PathBuf,
+    /// Bytes per bitmap bit.
+    pub chunk_bytes: u64,
+}
+
+pub(crate) enum Input {
+    Submit {
+        op: Op,
+        range: Range,
+        buf: Option<Arc<AlignedBuf>>,
+        reply: oneshot::Sender<Result<Option<AlignedBuf>, VolumeError>>,
+    },
+    LocalDone {
+        id: u64,
+        ok: bool,
+    },
+    PeerDone {
+        id: u64,
+        ok: bool,
+        data: Option<AlignedBuf>,
+    },
+    DiskFailed,
+    MetaDone {
+        token: u64,
+        ok: bool,
+    },
+    Connected(Arc<PeerConnection>),
+    Disconnected,
+    PeerState(u64, VolumeStateMsg),
+    Replica(Arc<PeerConnection>, InboundRequest),
+    ReplicaDone,
+    Promote {
+        force: bool,
+        reply: oneshot::Sender<Result<(), VolumeError>>,
+    },
+    Demote {
+        reply: oneshot::Sender<Result<(), VolumeError>>,
+    },
+    Status {
+        reply: oneshot::Sender<VolumeStatus>,
+    },
+    Detach {
+        reply: oneshot::Sender<Result<(), VolumeError>>,
+    },
+}
+
+const READ_LOCAL: u8 = 0;
+const READ_PEER: u8 = 1;
+const READ_REFUSE: u8 = 2;
+
+fn encode_read_path(p: ReadPath) -> u8 {
+    match p {
+        ReadPath::Local => READ_LOCAL,
+        ReadPath::Peer => READ_PEER,
+        ReadPath::Refuse => READ_REFUSE,
+    }
+}
+
+/// A cheap, cloneable handle to an attached volume.
+#[derive(Clone)]
+pub struct VolumeHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    name: String,
+    tx: mpsc::UnboundedSender<Input>,
+    read_path: Arc<AtomicU8>,
+    store: Arc<dyn BlockStore>,
+    permits: Semaphore,
+    data_bytes: u64,
+}
+
+impl VolumeHandle {
+    /// Volume name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Usable size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.data_bytes
+    }
+
+    pub(crate) fn send(&self, input: Input) -> Result<(), VolumeError> {
+        self.inner.tx.send(input).map_err(|_| VolumeError::Detached)
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        crate::store::check_range(offset, len, self.inner.data_bytes)
+            .map_err(|_| VolumeError::OutOfRange { offset, len })
+    }
+
+    async fn submit(
+        &self,
+        op: Op,
+        range: Range,
+        buf: Option<Arc<AlignedBuf>>,
+    ) -> Result<Option<AlignedBuf>, VolumeError> {
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| VolumeError::Detached)?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Submit {
+            op,
+            range,
+            buf,
+            reply,
+        })?;
+        rx.await.map_err(|_| VolumeError::Detached)?
+    }
+
+    /// Reads `len` bytes at `offset` (locally unless this node is diskless).
+    pub async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, VolumeError> {
+        self.check(offset, len as u64)?;
+        match self.inner.read_path.load(Ordering::Acquire) {
+            READ_LOCAL => match self.inner.store.read(offset, len).await {
+                Ok(b) => Ok(b),
+                Err(_) => {
+                    // The disk failed under a read: detach it and retry via the peer.
+                    let (reply, rx) = oneshot::channel();
+                    self.send(Input::Submit {
+                        op: Op::Read,
+                        range: Range::new(offset, len as u64),
+                        buf: None,
+                        reply,
+                    })?;
+                    let r = rx.await.map_err(|_| VolumeError::Detached)??;
+                    r.ok_or(VolumeError::Io(IoFailure::NoCopy))
+                }
+            },
+            READ_PEER => self
+                .submit(Op::Read, Range::new(offset, len as u64), None)
+                .await?
+                .ok_or(VolumeError::Io(IoFailure::NoCopy)),
+            _ => Err(VolumeError::Io(IoFailure::NotPrimary)),
+        }
+    }
+
+    /// Writes `buf` at `offset`; completes when every up-to-date node has it.
+    pub async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> Result<(), VolumeError> {
+        self.check(offset, buf.len() as u64)?;
+        let range = Range::new(offset, buf.len() as u64);
+        self.submit(Op::Write { fua }, range, Some(Arc::new(buf)))
+            .await
+            .map(|_| ())
+    }
+
+    /// Makes `[offset, offset+len)` read back as zeros on every node.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
+        self.check(offset, len)?;
+        self.submit(Op::Zeroes { fua }, Range::new(offset, len), None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Makes every completed write durable on every up-to-date node.
+    pub async fn flush(&self) -> Result<(), VolumeError> {
+        self.submit(Op::Flush, Range::new(0, 0), None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Makes this node primary.
+    pub async fn promote(&self, force: bool) -> Result<(), VolumeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Promote { force, reply })?;
+        rx.await.map_err(|_| VolumeError::Detached)?
+    }
+
+    /// Makes this node secondary.
+    pub async fn demote(&self) -> Result<(), VolumeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Demote { reply })?;
+        rx.await.map_err(|_| VolumeError::Detached)?
+    }
+
+    /// Current status.
+    pub async fn status(&self) -> Result<VolumeStatus, VolumeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Status { reply })?;
+        rx.await.map_err(|_| VolumeError::Detached)
+    }
+
+    /// Detaches the volume (demotes first; refuses while busy).
+    pub async fn detach(&self) -> Result<(), VolumeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Detach { reply })?;
+        rx.await.map_err(|_| VolumeError::Detached)?
+    }
+
+    /// The link to the peer came up or went down.
+    pub fn connection_changed(&self, conn: Option<Arc<PeerConnection>>) {
+        let _ = self.send(match conn {
+            Some(c) => Input::Connected(c),
+            None => Input::Disconnected,
+        });
+    }
+
+    /// A state message from the peer arrived on connection `conn_id`.
+    pub fn peer_state(&self, conn_id: u64, msg: VolumeStateMsg) {
+        let _ = self.send(Input::PeerState(conn_id, msg));
+    }
+
+    /// A replication request from the peer arrived. Gives the request back
+    /// when the volume is gone, so the caller can refuse it.
+    pub fn replica_request(
+        &self,
+        conn: Arc<PeerConnection>,
+        req: InboundRequest,
+    ) -> Result<(), InboundRequest> {
+        match self.inner.tx.send(Input::Replica(conn, req)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(Input::Replica(_, r))) => Err(r),
+            Err(_) => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,794 @@
+//! The volume task: owns the engine and executes its actions.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::{HandleInner, Input, VolumeError, VolumeHandle, VolumeStatus, encode_read_path};
+use crate::config::MetaLocation;
+use crate::engine::{Action, Engine, EngineConfig, Notice, Op, Range, Role};
+use crate::link::wire::{FLAG_FUA, FLAG_RESYNC, Kind};
+use crate::link::{InboundRequest, PeerConnection, VolumeStateMsg, bytes_of, data_header};
+use crate::meta::{Bitmap, DiskState, MetaDevice, MetaError, MetaLayout, Superblock};
+use crate::store::uring::Uring;
+use crate::store::{AlignedBuf, BlockStore, FaultPlan, FaultyStore, UringStore, backing};
+
+const DETACH_TOKEN: u64 = u64::MAX;
+
+/// Called when the volume starts (true) or stops (false) being exported.
+pub type ExportHook = Arc<dyn Fn(&VolumeHandle, bool) + Send + Sync>;
+
+/// Everything `attach` needs.
+pub struct AttachOptions {
+    /// Volume name.
+    pub name: String,
+    /// Index announced to the peer (unique per node).
+    pub index: u32,
+    /// Backing disk.
+    pub disk: PathBuf,
+    /// Metadata location.
+    pub meta: MetaLocation,
+    /// This node's name.
+    pub node: String,
+    /// The peer's name.
+    pub peer: String,
+    /// Resync bandwidth cap (0 = unlimited).
+    pub resync_rate_max_bytes_per_s: u64,
+    /// Shared io_uring.
+    pub ring: Uring,
+    /// Fault injection plan (None: no fault layer).
+    pub faults: Option<Arc<FaultPlan>>,
+    /// Export hook.
+    pub export: ExportHook,
+}
+
+/// Opens the metadata area of a volume and computes its layout.
+pub fn open_meta(
+    disk: &Path,
+    meta: &MetaLocation,
+    chunk_bytes: u32,
+) -> Result<(MetaDevice, PathBuf), MetaError> {
+    let io = |path: &Path| {
+        let p = path.display().to_string();
+        move |source| MetaError::Io {
+            path: p.clone(),
+            source,
+        }
+    };
+    let file = backing::open_direct(disk, false).map_err(io(disk))?;
+    let device_bytes = backing::size_bytes(&file).map_err(io(disk))?;
+    match meta {
+        MetaLocation::Internal => {
+            let layout = MetaLayout::internal(device_bytes, chunk_bytes)?;
+            Ok((MetaDevice::open(disk, layout)?, disk.to_path_buf()))
+        }
+        MetaLocation::External(path) => {
+            let layout = MetaLayout::external(device_bytes, chunk_bytes)?;
+            let needed = layout.meta_bytes();
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(io(path))?;
+            let have = backing::size_bytes(&f).map_err(io(path))?;
+            if have < needed && !backing::is_block_device(&f).map_err(io(path))? {
+                f.set_len(needed).map_err(io(path))?;
+            }
+            Ok((MetaDevice::open(path, layout)?, path.clone()))
+        }
+    }
+}
+
+/// Attaches a volume: reads and checks its metadata, opens the store and
+/// starts the volume task.
+pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
+    // The chunk size is whatever create-md recorded; read the superblock with
+    // the default layout first only to learn it.
+    let (probe, _) = open_meta(&opts.disk, &opts.meta, crate::meta::DEFAULT_CHUNK_BYTES)?;
+    let (first, _) = probe.read_superblock().or_else(|e| {
+        // The layout depends on the chunk size: retry every legal size.
+        let mut chunk = 4096u32;
+        while chunk <= 1 << 20 {
+            if let Ok((m, _)) = open_meta(&opts.disk, &opts.meta, chunk)
+                && let Ok(found) = m.read_superblock()
+            {
+                return Ok(found);
+            }
+            chunk *= 2;
+        }
+        Err(e)
+    })?;
+    let (meta, _) = open_meta(&opts.disk, &opts.meta, first.chunk_bytes)?;
+    let (mut sb, health) = meta.read_superblock()?;
+    if let crate::meta::superblock::SlotHealth::OneDamaged(why) = &health {
+        tracing::warn!(
+            "volume {}: one superblock copy is damaged ({why}); using the other",
+            opts.name
+        );
+    }
+    if sb.volume_name != opts.name {
+        return Err(MetaError::WrongVolume {
+            found: sb.volume_name,
+            expected: opts.name,
+        }
+        .into());
+    }
+    let layout = *meta.layout();
+    if sb.data_bytes != layout.data_bytes {
+        return Err(MetaError::SizeChanged {
+            recorded: sb.data_bytes,
+            now: layout.data_bytes,
+        }
+        .into());
+    }
+    let mut bitmap = Bitmap::new(layout.data_bytes, u64::from(sb.chunk_bytes));
+    meta.read_bitmap(&mut bitmap)?;
+    let crashed_primary = sb.attached && sb.primary;
+    let uring = UringStore::open(&opts.disk, layout.data_bytes, opts.ring.clone())?;
+    let store: Arc<dyn BlockStore> = match &opts.faults {
+        Some(plan) => Arc::new(FaultyStore::new(uring, plan.clone())),
+        None => Arc::new(uring),
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ (u64::from(std::process::id()) << 32);
+    let cfg = EngineConfig {
+        data_bytes: layout.data_bytes,
+        chunk_bytes: u64::from(sb.chunk_bytes),
+        tie_winner: opts.node < opts.peer,
+    };
+    let disk_state = if sb.disk_state == DiskState::Diskless {
+        DiskState::Inconsistent
+    } else {
+        sb.disk_state
+    };
+    let mut engine = Engine::new(cfg, disk_state, sb.generations, bitmap, seed);
+    if crashed_primary {
+        // Until the activity log lands, any region may differ after a crash of
+        // the primary: mark everything out of sync (safe, not cheap).
+        tracing::warn!(
+            "volume {}: this node crashed while primary; marking the whole volume out of sync",
+            opts.name
+        );
+        engine.mark_all_out_of_sync();
+    }
+    sb.attached = true;
+    sb.primary = false;
+    sb.seq += 1;
+    meta.write_superblock(&sb)?;
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    let read_path = Arc::new(AtomicU8::new(encode_read_path(engine.read_path())));
+    let handle = VolumeHandle {
+        inner: Arc::new(HandleInner {
+            name: opts.name.clone(),
+            tx: tx.clone(),
+            read_path: read_path.clone(),
+            store: store.clone(),
+            permits: Semaphore::new(super::CLIENT_INFLIGHT_MAX),
+            data_bytes: layout.data_bytes,
+        }),
+    };
+    let chunk_bytes = u64::from(sb.chunk_bytes);
+    let (meta_tx, meta_rx) = mpsc::unbounded_channel();
+    tokio::spawn(meta_writer(meta, sb, meta_rx, tx.clone()));
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    tokio::spawn(control_sender(ctl_rx));
+    let shell = Shell {
+        engine,
+        name: opts.name,
+        index: opts.index,
+        peer_name: opts.peer,
+        disk_path: opts.disk,
+        data_bytes: layout.data_bytes,
+        chunk_bytes,
+        store,
+        tx,
+        meta_tx,
+        ctl_tx,
+        read_path,
+        conn: None,
+        readying: None,
+        stash: Vec::new(),
+        replica_inflight: 0,
+        next_id: 1,
+        bufs: HashMap::new(),
+        waiters: HashMap::new(),
+        read_results: HashMap::new(),
+        meta_waiters: Vec::new(),
+        export: opts.export,
+        handle: handle.clone(),
+        exported: false,
+        resync_pacer: Pacer::new(opts.resync_rate_max_bytes_per_s),
+        detaching: None,
+    };
+    tokio::spawn(shell.run(rx));
+    Ok(handle)
+}
+
+struct MetaJob {
+    token: u64,
+    disk: DiskState,
+    generations: crate::meta::Generations,
+    primary: bool,
+    attached: bool,
+    pages: Vec<(u32, Box<[u8; crate::meta::bitmap::BITMAP_PAGE_BYTES]>)>,
+}
+
+/// Writes metadata jobs strictly in order.
+async fn meta_writer(
+    meta: MetaDevice,
+    mut sb: Superblock,
+    mut rx: mpsc::UnboundedReceiver<MetaJob>,
+    done: mpsc::UnboundedSender<Input>,
+) {
+    let meta = Arc::new(meta);
+    let mut failed = false;
+    while let Some(job) = rx.recv().await {
+        if failed {
+            let _ = done.send(Input::MetaDone {
+                token: job.token,
+                ok: false,
+            });
+            continue;
+        }
+        sb.seq += 1;
+        sb.disk_state = job.disk;
+        sb.generations = job.generations;
+        sb.primary = job.primary;
+        sb.attached = job.attached;
+        let m = meta.clone();
+        let s = sb.clone();
+        let pages = job.pages;
+        let res = tokio::task::spawn_blocking(move || -> Result<(), MetaError> {
+            for (page, bytes) in &pages {
+                m.write_page_bytes(*page, &bytes[..])?;
+            }
+            m.write_superblock(&s)
+        })
+        .await;
+        let ok = matches!(res, Ok(Ok(())));
+        if !ok {
+            tracing::error!("metadata write failed: {:?}", res.map(|r| r.err()));
+            failed = true;
+        }
+        let _ = done.send(Input::MetaDone {
+            token: job.token,
+            ok,
+        });
+    }
+}
+
+/// Sends control messages to the peer in order.
+async fn control_sender(mut rx: mpsc::UnboundedReceiver<(Arc<PeerConnection>, VolumeStateMsg)>) {
+    while let Some((conn, msg)) = rx.recv().await {
+        let _ = conn.send_volume_state(&msg).await;
+    }
+}
+
+/// Paces resync reads to a byte rate.
+struct Pacer {
+    rate_bytes_per_s: u64,
+    next_at: Instant,
+}
+
+impl Pacer {
+    fn new(rate_bytes_per_s: u64) -> Self {
+        Pacer {
+            rate_bytes_per_s,
+            next_at: Instant::now(),
+        }
+    }
+
+    /// When a transfer of `bytes` may start.
+    fn reserve(&mut self, bytes: u64) -> Option<Instant> {
+        if self.rate_bytes_per_s == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        let start = self.next_at.max(now);
+        self.next_at = start + Duration::from_secs_f64(bytes as f64 / self.rate_bytes_per_s as f64);
+        Some(start)
+    }
+}
+
+struct Shell {
+    engine: Engine,
+    name: String,
+    index: u32,
+    peer_name: String,
+    disk_path: PathBuf,
+    data_bytes: u64,
+    chunk_bytes: u64,
+    store: Arc<dyn BlockStore>,
+    tx: mpsc::UnboundedSender<Input>,
+    meta_tx: mpsc::UnboundedSender<MetaJob>,
+    ctl_tx: mpsc::UnboundedSender<(Arc<PeerConnection>, VolumeStateMsg)>,
+    read_path: Arc<AtomicU8>,
+    conn: Option<Arc<PeerConnection>>,
+    readying: Option<Arc<PeerConnection>>,
+    stash: Vec<Input>,
+    replica_inflight: usize,
+    next_id: u64,
+    bufs: HashMap<u64, Arc<AlignedBuf>>,
+    waiters: HashMap<u64, oneshot::Sender<Result<Option<AlignedBuf>, VolumeError>>>,
+    read_results: HashMap<u64, AlignedBuf>,
+    meta_waiters: Vec<(u64, oneshot::Sender<Result<(), VolumeError>>)>,
+    export: super::ExportHook,
+    handle: VolumeHandle,
+    exported: bool,
+    resync_pacer: Pacer,
+    detaching: Option<oneshot::Sender<Result<(), VolumeError>>>,
+}
+
+impl Shell {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
+        while let Some(input) = rx.recv().await {
+            self.handle_input(input);
+            self.drain_actions();
+            self.read_path
+                .store(encode_read_path(self.engine.read_path()), Ordering::Release);
+            if self.detaching.is_some() && self.ready_to_stop() {
+                break;
+            }
+        }
+        if let Some(reply) = self.detaching.take() {
+            let _ = reply.send(Ok(()));
+        }
+        tracing::info!("volume {} detached", self.name);
+    }
+
+    fn ready_to_stop(&self) -> bool {
+        self.waiters.is_empty() && self.replica_inflight == 0 && self.meta_waiters.is_empty()
+    }
+
+    fn current_conn_id(&self) -> Option<u64> {
+        self.conn.as_ref().map(|c| c.id)
+    }
+
+    fn handle_input(&mut self, input: Input) {
+        match input {
+            Input::Submit {
+                op,
+                range,
+                buf,
+                reply,
+            } => {
+                if self.detaching.is_some() {
+                    let _ = reply.send(Err(VolumeError::Detached));
+                    return;
+                }
+                let id = self.next_id;
+                self.next_id += 1;
+                if let Some(b) = buf {
+                    self.bufs.insert(id, b);
+                }
+                self.waiters.insert(id, reply);
+                self.engine.submit(id, op, range);
+            }
+            Input::LocalDone { id, ok } => self.engine.local_done(id, ok),
+            Input::PeerDone { id, ok, data } => {
+                if let Some(d) = data {
+                    self.read_results.insert(id, d);
+                }
+                self.engine.peer_done(id, ok);
+            }
+            Input::DiskFailed => self.engine.disk_failed(),
+            Input::MetaDone { token, ok } => {
+                if token == DETACH_TOKEN {
+                    self.meta_waiters.retain(|(t, _)| *t != DETACH_TOKEN);
+                    return;
+                }
+                if ok {
+                    self.engine.meta_persisted(token);
+                } else {
+                    self.engine.meta_failed();
+                }
+                let persisted = ok;
+                let mut keep = Vec::new();
+                for (t, reply) in self.meta_waiters.drain(..) {
+                    if t <= token {
+                        let _ = reply.send(if persisted {
+                            Ok(())
+                        } else {
+                            Err(VolumeError::Other("metadata write failed".into()))
+                        });
+                    } else {
+                        keep.push((t, reply));
+                    }
+                }
+                self.meta_waiters = keep;
+            }
+            Input::Connected(conn) => {
+                self.engine.peer_disconnected();
+                self.conn = None;
+                self.stash.clear();
+                if self.replica_inflight == 0 {
+                    self.connection_ready(conn);
+                } else {
+                    // Let the old connection's replica writes land first.
+                    self.readying = Some(conn);
+                }
+            }
+            Input::Disconnected => {
+                self.conn = None;
+                self.readying = None;
+                self.stash.clear();
+                self.engine.peer_disconnected();
+            }
+            Input::PeerState(conn_id, msg) => {
+                if self.readying.as_ref().is_some_and(|c| c.id == conn_id) {
+                    self.stash.push(Input::PeerState(conn_id, msg));
+                    return;
+                }
+                if self.current_conn_id() != Some(conn_id) {
+                    return;
+                }
+                match msg.view {
+                    None => self.engine.peer_disconnected(),
+                    Some(view) => {
+                        self.engine.peer_state(view);
+                        if let Some(g) = msg.sync_done {
+                            self.engine.peer_sync_done(g);
+                        }
+                    }
+                }
+            }
+            Input::Replica(conn, req) => self.replica(conn, req),
+            Input::ReplicaDone => {
+                self.replica_inflight -= 1;
+                if self.replica_inflight == 0
+                    && let Some(conn) = self.readying.take()
+                {
+                    self.connection_ready(conn);
+                }
+            }
+            Input::Promote { force, reply } => match self.engine.promote(force) {
+                Ok(token) => self.wait_meta(token, reply),
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            Input::Demote { reply } => match self.engine.demote() {
+                Ok(token) => self.wait_meta(token, reply),
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            Input::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Input::Detach { reply } => {
+                if self.engine.status().role == Role::Primary {
+                    if let Err(e) = self.engine.demote() {
+                        let _ = reply.send(Err(e.into()));
+                        return;
+                    }
+                }
+                if let Some(conn) = &self.conn {
+                    let msg = VolumeStateMsg {
+                        volume: self.name.clone(),
+                        index: self.index,
+                        view: None,
+                        sync_done: None,
+                    };
+                    let _ = self.ctl_tx.send((conn.clone(), msg));
+                }
+                self.engine.peer_disconnected();
+                self.conn = None;
+                // A clean detach: the activity of this node is recorded.
+                let token = self.next_meta_token();
+                let s = self.engine.status();
+                let _ = self.meta_tx.send(MetaJob {
+                    token,
+                    disk: s.disk,
+                    generations: s.generations,
+                    primary: false,
+                    attached: false,
+                    pages: vec![],
+                });
+                self.meta_waiters.push((token, oneshot::channel().0));
+                self.detaching = Some(reply);
+            }
+        }
+    }
+
+    /// Token of the final metadata write of a detach (never an engine token).
+    fn next_meta_token(&self) -> u64 {
+        DETACH_TOKEN
+    }
+
+    fn wait_meta(&mut self, token: u64, reply: oneshot::Sender<Result<(), VolumeError>>) {
+        self.meta_waiters.push((token, reply));
+    }
+
+    fn connection_ready(&mut self, conn: Arc<PeerConnection>) {
+        self.conn = Some(conn.clone());
+        self.announce(None);
+        for input in std::mem::take(&mut self.stash) {
+            self.handle_input(input);
+        }
+    }
+
+    fn announce(&mut self, sync_done: Option<crate::meta::Generations>) {
+        if let Some(conn) = &self.conn {
+            let msg = VolumeStateMsg {
+                volume: self.name.clone(),
+                index: self.index,
+                view: Some(self.engine.view()),
+                sync_done,
+            };
+            let _ = self.ctl_tx.send((conn.clone(), msg));
+        }
+    }
+
+    fn status(&self) -> VolumeStatus {
+        VolumeStatus {
+            engine: self.engine.status(),
+            peer_name: self.peer_name.clone(),
+            connected: self.conn.is_some(),
+            rtt_us: self.conn.as_ref().map(|c| c.rtt().as_micros() as u64),
+            data_bytes: self.data_bytes,
+            disk_path: self.disk_path.clone(),
+            chunk_bytes: self.chunk_bytes,
+        }
+    }
+
+    fn drain_actions(&mut self) {
+        while let Some(a) = self.engine.poll_action() {
+            self.execute(a);
+        }
+    }
+
+    fn execute(&mut self, a: Action) {
+        match a {
+            Action::LocalIo { id, op, range } => self.local_io(id, op, range),
+            Action::PeerIo { id, op, range } => self.peer_io(id, op, range),
+            Action::ResyncChunk { id, range } => self.resync_chunk(id, range),
+            Action::Complete { id, result } => {
+                self.bufs.remove(&id);
+                let data = self.read_results.remove(&id);
+                if let Some(w) = self.waiters.remove(&id) {
+                    let _ = w.send(result.map(|_| data).map_err(VolumeError::from));
+                }
+            }
+            Action::PersistMeta {
+                token,
+                disk,
+                generations,
+                primary,
+                pages,
+            } => {
+                let _ = self.meta_tx.send(MetaJob {
+                    token,
+                    disk,
+                    generations,
+                    primary,
+                    attached: true,
+                    pages,
+                });
+            }
+            Action::AnnounceState => self.announce(None),
+            Action::SendSyncDone { generations } => self.announce(Some(generations)),
+            Action::Export(on) => {
+                if on != self.exported {
+                    self.exported = on;
+                    (self.export)(&self.handle, on);
+                }
+            }
+            Action::Notify(n) => match n {
+                Notice::LocalDiskFailed => tracing::error!(
+                    "volume {}: local disk failed; detached it, serving through the peer",
+                    self.name
+                ),
+                Notice::PeerOutdated => tracing::warn!(
+                    "volume {}: peer {} is outdated; writes continue on this node and are tracked in the bitmap",
+                    self.name,
+                    self.peer_name
+                ),
+                Notice::SplitBrain => tracing::error!(
+                    "volume {}: split brain: this node and {} wrote independently; not syncing",
+                    self.name,
+                    self.peer_name
+                ),
+                Notice::ResyncStarted => {
+                    tracing::info!("volume {}: resync to {} started", self.name, self.peer_name)
+                }
+                Notice::ResyncDone => tracing::info!("volume {}: resync finished", self.name),
+                Notice::PeerRefused(why) => {
+                    tracing::warn!("volume {}: peer refused: {why}", self.name)
+                }
+            },
+        }
+    }
+
+    fn local_io(&mut self, id: u64, op: Op, range: Range) {
+        let store = self.store.clone();
+        let tx = self.tx.clone();
+        let buf = self.bufs.get(&id).cloned();
+        tokio::spawn(async move {
+            let res = match (op, buf) {
+                (Op::Write { fua }, Some(b)) => store.write(range.offset, b, fua).await,
+                (Op::Zeroes { fua }, _) => {
+                    let r = store.write_zeroes(range.offset, range.len).await;
+                    if r.is_ok() && fua {
+                        store.flush().await
+                    } else {
+                        r
+                    }
+                }
+                (Op::Flush, _) => store.flush().await,
+                _ => Err(crate::store::StoreError::Stopped),
+            };
+            if let Err(e) = &res {
+                tracing::error!("local I/O failed: {e}");
+            }
+            let _ = tx.send(Input::LocalDone {
+                id,
+                ok: res.is_ok(),
+            });
+        });
+    }
+
+    fn peer_io(&mut self, id: u64, op: Op, range: Range) {
+        let tx = self.tx.clone();
+        let Some(conn) = self.conn.clone() else {
+            let _ = tx.send(Input::PeerDone {
+                id,
+                ok: false,
+                data: None,
+            });
+            return;
+        };
+        let buf = self.bufs.get(&id).cloned();
+        let index = self.index;
+        tokio::spawn(async move {
+            let (h, payload) = match (op, buf) {
+                (Op::Write { fua }, Some(b)) => (
+                    data_header(
+                        Kind::Write,
+                        index,
+                        range.offset,
+                        0,
+                        if fua { FLAG_FUA } else { 0 },
+                    ),
+                    bytes_of(b),
+                ),
+                (Op::Zeroes { fua }, _) => (
+                    data_header(
+                        Kind::Zeroes,
+                        index,
+                        range.offset,
+                        range.len as u32,
+                        if fua { FLAG_FUA } else { 0 },
+                    ),
+                    bytes::Bytes::new(),
+                ),
+                (Op::Flush, _) => (
+                    data_header(Kind::Flush, index, 0, 0, 0),
+                    bytes::Bytes::new(),
+                ),
+                (Op::Read, _) => (
+                    data_header(Kind::ReadRequest, index, range.offset, range.len as u32, 0),
+                    bytes::Bytes::new(),
+                ),
+                _ => {
+                    let _ = tx.send(Input::PeerDone {
+                        id,
+                        ok: false,
+                        data: None,
+                    });
+                    return;
+                }
+            };
+            let r = conn.request(h, payload).await;
+            let (ok, data) = match r {
+                Ok(reply) => (reply.status == 0, reply.data),
+                Err(_) => (false, None),
+            };
+            let _ = tx.send(Input::PeerDone { id, ok, data });
+        });
+    }
+
+    fn resync_chunk(&mut self, id: u64, range: Range) {
+        let tx = self.tx.clone();
+        let Some(conn) = self.conn.clone() else {
+            let _ = tx.send(Input::PeerDone {
+                id,
+                ok: false,
+                data: None,
+            });
+            return;
+        };
+        let store = self.store.clone();
+        let index = self.index;
+        let start_at = self.resync_pacer.reserve(range.len);
+        tokio::spawn(async move {
+            if let Some(at) = start_at {
+                tokio::time::sleep_until(at.into()).await;
+            }
+            let data = match store.read(range.offset, range.len as usize).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!("resync read failed: {e}");
+                    let _ = tx.send(Input::DiskFailed);
+                    let _ = tx.send(Input::PeerDone {
+                        id,
+                        ok: false,
+                        data: None,
+                    });
+                    return;
+                }
+            };
+            let h = data_header(Kind::Write, index, range.offset, 0, FLAG_RESYNC);
+            let ok =
+                matches!(conn.request(h, bytes_of(Arc::new(data))).await, Ok(r) if r.status == 0);
+            let _ = tx.send(Input::PeerDone { id, ok, data: None });
+        });
+    }
+
+    /// Applies a request from the peer (this node is its replica).
+    fn replica(&mut self, conn: Arc<PeerConnection>, req: InboundRequest) {
+        let store = self.store.clone();
+        let accepts = self.engine.accepts_peer_writes() && self.current_conn_id() == Some(conn.id);
+        let serves_reads = accepts && self.engine.status().disk == DiskState::UpToDate;
+        let range_ok = crate::store::check_range(req.offset, req.len, self.data_bytes).is_ok()
+            || req.kind == Kind::Flush;
+        self.replica_inflight += 1;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let fua = req.flags & FLAG_FUA != 0;
+            let errno = |r: Result<(), crate::store::StoreError>| match r {
+                Ok(()) => 0u32,
+                Err(e) => {
+                    tracing::error!("replica I/O failed: {e}; detaching the local disk");
+                    let _ = tx.send(Input::DiskFailed);
+                    libc::EIO as u32
+                }
+            };
+            if !range_ok {
+                conn.reply(req.request, libc::EINVAL as u32, None).await;
+            } else {
+                match req.kind {
+                    Kind::Write if accepts => {
+                        let status = match req.data {
+                            Some(d) => errno(store.write(req.offset, Arc::new(d), fua).await),
+                            None => libc::EINVAL as u32,
+                        };
+                        conn.reply(req.request, status, None).await;
+                    }
+                    Kind::Zeroes if accepts => {
+                        let mut r = store.write_zeroes(req.offset, req.len).await;
+                        if r.is_ok() && fua {
+                            r = store.flush().await;
+                        }
+                        conn.reply(req.request, errno(r), None).await;
+                    }
+                    Kind::Flush if accepts => {
+                        conn.reply(req.request, errno(store.flush().await), None)
+                            .await;
+                    }
+                    Kind::ReadRequest if serves_reads => {
+                        match store.read(req.offset, req.len as usize).await {
+                            Ok(d) => {
+                                conn.reply(req.request, 0, Some(bytes_of(Arc::new(d))))
+                                    .await
+                            }
+                            Err(_) => conn.reply(req.request, libc::EIO as u32, None).await,
+                        }
+                    }
+                    _ => conn.reply(req.request, libc::EPERM as u32, None).await,
+                }
+            }
+            let _ = tx.send(Input::ReplicaDone);
+        });
+    }
+}
