@@ -694,7 +694,7 @@ impl Engine {
     /// The peer's state arrived (first time after connecting, or changed).
     pub fn peer_state(&mut self, view: NodeView) {
         let first = self.peer.is_none();
-        let old = self.peer.map(|(v, r)| (v, r));
+        let old = self.peer;
         let rel = old
             .map(|(_, r)| r)
             .unwrap_or(Relation::Refused("negotiating"));

@@ -32,7 +32,6 @@ enum Msg {
     State(NodeView),
     Write {
         id: RequestId,
-        range: Range,
         data: Vec<(u64, u64)>,
     },
     Flush {
@@ -57,8 +56,6 @@ enum Pending {
     Replica {
         id: RequestId,
         data: Vec<(u64, u64)>,
-        range: Range,
-        flush: bool,
     },
 }
 
@@ -206,7 +203,7 @@ impl Sim {
                     let m = if op == Op::Flush {
                         Msg::Flush { id }
                     } else {
-                        Msg::Write { id, range, data }
+                        Msg::Write { id, data }
                     };
                     if self.connected {
                         self.send(1 - n, m);
@@ -219,7 +216,7 @@ impl Sim {
                         .map(|b| (b, self.nodes[n].disk.get(&b).copied().unwrap_or(0)))
                         .collect();
                     if self.connected {
-                        self.send(1 - n, Msg::Write { id, range, data });
+                        self.send(1 - n, Msg::Write { id, data });
                     } else {
                         self.nodes[n].eng.peer_done(id, false);
                     }
@@ -275,23 +272,12 @@ impl Sim {
             Msg::State(v) => self.nodes[to].eng.peer_state(v),
             Msg::SyncDone(g) => self.nodes[to].eng.peer_sync_done(g),
             Msg::Ack { id, ok } => self.nodes[to].eng.peer_done(id, ok),
-            Msg::Flush { id } => {
-                let r = Range::new(0, 0);
-                self.nodes[to].pending.push(Pending::Replica {
-                    id,
-                    data: vec![],
-                    range: r,
-                    flush: true,
-                })
-            }
-            Msg::Write { id, range, data } => {
+            Msg::Flush { id } => self.nodes[to]
+                .pending
+                .push(Pending::Replica { id, data: vec![] }),
+            Msg::Write { id, data } => {
                 if self.nodes[to].eng.accepts_peer_writes() {
-                    self.nodes[to].pending.push(Pending::Replica {
-                        id,
-                        data,
-                        range,
-                        flush: false,
-                    });
+                    self.nodes[to].pending.push(Pending::Replica { id, data });
                 } else {
                     self.send(1 - to, Msg::Ack { id, ok: false });
                 }

@@ -191,13 +191,23 @@ impl Link {
         let Some(addr) = self.peers.get(&peer).map(|s| s.address) else {
             return;
         };
+        let mut failures = 0u64;
         loop {
             match self.dial(&peer, addr).await {
                 Ok((quic, send, recv)) => {
                     backoff = min_backoff;
+                    failures = 0;
                     self.run(peer.clone(), quic, send, recv).await;
                 }
-                Err(e) => tracing::debug!("connecting to {peer} at {addr}: {e}"),
+                Err(e) => {
+                    // Say it once per outage, then keep trying quietly.
+                    if failures == 0 {
+                        tracing::warn!("connecting to {peer} at {addr}: {e}; retrying");
+                    } else {
+                        tracing::debug!("connecting to {peer} at {addr}: {e}");
+                    }
+                    failures += 1;
+                }
             }
             if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
                 return;

@@ -1,0 +1,98 @@
+//! Shared helpers for the integration tests: real daemons on loopback.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use blkrep::testkit::cluster::{ClusterOptions, LocalCluster, scratch_dir};
+
+/// The blkrep binary under test.
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_blkrep"))
+}
+
+/// A created (not started) cluster with a small volume.
+pub fn cluster(tag: &str, opts: ClusterOptions) -> LocalCluster {
+    LocalCluster::create(bin(), &scratch_dir(tag), opts).expect("create cluster")
+}
+
+/// Small volumes keep the initial full sync short.
+pub fn small() -> ClusterOptions {
+    ClusterOptions {
+        disk_bytes: 16 << 20,
+        ..Default::default()
+    }
+}
+
+/// Starts both daemons, attaches, makes alpha primary, waits for the
+/// initial sync.
+pub async fn up(tag: &str, opts: ClusterOptions) -> LocalCluster {
+    let mut c = cluster(tag, opts);
+    if let Err(e) = c.bring_up().await {
+        dump_logs(&c);
+        panic!("bring up: {e}");
+    }
+    c
+}
+
+/// Prints both daemon logs (on failure).
+pub fn dump_logs(c: &LocalCluster) {
+    for n in &c.nodes {
+        eprintln!("===== {} log =====", n.name);
+        eprintln!("{}", std::fs::read_to_string(&n.log).unwrap_or_default());
+    }
+}
+
+/// The NBD URI of node `i`'s export.
+pub fn nbd_uri(c: &LocalCluster, i: usize) -> String {
+    format!("nbd+unix:///?socket={}", c.nbd_socket(i).display())
+}
+
+/// Runs qemu-io against node `i`'s export with the given commands.
+pub fn qemu_io(c: &LocalCluster, i: usize, cmds: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.arg("-f").arg("raw");
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.arg(nbd_uri(c, i));
+    let out = cmd.output().expect("run qemu-io (install qemu-utils)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "qemu-io failed: {text}");
+    assert!(
+        !text.contains("failed"),
+        "qemu-io reported a failure: {text}"
+    );
+    text
+}
+
+/// Both nodes' data areas, byte for byte.
+pub async fn assert_replicas_equal(c: &LocalCluster) {
+    let size = c.status(0).await.expect("status").size_bytes.expect("size");
+    let a = c.read_data(0, size).expect("read alpha");
+    let b = c.read_data(1, size).expect("read beta");
+    if a != b {
+        let first = a.iter().zip(&b).position(|(x, y)| x != y).unwrap_or(0);
+        dump_logs(c);
+        panic!("replicas differ; first difference at byte {first}");
+    }
+}
+
+/// Runs the blkrep CLI against node `i`.
+pub fn cli(c: &LocalCluster, i: usize, args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .arg("--config")
+        .arg(&c.nodes[i].config)
+        .args(args)
+        .output()
+        .expect("run blkrep")
+}
+
+/// Generous timeout for conditions in tests.
+pub const WAIT: Duration = Duration::from_secs(60);

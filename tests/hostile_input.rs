@@ -1,0 +1,264 @@
+//! Bad and hostile input: foreign certificates, corrupted frames, malformed
+//! control requests. Each must be refused with nothing written.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blkrep::control::Request;
+use blkrep::engine::{NodeView, Role};
+use blkrep::link::connection::{read_control, read_header};
+use blkrep::link::tls::TlsMaterial;
+use blkrep::link::wire::{FLAG_RESYNC, Header, Kind};
+use blkrep::link::{HelloMsg, LinkSettings, VolumeStateMsg, transport_config};
+use blkrep::meta::{DiskState, Generations};
+use common::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+async fn wait_log(path: &std::path::Path, needle: &str) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .contains(needle)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_with_a_certificate_from_another_ca_is_refused() {
+    let mut c = cluster("foreign-ca", small());
+    let foreign = c.dir.join("foreign");
+    blkrep::cert::create_ca(&foreign).expect("foreign CA");
+    blkrep::cert::issue("beta", &foreign, &foreign, 30).expect("foreign beta cert");
+    let cfg = std::fs::read_to_string(&c.nodes[1].config).expect("beta config");
+    let tls = c.dir.join("tls");
+    let cfg = cfg
+        .replace(
+            &tls.join("beta.pem").display().to_string(),
+            &foreign.join("beta.pem").display().to_string(),
+        )
+        .replace(
+            &tls.join("beta.key").display().to_string(),
+            &foreign.join("beta.key").display().to_string(),
+        );
+    std::fs::write(&c.nodes[1].config, cfg).expect("rewrite beta config");
+    c.start(0).await.expect("alpha");
+    c.start(1).await.expect("beta");
+    for i in 0..2 {
+        c.ok(
+            i,
+            Request::Attach {
+                volume: "demo".into(),
+            },
+        )
+        .await
+        .expect("attach");
+    }
+    // alpha dials beta and must reject beta's certificate.
+    assert!(
+        wait_log(&c.nodes[0].log, "invalid peer certificate").await,
+        "alpha did not report the foreign certificate"
+    );
+    for i in 0..2 {
+        let s = c.status(i).await.expect("status");
+        assert_eq!(s.peer.connection, "Disconnected");
+    }
+    let beta_log = std::fs::read_to_string(&c.nodes[1].log).unwrap_or_default();
+    assert!(
+        !beta_log.contains("link to alpha is up"),
+        "beta accepted a link: {beta_log}"
+    );
+}
+
+async fn read_frame(recv: &mut quinn::RecvStream) -> Option<(Header, Vec<u8>)> {
+    let h = read_header(recv).await.ok()?;
+    let mut payload = vec![0u8; h.payload_len as usize];
+    recv.read_exact(&mut payload).await.ok()?;
+    Some((h, payload))
+}
+
+async fn send_frame(send: &mut quinn::SendStream, h: Header, payload: &[u8]) {
+    send.write_all(&h.encode(payload))
+        .await
+        .expect("send header");
+    send.write_all(payload).await.expect("send payload");
+}
+
+/// The test plays node beta by hand: a real certificate, a hand-crafted
+/// protocol conversation, then a frame whose payload does not match its CRC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_frame_is_refused_and_nothing_is_written() {
+    let mut c = cluster("bad-frame", small());
+    c.start(0).await.expect("alpha");
+    c.ok(
+        0,
+        Request::Attach {
+            volume: "demo".into(),
+        },
+    )
+    .await
+    .expect("attach alpha");
+    let tls = c.dir.join("tls");
+    let material = TlsMaterial::load(
+        &tls.join("ca.pem"),
+        &tls.join("beta.pem"),
+        &tls.join("beta.key"),
+    )
+    .expect("beta TLS material");
+    let settings = LinkSettings {
+        peer_timeout_ms: 5000,
+        keepalive_interval_ms: 1000,
+        reconnect_backoff_max_ms: 500,
+        inflight_requests_max: 16,
+        mtu_max_bytes: 1452,
+    };
+    let mut server =
+        quinn::ServerConfig::with_crypto(Arc::new(material.quic_server().expect("server crypto")));
+    server.transport_config(Arc::new(transport_config(&settings)));
+    let endpoint = quinn::Endpoint::server(server, c.nodes[1].address).expect("bind as beta");
+    let conn = tokio::time::timeout(WAIT, async {
+        endpoint.accept().await.expect("incoming").await
+    })
+    .await
+    .expect("alpha dials within the timeout")
+    .expect("handshake");
+    let (mut send, mut recv) = conn.accept_bi().await.expect("stream");
+    let hello: HelloMsg =
+        serde_json::from_slice(&read_control(&mut recv, Kind::Hello).await.expect("hello"))
+            .expect("hello json");
+    assert_eq!(hello.node, "alpha");
+    let ours = serde_json::to_vec(&HelloMsg {
+        node: "beta".into(),
+        protocol: 1,
+    })
+    .expect("json");
+    send_frame(&mut send, Header::new(Kind::Hello), &ours).await;
+
+    // alpha announces its state; answer as an up-to-date primary with data.
+    let (h, payload) = read_frame(&mut recv).await.expect("alpha state");
+    assert_eq!(h.kind, Kind::VolumeState);
+    let alpha: VolumeStateMsg = serde_json::from_slice(&payload).expect("state json");
+    let data_bytes = alpha.view.expect("alpha view").data_bytes;
+    let me = VolumeStateMsg {
+        volume: "demo".into(),
+        index: 7,
+        view: Some(NodeView {
+            role: Role::Primary,
+            disk: DiskState::UpToDate,
+            generations: Generations {
+                current: 0x1234,
+                ..Default::default()
+            },
+            data_bytes,
+            dirty_chunks: 0,
+            sync_target: false,
+        }),
+        sync_done: None,
+    };
+    send_frame(
+        &mut send,
+        Header::new(Kind::VolumeState),
+        &serde_json::to_vec(&me).expect("json"),
+    )
+    .await;
+    // alpha becomes our sync target once its metadata says Inconsistent.
+    loop {
+        let (h, payload) = read_frame(&mut recv).await.expect("alpha target state");
+        if h.kind == Kind::VolumeState {
+            let m: VolumeStateMsg = serde_json::from_slice(&payload).expect("json");
+            if m.view.is_some_and(|v| v.sync_target) {
+                break;
+            }
+        }
+    }
+    // A valid resync write is applied and acknowledged.
+    let mut h = Header::new(Kind::Write);
+    h.volume = 7;
+    h.request = 1;
+    h.offset = 0;
+    h.flags = FLAG_RESYNC;
+    send_frame(&mut send, h, &[0x3c; 4096]).await;
+    let (ack, _) = read_frame(&mut recv).await.expect("ack");
+    assert_eq!((ack.kind, ack.request, ack.status), (Kind::Ack, 1, 0));
+    let disk = std::fs::File::open(&c.nodes[0].disk).expect("alpha disk");
+    let mut b = [0u8; 4096];
+    disk.read_exact_at(&mut b, 0).expect("read");
+    assert!(b.iter().all(|&x| x == 0x3c), "valid write applied");
+
+    // Now a frame whose payload was damaged after its CRC was computed.
+    let mut h = Header::new(Kind::Write);
+    h.volume = 7;
+    h.request = 2;
+    h.offset = 8192;
+    h.flags = FLAG_RESYNC;
+    let good = [0x7eu8; 4096];
+    let header = h.encode(&good);
+    let mut bad = good;
+    bad[100] ^= 0xff;
+    send.write_all(&header).await.expect("send");
+    send.write_all(&bad).await.expect("send");
+    let closed = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("alpha drops the connection");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(a) => {
+            assert_eq!(a.error_code, quinn::VarInt::from_u32(1))
+        }
+        other => panic!("unexpected close: {other}"),
+    }
+    disk.read_exact_at(&mut b, 8192).expect("read");
+    assert!(
+        b.iter().all(|&x| x == 0),
+        "the corrupted frame wrote nothing"
+    );
+    assert!(wait_log(&c.nodes[0].log, "payload checksum mismatch").await);
+    // The daemon is alive and well.
+    c.status(0).await.expect("alpha still answers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_control_requests_get_an_error_not_a_crash() {
+    let mut c = cluster("bad-control", small());
+    c.start(0).await.expect("alpha");
+    for garbage in [
+        "not json\n",
+        "{\"cmd\":\"primary\"}\n",
+        "{\"cmd\":\"rm-rf\",\"volume\":\"x\"}\n",
+        "\n",
+    ] {
+        let s = tokio::net::UnixStream::connect(&c.nodes[0].control)
+            .await
+            .expect("connect");
+        let (r, mut w) = s.into_split();
+        w.write_all(garbage.as_bytes()).await.expect("write");
+        w.shutdown().await.expect("shutdown");
+        let mut line = String::new();
+        BufReader::new(r)
+            .read_line(&mut line)
+            .await
+            .expect("answer");
+        assert!(
+            line.contains("\"result\":\"error\"") && line.contains("bad-request"),
+            "{garbage:?} -> {line}"
+        );
+    }
+    // A huge line without a newline is cut off, not buffered forever.
+    let s = tokio::net::UnixStream::connect(&c.nodes[0].control)
+        .await
+        .expect("connect");
+    let (r, mut w) = s.into_split();
+    let big = vec![b'x'; 2 << 20];
+    let _ = w.write_all(&big).await;
+    let _ = w.shutdown().await;
+    let mut line = String::new();
+    let _ = BufReader::new(r).read_line(&mut line).await;
+    assert!(line.contains("bad-request"), "{line}");
+    c.status(0).await.expect("still serving");
+}

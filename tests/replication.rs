@@ -1,0 +1,220 @@
+//! Two real daemons on loopback, real NBD clients, byte-for-byte checks.
+
+mod common;
+
+use std::time::Duration;
+
+use blkrep::control::Request;
+use blkrep::testkit::cluster::ClusterOptions;
+use blkrep::testkit::nbd_client::NbdClient;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_io_writes_land_on_both_disks() {
+    let c = up("qemu-io", small()).await;
+    qemu_io(
+        &c,
+        0,
+        &[
+            "write -P 0xab 0 1M",
+            "write -P 0xcd 4M 64k",
+            "write -P 0x11 -f 8M 4k",
+            "write -z 256k 128k",
+            "discard 512k 64k",
+            "flush",
+        ],
+    );
+    // Read back through the export, including an unaligned read.
+    qemu_io(
+        &c,
+        0,
+        &[
+            "read -P 0xab 0 256k",
+            "read -P 0 256k 128k",
+            "read -P 0xcd 4M 64k",
+            "read -P 0xab 1000 3000",
+        ],
+    );
+    assert_replicas_equal(&c).await;
+    // The pattern is really on beta's disk, not just equal zeros.
+    let b = c.read_data(1, 5 << 20).expect("read beta");
+    assert!(b[..256 * 1024].iter().all(|&x| x == 0xab));
+    assert!(b[4 << 20..(4 << 20) + 65536].iter().all(|&x| x == 0xcd));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_img_copies_an_image_onto_the_volume() {
+    let c = up("qemu-img", small()).await;
+    let src = c.dir.join("src.raw");
+    let mut data = vec![0u8; 8 << 20];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i * 7 % 251) as u8;
+    }
+    std::fs::write(&src, &data).expect("write source image");
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&src)
+        .arg(nbd_uri(&c, 0))
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_replicas_equal(&c).await;
+    assert_eq!(c.read_data(1, data.len() as u64).expect("beta"), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_overlapping_writes_keep_replicas_identical() {
+    let c = up("overlap", small()).await;
+    let socket = c.nbd_socket(0);
+    let mut tasks = Vec::new();
+    for t in 0..4u64 {
+        let socket = socket.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut cl = NbdClient::connect(&socket).await.expect("connect");
+            let mut x = t.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            for _ in 0..300 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // All writes hit the same 64 KiB, in sizes of 4-32 KiB.
+                let block = x % 16;
+                let count = 1 + (x >> 8) % 8;
+                let count = count.min(16 - block);
+                let data = vec![(x >> 16) as u8; (count * 4096) as usize];
+                cl.write(block * 4096, &data, false).await.expect("write");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    assert_replicas_equal(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_secondary_is_resynced_from_the_bitmap() {
+    let mut c = up("kill-secondary", small()).await;
+    let mut cl = NbdClient::connect(&c.nbd_socket(0)).await.expect("connect");
+    let block = vec![0x5au8; 4096];
+    for i in 0..200u64 {
+        cl.write(i * 4096, &block, false)
+            .await
+            .expect("write before kill");
+    }
+    c.kill(1);
+    // Writes keep completing on the primary while the peer is gone.
+    let block2 = vec![0xa5u8; 4096];
+    for i in 0..300u64 {
+        cl.write((1000 + i * 3) * 4096, &block2, i % 10 == 0)
+            .await
+            .expect("write while peer is down");
+    }
+    cl.flush().await.expect("flush");
+    let s = c
+        .wait_for(0, "peer marked outdated", WAIT, |s| {
+            s.peer.connection == "Disconnected" && s.out_of_sync_bytes > 0
+        })
+        .await
+        .expect("alpha tracks out-of-sync regions");
+    assert_eq!(s.peer.disk.as_deref(), Some("Outdated"));
+    let dirty = s.out_of_sync_bytes;
+    assert!(
+        dirty < 16 << 20,
+        "only touched chunks are dirty, not the whole volume ({dirty})"
+    );
+    c.start(1).await.expect("restart beta");
+    c.ok(
+        1,
+        Request::Attach {
+            volume: c.opts.volume.clone(),
+        },
+    )
+    .await
+    .expect("attach beta");
+    c.wait_in_sync(WAIT).await.expect("resync");
+    assert_eq!(c.status(0).await.expect("status").out_of_sync_bytes, 0);
+    assert_replicas_equal(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_disk_failure_detaches_and_serves_through_the_peer() {
+    let opts = ClusterOptions {
+        fault_injection: true,
+        ..small()
+    };
+    let c = up("disk-fail", opts).await;
+    qemu_io(&c, 0, &["write -P 0x42 0 64k", "flush"]);
+    c.ok(
+        0,
+        Request::FailDisk {
+            volume: c.opts.volume.clone(),
+        },
+    )
+    .await
+    .expect("fail disk");
+    // The next I/O hits the dead disk; the node detaches it and carries on.
+    qemu_io(
+        &c,
+        0,
+        &[
+            "write -P 0x77 1M 64k",
+            "flush",
+            "read -P 0x42 0 64k",
+            "read -P 0x77 1M 64k",
+        ],
+    );
+    let s = c
+        .wait_for(0, "diskless", WAIT, |s| {
+            s.disk.as_deref() == Some("Diskless")
+        })
+        .await
+        .expect("diskless");
+    assert_eq!(s.role.as_deref(), Some("Primary"));
+    let b = c.read_data(1, 2 << 20).expect("beta");
+    assert!(
+        b[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0x77),
+        "the peer holds the write"
+    );
+    let beta = c.status(1).await.expect("beta status");
+    assert_eq!(beta.disk.as_deref(), Some("UpToDate"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secondary_refuses_promotion_while_the_primary_is_connected() {
+    let c = up("peer-primary", small()).await;
+    let out = cli(&c, 1, &["primary", "demo"]);
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("peer still primary"));
+    // After an orderly switch-over the other node may write.
+    let out = cli(&c, 0, &["secondary", "demo"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_for(1, "peer secondary", WAIT, |s| {
+        s.peer.role.as_deref() == Some("Secondary")
+    })
+    .await
+    .expect("peer state");
+    let out = cli(&c, 1, &["primary", "demo"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_for(1, "export", Duration::from_secs(10), |s| s.export.is_some())
+        .await
+        .expect("export on beta");
+    qemu_io(&c, 1, &["write -P 0x99 0 4k", "flush"]);
+    assert_replicas_equal(&c).await;
+}
