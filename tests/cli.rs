@@ -1,0 +1,163 @@
+//! The command line as a cluster manager sees it: exit codes, refusals,
+//! config errors, create-md safety.
+
+mod common;
+
+use std::process::Command;
+
+use blkrep::control::Request;
+use common::*;
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_are_stable() {
+    let mut c = cluster("exit-codes", small());
+    // No daemon running.
+    let o = cli(&c, 0, &["status"]);
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    c.start(0).await.expect("alpha");
+    // Not attached.
+    let o = cli(&c, 0, &["primary", "demo"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not attached"));
+    // Unknown volume.
+    let o = cli(&c, 0, &["attach", "nope"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    // Fresh metadata is not up to date: promotion needs --force.
+    c.ok(
+        0,
+        Request::Attach {
+            volume: "demo".into(),
+        },
+    )
+    .await
+    .expect("attach");
+    let o = cli(&c, 0, &["primary", "demo"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--force"));
+    let o = cli(&c, 0, &["primary", "demo", "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // JSON status parses and says what happened.
+    let o = cli(&c, 0, &["status", "demo", "--json"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status JSON");
+    assert_eq!(v["schema"], 1);
+    assert_eq!(v["volumes"][0]["role"], "Primary");
+    assert_eq!(v["volumes"][0]["disk"], "UpToDate");
+    assert_eq!(v["volumes"][0]["peer"]["connection"], "Disconnected");
+    assert!(
+        v["volumes"][0]["export"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("nbd+unix://"))
+    );
+    // Text status is readable.
+    let o = cli(&c, 0, &["status"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("role=Primary") && text.contains("peer beta: Disconnected"),
+        "{text}"
+    );
+    // Detach a primary that is idle: demotes, then detaches.
+    let o = cli(&c, 0, &["detach", "demo"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cli(&c, 0, &["status", "demo", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status JSON");
+    assert_eq!(v["volumes"][0]["attached"], false);
+}
+
+#[test]
+fn config_errors_name_the_file_and_key() {
+    let dir = blkrep::testkit::cluster::scratch_dir("bad-config");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cfg = dir.join("blkrep.toml");
+    std::fs::write(
+        &cfg,
+        "node = \"alpha\"\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n[link]\npeer_timeout_ms = 10\n[nodes.alpha]\naddress = \"127.0.0.1:1\"\n",
+    )
+    .expect("write");
+    let o = Command::new(bin())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("daemon")
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("blkrep.toml") && e.contains("link.peer_timeout_ms"),
+        "{e}"
+    );
+    std::fs::write(&cfg, "node = [").expect("write");
+    let o = Command::new(bin())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("status")
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("blkrep.toml"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn create_md_refuses_to_overwrite() {
+    let c = cluster("create-md", small());
+    // The cluster helper already wrote metadata: a second run is refused.
+    let o = cli(&c, 0, &["create-md", "demo"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("already holds blkrep metadata"),
+        "{}",
+        stderr(&o)
+    );
+    // A disk with a filesystem on it is refused too.
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&c.nodes[1].disk)
+        .output()
+        .expect("mkfs.ext4");
+    assert!(o.status.success(), "mkfs: {}", stderr(&o));
+    let o = cli(&c, 1, &["create-md", "demo"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("ext2/3/4") || e.contains("blkrep metadata"),
+        "{e}"
+    );
+    let o = cli(&c, 1, &["create-md", "demo", "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn certificates_for_bad_node_names_are_refused() {
+    let dir = blkrep::testkit::cluster::scratch_dir("cert");
+    let o = Command::new(bin())
+        .args(["cert", "ca", "--out"])
+        .arg(&dir)
+        .output()
+        .expect("run");
+    assert!(o.status.success());
+    let o = Command::new(bin())
+        .args(["cert", "issue", "Bad_Name", "--ca"])
+        .arg(&dir)
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("invalid node name"));
+    let o = Command::new(bin())
+        .args(["cert", "ca", "--out"])
+        .arg(&dir)
+        .output()
+        .expect("run");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a second CA must not overwrite the first"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
