@@ -85,6 +85,9 @@ pub struct Config {
     /// Replicated volumes.
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
+    /// ublk device layout.
+    #[serde(default)]
+    pub ublk: UblkConfig,
     /// Test and drill switches.
     #[serde(default)]
     pub debug: DebugConfig,
@@ -133,6 +136,25 @@ impl Default for LinkConfig {
     }
 }
 
+/// ublk device layout (applies to every volume exported through ublk).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UblkConfig {
+    /// Hardware queues per device (one thread each).
+    pub queues: u16,
+    /// Requests in flight per queue.
+    pub depth: u16,
+}
+
+impl Default for UblkConfig {
+    fn default() -> Self {
+        UblkConfig {
+            queues: 1,
+            depth: 64,
+        }
+    }
+}
+
 /// One node of the cluster.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -153,6 +175,10 @@ pub struct VolumeConfig {
     /// Resync bandwidth cap; 0 = unlimited.
     #[serde(default)]
     pub resync_rate_max_bytes_per_s: u64,
+    /// How the primary exports it: "auto" (ublk if the kernel has it, else
+    /// NBD), "ublk" or "nbd".
+    #[serde(default)]
+    pub export: crate::frontend::ExportKind,
     /// The two nodes holding it.
     pub nodes: BTreeMap<String, VolumeNodeConfig>,
 }
@@ -291,6 +317,12 @@ impl Config {
         }
         if l.mtu_max_bytes < 1200 {
             return Err(self.invalid("link.mtu_max_bytes", "must be at least 1200"));
+        }
+        if !(1..=64).contains(&self.ublk.queues) {
+            return Err(self.invalid("ublk.queues", "must be between 1 and 64"));
+        }
+        if !(1..=4096).contains(&self.ublk.depth) {
+            return Err(self.invalid("ublk.depth", "must be between 1 and 4096"));
         }
         if l.reconnect_backoff_max_ms < 10 {
             return Err(self.invalid("link.reconnect_backoff_max_ms", "must be at least 10"));

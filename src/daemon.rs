@@ -16,7 +16,8 @@ use crate::control::server::{self, ControlHandler};
 use crate::control::status::{NodeStatus, VolumeStatusReport};
 use crate::control::{ErrorCode, Request, Response};
 use crate::engine::PromoteError;
-use crate::frontend::Export;
+use crate::frontend::ublk::UblkOptions;
+use crate::frontend::{Export, ExportKind};
 use crate::link::tls::TlsMaterial;
 use crate::link::{
     InboundHandler, InboundRequest, Link, LinkSettings, PeerConnection, VolumeStateMsg,
@@ -144,24 +145,46 @@ impl Daemon {
 
     fn export_hook(&self) -> volume::ExportHook {
         let me = self.me.clone();
-        let run_dir = self.cfg.run_dir.clone();
         Arc::new(move |handle: &VolumeHandle, on: bool| {
-            let Some(d) = me.upgrade() else { return };
-            let Ok(mut exports) = d.exports.lock() else {
-                return;
-            };
-            if let Some(old) = exports.remove(handle.name()) {
-                old.stop();
-            }
-            if on {
-                match Export::start(handle.clone(), &run_dir) {
+            let me = me.clone();
+            let handle = handle.clone();
+            // Starting or stopping a ublk device blocks: keep it off the
+            // volume task.
+            tokio::task::spawn_blocking(move || {
+                let Some(d) = me.upgrade() else { return };
+                let old = d
+                    .exports
+                    .lock()
+                    .ok()
+                    .and_then(|mut e| e.remove(handle.name()));
+                if let Some(mut old) = old {
+                    old.stop();
+                }
+                if !on {
+                    // Another node may be primary now: a device this node's
+                    // dead daemon left behind must not wait forever.
+                    crate::frontend::ublk::remove_stale(&d.cfg.run_dir, handle.name());
+                    return;
+                }
+                let kind = d
+                    .cfg
+                    .volume(handle.name())
+                    .map(|v| v.export)
+                    .unwrap_or_default();
+                let opts = UblkOptions {
+                    queues: d.cfg.ublk.queues,
+                    depth: d.cfg.ublk.depth,
+                };
+                match Export::start(handle.clone(), kind, &d.cfg.run_dir, opts) {
                     Ok(e) => {
                         tracing::info!("volume {} exported at {}", handle.name(), e.endpoint());
-                        exports.insert(handle.name().to_string(), e);
+                        if let Ok(mut x) = d.exports.lock() {
+                            x.insert(handle.name().to_string(), e);
+                        }
                     }
                     Err(e) => tracing::error!("volume {}: cannot start export: {e}", handle.name()),
                 }
-            }
+            });
         })
     }
 
@@ -185,6 +208,11 @@ impl Daemon {
                 format!("volume {name:?} is not configured on this node"),
             );
         };
+        if vcfg.export == ExportKind::Ublk
+            && let Err(e) = crate::frontend::ublk::driver_features()
+        {
+            return err(ErrorCode::Failed, format!("cannot attach {name}: {e}"));
+        }
         let index = self
             .cfg
             .volumes
@@ -241,8 +269,8 @@ impl Daemon {
                 if let Ok(mut v) = self.volumes.lock() {
                     v.remove(name);
                 }
-                if let Some(e) = self.exports.lock().ok().and_then(|mut x| x.remove(name)) {
-                    e.stop();
+                if let Some(mut e) = self.exports.lock().ok().and_then(|mut x| x.remove(name)) {
+                    tokio::task::spawn_blocking(move || e.stop());
                 }
                 Response::Ok {
                     message: format!("volume {name} detached"),

@@ -3,41 +3,85 @@
 //! [`VolumeHandle`](crate::volume::VolumeHandle) and nothing else; the
 //! engine decides where data goes.
 //!
-//! - [`nbd`]: NBD over a Unix socket, for QEMU guests, kernels without ublk,
+//! - [`ublk`]: `/dev/ublkbN` through the kernel's ublk driver (Linux 6.0+):
+//!   the production path.
+//! - [`nbd`]: NBD over a Unix socket, for kernels without ublk, QEMU guests,
 //!   and third-party clients (qemu-io, qemu-img, nbdcopy, fio).
-//! - ublk (`/dev/ublkbN`) is the production path on Linux 6.0+; it plugs in
-//!   behind the same seam.
 
 pub mod nbd;
+pub mod ublk;
 
 use std::path::{Path, PathBuf};
 
 use crate::volume::VolumeHandle;
 
+/// Which frontend exports a volume on its primary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportKind {
+    /// ublk when the kernel has it, NBD otherwise.
+    #[default]
+    Auto,
+    /// Always NBD.
+    Nbd,
+    /// Always ublk; attaching fails when the kernel has no ublk driver.
+    Ublk,
+}
+
 /// A running export of one volume.
 pub enum Export {
     /// An NBD server on a Unix socket.
     Nbd(nbd::NbdServer),
+    /// A ublk block device.
+    Ublk(ublk::UblkExport),
+}
+
+/// Why an export could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// NBD socket problem.
+    #[error("NBD export: {0}")]
+    Nbd(#[from] std::io::Error),
+    /// ublk problem.
+    #[error(transparent)]
+    Ublk(#[from] ublk::UblkError),
 }
 
 impl Export {
-    /// Starts the configured frontend for `volume` under `run_dir`.
-    pub fn start(volume: VolumeHandle, run_dir: &Path) -> std::io::Result<Self> {
+    /// Starts the frontend for `volume`. Blocks until a ublk device is up.
+    pub fn start(
+        volume: VolumeHandle,
+        kind: ExportKind,
+        run_dir: &Path,
+        ublk_opts: ublk::UblkOptions,
+    ) -> Result<Self, ExportError> {
+        let use_ublk = match kind {
+            ExportKind::Nbd => false,
+            ExportKind::Ublk => true,
+            ExportKind::Auto => ublk::driver_features().is_ok(),
+        };
+        if use_ublk {
+            return Ok(Export::Ublk(ublk::UblkExport::start(
+                volume, ublk_opts, run_dir,
+            )?));
+        }
         let path = nbd_socket_path(run_dir, volume.name());
         Ok(Export::Nbd(nbd::NbdServer::start(volume, &path)?))
     }
 
-    /// Where clients connect (for `status`).
+    /// Where clients connect (for `status`): an NBD URI or a device path.
     pub fn endpoint(&self) -> String {
         match self {
             Export::Nbd(s) => format!("nbd+unix:///?socket={}", s.path().display()),
+            Export::Ublk(u) => u.device_path(),
         }
     }
 
-    /// Stops the export and disconnects its clients.
-    pub fn stop(&self) {
+    /// Stops the export and disconnects its clients (blocks for ublk).
+    pub fn stop(&mut self) {
         match self {
             Export::Nbd(s) => s.stop(),
+            Export::Ublk(u) => u.stop(),
         }
     }
 }

@@ -207,6 +207,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         export: opts.export,
         handle: handle.clone(),
         exported: false,
+        peer_primary_seen: false,
         resync_pacer: Pacer::new(opts.resync_rate_max_bytes_per_s),
         detaching: None,
     };
@@ -325,6 +326,7 @@ struct Shell {
     export: super::ExportHook,
     handle: VolumeHandle,
     exported: bool,
+    peer_primary_seen: bool,
     resync_pacer: Pacer,
     detaching: Option<oneshot::Sender<Result<(), VolumeError>>>,
 }
@@ -336,6 +338,7 @@ impl Shell {
             self.drain_actions();
             self.read_path
                 .store(encode_read_path(self.engine.read_path()), Ordering::Release);
+            self.note_peer_primary();
             if self.detaching.is_some() && self.ready_to_stop() {
                 break;
             }
@@ -344,6 +347,20 @@ impl Shell {
             let _ = reply.send(Ok(()));
         }
         tracing::info!("volume {} detached", self.name);
+    }
+
+    /// Tells the export hook once when the peer became primary while this
+    /// node exports nothing (it cleans up what a dead daemon left behind).
+    fn note_peer_primary(&mut self) {
+        let peer_primary = self
+            .engine
+            .status()
+            .peer
+            .is_some_and(|p| p.role == Role::Primary);
+        if peer_primary && !self.peer_primary_seen && !self.exported {
+            (self.export)(&self.handle, false);
+        }
+        self.peer_primary_seen = peer_primary;
     }
 
     fn ready_to_stop(&self) -> bool {
