@@ -44,7 +44,7 @@ mkdir -p $C /mnt
 blkrep cert ca --out $C/tls >/dev/null
 blkrep cert issue alpha --ca $C/tls --out $C/tls >/dev/null
 blkrep cert issue beta --ca $C/tls --out $C/tls >/dev/null
-truncate -s 160M $C/a.img $C/b.img
+truncate -s 112M $C/a.img $C/b.img
 losetup /dev/loop0 $C/a.img
 losetup /dev/loop1 $C/b.img
 for n in alpha beta; do
@@ -88,7 +88,7 @@ DEV=$(export_of alpha)
 echo "BLKREP-INFO: alpha exports $DEV"
 
 # 2. filesystem, files with known checksums, an O_DIRECT pattern.
-check mkfs mke2fs -q -t ext4 -F "$DEV" 64M
+check mkfs /opt/e2fs/mke2fs -q -t ext4 -F "$DEV" 64M
 check mount mount -t ext4 "$DEV" /mnt
 i=1
 while [ $i -le 8 ]; do
@@ -108,10 +108,10 @@ check promote-beta wait_until 60 $B primary vol0
 check device-on-beta wait_until 60 has_device beta
 DEVB=$(export_of beta)
 echo "BLKREP-INFO: beta exports $DEVB"
-check fsck-clean e2fsck -fn "$DEVB"
+check fsck-clean /opt/e2fs/e2fsck -fn "$DEVB"
 check mount-beta mount -t ext4 "$DEVB" /mnt
-check files-intact sh -c "cd /mnt && sha256sum -c $C/sums >/dev/null"
-check write-on-beta sh -c "echo after-failover > /mnt/new && sync"
+check files-intact sh -c "grep -q '^$DEVB /mnt ' /proc/mounts && test -s $C/sums && cd /mnt && sha256sum -c $C/sums >/dev/null"
+check write-on-beta sh -c "grep -q '^$DEVB /mnt ' /proc/mounts && echo after-failover > /mnt/new && sync"
 umount /mnt
 check pattern-intact sh -c "dd if=$DEVB bs=64k skip=1536 count=64 iflag=direct 2>/dev/null | cmp - $C/pattern"
 
@@ -138,9 +138,9 @@ check beta-attach $B attach vol0
 check beta-promote-again wait_until 60 $B primary vol0
 check io-resumes-after-restart wait_until 120 test -e $C/bg-done
 check same-device test "$(export_of beta)" = "$DEVB"
-check file-after-recovery test "$(stat -c %s /mnt/during)" = 262144
+check file-after-recovery sh -c "grep -q '^$DEVB /mnt ' /proc/mounts && test \$(stat -c %s /mnt/during) = 262144"
 check umount-after-recovery umount /mnt
-check fsck-after-recovery e2fsck -fn "$DEVB"
+check fsck-after-recovery /opt/e2fs/e2fsck -fn "$DEVB"
 
 # 6. both disks compare equal once the resync is done.
 check final-sync-alpha wait_until 300 in_sync alpha

@@ -99,6 +99,11 @@ fn quiesced_device(id_file: &Path) -> Option<i32> {
     (ctrl.dev_info().state == libublk::sys::UBLK_S_DEV_QUIESCED as u16).then_some(id)
 }
 
+/// The lowest ublk device id not in use.
+fn free_device_id() -> Option<i32> {
+    (0..4096).find(|i| !Path::new(&format!("/sys/class/ublk-char/ublkc{i}")).exists())
+}
+
 /// Removes a device of `volume` left behind by a dead daemon (its I/O then
 /// fails instead of waiting forever). Called when another node took over.
 pub fn remove_stale(state_dir: &Path, volume: &str) {
@@ -132,6 +137,17 @@ impl UblkExport {
         }
         let id_file = id_file(state_dir, volume.name());
         let recover = quiesced_device(&id_file);
+        // Pick the id ourselves and record it before the device appears, so
+        // the udev rule can name it /dev/blkrep/VOLUME on the add event.
+        let new_id = free_device_id();
+        if recover.is_none()
+            && let Some(id) = new_id
+        {
+            if let Some(dir) = id_file.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let _ = std::fs::write(&id_file, format!("{id}\n"));
+        }
         let rt =
             tokio::runtime::Handle::try_current().map_err(|e| UblkError::Lib(e.to_string()))?;
         let (id_tx, id_rx) = mpsc::channel();
