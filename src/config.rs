@@ -144,6 +144,9 @@ pub struct UblkConfig {
     pub queues: u16,
     /// Requests in flight per queue.
     pub depth: u16,
+    /// Use UBLK_F_USER_COPY when the kernel offers it (one copy less, and no
+    /// per-request buffer of 1 MiB per tag); false forces plain copy mode.
+    pub user_copy: bool,
 }
 
 impl Default for UblkConfig {
@@ -151,6 +154,7 @@ impl Default for UblkConfig {
         UblkConfig {
             queues: 1,
             depth: 64,
+            user_copy: true,
         }
     }
 }

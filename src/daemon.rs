@@ -174,6 +174,7 @@ impl Daemon {
                 let opts = UblkOptions {
                     queues: d.cfg.ublk.queues,
                     depth: d.cfg.ublk.depth,
+                    user_copy: d.cfg.ublk.user_copy,
                 };
                 match Export::start(handle.clone(), kind, &d.cfg.run_dir, opts) {
                     Ok(e) => {

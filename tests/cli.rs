@@ -182,3 +182,27 @@ async fn ublk_export_without_the_driver_names_the_module_and_nbd() {
         assert!(e.contains("ublk_drv") && e.contains("nbd"), "{e}");
     }
 }
+
+#[test]
+fn udev_helper_names_ublk_devices_by_volume() {
+    let dir = blkrep::testkit::cluster::scratch_dir("udev");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("vm-101-disk-0.ublk"), "3\n").expect("write");
+    std::fs::write(dir.join("other.ublk"), "12\n").expect("write");
+    let helper =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernel-ublk/blkrep-udev-name");
+    let o = Command::new(&helper)
+        .arg("3")
+        .arg(&dir)
+        .output()
+        .expect("run helper");
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "vm-101-disk-0");
+    let o = Command::new(&helper)
+        .arg("1")
+        .arg(&dir)
+        .output()
+        .expect("run helper");
+    assert!(!o.status.success(), "no volume is served by ublkb1");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -59,6 +59,9 @@ key = "$C/tls/$n.key"
 [link]
 peer_timeout_ms = 3000
 keepalive_interval_ms = 500
+[ublk]
+# alpha serves in plain copy mode, beta with UBLK_F_USER_COPY (when offered)
+user_copy = $( [ "$n" = beta ] && echo true || echo false )
 [nodes.alpha]
 address = "127.0.0.1:7788"
 [nodes.beta]
@@ -151,5 +154,7 @@ HA=$(dd if=/dev/loop0 bs=4096 count=$BLOCKS iflag=direct 2>/dev/null | sha256sum
 HB=$(dd if=/dev/loop1 bs=4096 count=$BLOCKS iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
 check replicas-equal test "$HA" = "$HB"
 
+check alpha-used-plain-copy grep -q "plain copy" $C/alpha.log
+check beta-used-user-copy grep -q "user copy" $C/beta.log
 show_logs
 kill -9 $APID $BPID 2>/dev/null

@@ -57,6 +57,8 @@ pub struct UblkOptions {
     pub queues: u16,
     /// Requests in flight per queue.
     pub depth: u16,
+    /// Use UBLK_F_USER_COPY when the kernel offers it.
+    pub user_copy: bool,
 }
 
 impl Default for UblkOptions {
@@ -64,6 +66,7 @@ impl Default for UblkOptions {
         UblkOptions {
             queues: 1,
             depth: 64,
+            user_copy: true,
         }
     }
 }
@@ -134,6 +137,9 @@ impl UblkExport {
         let mut ctrl_flags = 0u64;
         if features & u64::from(libublk::sys::UBLK_F_USER_RECOVERY) != 0 {
             ctrl_flags |= u64::from(libublk::sys::UBLK_F_USER_RECOVERY);
+        }
+        if opts.user_copy && features & u64::from(libublk::sys::UBLK_F_USER_COPY) != 0 {
+            ctrl_flags |= u64::from(libublk::sys::UBLK_F_USER_COPY);
         }
         let id_file = id_file(state_dir, volume.name());
         let recover = quiesced_device(&id_file);
@@ -207,6 +213,21 @@ impl UblkExport {
                     let _ = std::fs::create_dir_all(dir);
                 }
                 let _ = std::fs::write(&id_file, format!("{dev_id}\n"));
+                tracing::info!(
+                    "/dev/ublkb{dev_id} up: {} queue(s) x {} requests, {}{}",
+                    opts.queues,
+                    opts.depth,
+                    if ctrl_flags & u64::from(libublk::sys::UBLK_F_USER_COPY) != 0 {
+                        "user copy"
+                    } else {
+                        "plain copy"
+                    },
+                    if ctrl_flags & u64::from(libublk::sys::UBLK_F_USER_RECOVERY) != 0 {
+                        ", user recovery"
+                    } else {
+                        ""
+                    }
+                );
                 if recover.is_some() {
                     tracing::info!("recovered /dev/ublkb{dev_id}: waiting I/O resumes");
                 }
@@ -391,6 +412,72 @@ fn errno(e: &VolumeError) -> i32 {
     }
 }
 
+/// How request data moves between the kernel and this process.
+enum DataPath {
+    /// Plain copy mode: the kernel copies data into/out of a per-tag buffer.
+    Copy(IoBuf<u8>),
+    /// UBLK_F_USER_COPY: this process reads/writes the request's pages
+    /// through the char device (fixed file 0 of the queue ring), straight
+    /// into and out of its own aligned buffers; no per-tag buffer.
+    UserCopy,
+}
+
+impl DataPath {
+    fn slice(&self) -> &[u8] {
+        match self {
+            DataPath::Copy(b) => b.as_slice(),
+            DataPath::UserCopy => &[],
+        }
+    }
+
+    /// The data of a WRITE request.
+    async fn fetch(&self, q: &UblkQueue<'_>, tag: u16, len: usize) -> Result<AlignedBuf, i32> {
+        match self {
+            DataPath::Copy(b) => Ok(AlignedBuf::copy_from(&b.as_slice()[..len])),
+            DataPath::UserCopy => {
+                let mut data = AlignedBuf::zeroed(len);
+                let pos = libublk::io::UblkIOCtx::ublk_user_copy_pos(q.get_qid(), tag, 0);
+                let sqe = io_uring::opcode::Read::new(
+                    io_uring::types::Fixed(0),
+                    data.as_mut_ptr(),
+                    len as u32,
+                )
+                .offset(pos)
+                .build();
+                match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
+                    Ok(n) if n as usize == len => Ok(data),
+                    _ => Err(-libc::EIO),
+                }
+            }
+        }
+    }
+
+    /// Hands the data of a READ request to the kernel; returns the result.
+    async fn deliver(&mut self, q: &UblkQueue<'_>, tag: u16, data: &AlignedBuf) -> i32 {
+        let len = data.len();
+        match self {
+            DataPath::Copy(b) => {
+                b.as_mut_slice()[..len].copy_from_slice(data.as_slice());
+                len as i32
+            }
+            DataPath::UserCopy => {
+                let pos = libublk::io::UblkIOCtx::ublk_user_copy_pos(q.get_qid(), tag, 0);
+                let sqe = io_uring::opcode::Write::new(
+                    io_uring::types::Fixed(0),
+                    data.as_ptr(),
+                    len as u32,
+                )
+                .offset(pos)
+                .build();
+                match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
+                    Ok(n) if n as usize == len => len as i32,
+                    _ => -libc::EIO,
+                }
+            }
+        }
+    }
+}
+
 async fn io_task(
     q: &UblkQueue<'_>,
     tag: u16,
@@ -399,9 +486,18 @@ async fn io_task(
     n: Arc<Notifier>,
 ) -> Result<(), libublk::UblkError> {
     use libublk::sys;
-    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
-        .await?;
+    let max_len = q.dev.dev_info.max_io_buf_bytes as usize;
+    let user_copy = q.dev.dev_info.flags & u64::from(sys::UBLK_F_USER_COPY) != 0;
+    let mut path = if user_copy {
+        q.submit_io_prep_cmd(tag, BufDesc::Slice(&[]), 0, None)
+            .await?;
+        DataPath::UserCopy
+    } else {
+        let buf = IoBuf::<u8>::new(max_len);
+        q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+            .await?;
+        DataPath::Copy(buf)
+    };
     loop {
         let iod = q.get_iod(tag);
         let op = iod.op_flags & 0xff;
@@ -409,28 +505,29 @@ async fn io_task(
         let offset = iod.start_sector << 9;
         let len = (iod.nr_sectors as usize) << 9;
         let v = volume.clone();
-        let res: i32 = if len > buf.as_slice().len() {
+        let res: i32 = if len > max_len {
             -libc::EINVAL
         } else {
             match op {
                 sys::UBLK_IO_OP_READ => {
                     match on_tokio(&rt, &n, async move { v.read(offset, len).await }).await {
-                        Some(Ok(data)) => {
-                            buf.as_mut_slice()[..len].copy_from_slice(data.as_slice());
-                            len as i32
+                        Some(Ok(data)) => path.deliver(q, tag, &data).await,
+                        Some(Err(e)) => errno(&e),
+                        None => -libc::EIO,
+                    }
+                }
+                sys::UBLK_IO_OP_WRITE => match path.fetch(q, tag, len).await {
+                    Ok(data) => {
+                        match on_tokio(&rt, &n, async move { v.write(offset, data, fua).await })
+                            .await
+                        {
+                            Some(Ok(())) => len as i32,
+                            Some(Err(e)) => errno(&e),
+                            None => -libc::EIO,
                         }
-                        Some(Err(e)) => errno(&e),
-                        None => -libc::EIO,
                     }
-                }
-                sys::UBLK_IO_OP_WRITE => {
-                    let data = AlignedBuf::copy_from(&buf.as_slice()[..len]);
-                    match on_tokio(&rt, &n, async move { v.write(offset, data, fua).await }).await {
-                        Some(Ok(())) => len as i32,
-                        Some(Err(e)) => errno(&e),
-                        None => -libc::EIO,
-                    }
-                }
+                    Err(e) => e,
+                },
                 sys::UBLK_IO_OP_FLUSH => {
                     match on_tokio(&rt, &n, async move { v.flush().await }).await {
                         Some(Ok(())) => 0,
@@ -452,7 +549,7 @@ async fn io_task(
                 _ => -libc::EINVAL,
             }
         };
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(path.slice()), res)
             .await?;
     }
 }
