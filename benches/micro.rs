@@ -46,6 +46,8 @@ fn engine_step(c: &mut Criterion) {
         data_bytes: 1 << 30,
         chunk_bytes: 65536,
         tie_winner: true,
+        al_extent_bytes: 4 << 20,
+        al_extents: 1000,
     };
     let gens = Generations {
         current: 7,

@@ -179,6 +179,10 @@ pub struct VolumeConfig {
     /// Resync bandwidth cap; 0 = unlimited.
     #[serde(default)]
     pub resync_rate_max_bytes_per_s: u64,
+    /// Activity-log extents (4 MiB each) that may be written without a
+    /// metadata update; after a crash of the primary only these are resynced.
+    #[serde(default = "default_al_extents")]
+    pub al_extents: usize,
     /// How the primary exports it: "auto" (ublk if the kernel has it, else
     /// NBD), "ublk" or "nbd".
     #[serde(default)]
@@ -215,6 +219,9 @@ fn default_run_dir() -> PathBuf {
 }
 fn default_chunk_bytes() -> u32 {
     crate::meta::DEFAULT_CHUNK_BYTES
+}
+fn default_al_extents() -> usize {
+    crate::meta::activity_log::DEFAULT_AL_EXTENTS
 }
 fn default_meta() -> String {
     "internal".into()
@@ -350,6 +357,15 @@ impl Config {
                 return Err(self.invalid(
                     format!("{key}.chunk_bytes"),
                     "must be a power of two between 4096 and 1048576",
+                ));
+            }
+            if !(16..=crate::meta::activity_log::AL_EXTENTS_MAX).contains(&v.al_extents) {
+                return Err(self.invalid(
+                    format!("{key}.al_extents"),
+                    format!(
+                        "must be between 16 and {}",
+                        crate::meta::activity_log::AL_EXTENTS_MAX
+                    ),
                 ));
             }
             if v.nodes.len() != 2 {

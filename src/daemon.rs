@@ -229,6 +229,7 @@ impl Daemon {
             node: self.cfg.node.clone(),
             peer: peer.to_string(),
             resync_rate_max_bytes_per_s: vcfg.resync_rate_max_bytes_per_s,
+            al_extents: vcfg.al_extents,
             ring: self.ring.clone(),
             faults: self.cfg.debug.fault_injection.then(|| faults.clone()),
             export: self.export_hook(),

@@ -13,6 +13,7 @@ use std::collections::{BTreeSet, VecDeque};
 pub use peer::{NodeView, Relation, Role, negotiate};
 pub use request::{INTERNAL_ID_BASE, Leg, Op, Range, Request, RequestId, RequestTable};
 
+use crate::meta::activity_log::{ActivityLog, AlSnapshot};
 use crate::meta::bitmap::BITMAP_PAGE_BYTES;
 use crate::meta::{Bitmap, DiskState, Generations};
 
@@ -106,6 +107,8 @@ pub enum Action {
         primary: bool,
         /// Bitmap pages (index, bytes) to write first.
         pages: Vec<(u32, Box<[u8; BITMAP_PAGE_BYTES]>)>,
+        /// A new activity-log snapshot to write, if the set changed.
+        activity_log: Option<AlSnapshot>,
     },
     /// Send this node's current `NodeView` to the peer.
     AnnounceState,
@@ -146,6 +149,10 @@ pub struct EngineConfig {
     pub chunk_bytes: u64,
     /// This node wins ties between equal peers (true on exactly one node).
     pub tie_winner: bool,
+    /// Bytes per activity-log extent.
+    pub al_extent_bytes: u64,
+    /// Extents kept in the activity log.
+    pub al_extents: usize,
 }
 
 /// Progress of a resync in which this node is the source.
@@ -212,6 +219,10 @@ pub struct Engine {
     announce_after: Option<u64>,
     sync_done_after: Option<u64>,
     replicating: bool,
+    al: ActivityLog,
+    al_to_persist: Option<AlSnapshot>,
+    al_token: u64,
+    al_waiting: VecDeque<RequestId>,
 }
 
 impl Engine {
@@ -224,6 +235,7 @@ impl Engine {
         bitmap: Bitmap,
         seed: u64,
     ) -> Self {
+        let cfg_al = (cfg.al_extent_bytes, cfg.al_extents);
         Engine {
             cfg,
             role: Role::Secondary,
@@ -242,7 +254,32 @@ impl Engine {
             announce_after: None,
             sync_done_after: None,
             replicating: false,
+            al: ActivityLog::new(cfg_al.0, cfg_al.1),
+            al_to_persist: None,
+            al_token: 0,
+            al_waiting: VecDeque::new(),
         }
+    }
+
+    /// After a crash of this node while it was primary: every extent of the
+    /// persisted activity log may differ from the peer. Marks them out of
+    /// sync and persists that. `al_seq` continues the on-disk numbering.
+    pub fn recover_activity_log(&mut self, extents: &[u32], extent_bytes: u64, al_seq: u64) -> u64 {
+        for e in extents {
+            let pages = self
+                .bitmap
+                .set_range(u64::from(*e) * extent_bytes, extent_bytes);
+            self.pages_to_persist.extend(pages);
+        }
+        self.al.set_seq(al_seq + 1);
+        // Persist an empty log too: these extents now live in the bitmap.
+        self.al_to_persist = Some(self.al.snapshot());
+        self.persist()
+    }
+
+    /// Activity-log snapshots written so far (metadata cost).
+    pub fn activity_log_updates(&self) -> u64 {
+        self.al.updates
     }
 
     /// Marks every chunk out of sync (recovery after this node crashed while
@@ -345,6 +382,7 @@ impl Engine {
         if self.disk == DiskState::Diskless {
             // No disk to write to: nothing can wait on it.
             self.pages_to_persist.clear();
+            self.al_to_persist = None;
             self.meta_persisted = self.meta_issued;
             return self.meta_issued;
         }
@@ -358,6 +396,7 @@ impl Engine {
             generations: self.gens,
             primary: self.role == Role::Primary,
             pages,
+            activity_log: self.al_to_persist.take(),
         });
         self.meta_issued
     }
@@ -398,6 +437,8 @@ impl Engine {
             meta_token: 0,
             local_deferred: false,
             started: false,
+            start_after: 0,
+            al_pinned: false,
         };
         if self.table.insert(id, req) {
             self.start(id);
@@ -419,6 +460,43 @@ impl Engine {
             }
             return;
         }
+        // Rule 6: the extents this write touches are in the persisted
+        // activity log before either leg is issued.
+        if matches!(op, Op::Write { .. } | Op::Zeroes { .. }) && has_disk {
+            let pinned = self.table.requests.get(&id).is_some_and(|r| r.al_pinned);
+            if !pinned {
+                match self.al.begin(range.offset, range.len) {
+                    Ok(changed) => {
+                        if let Some(r) = self.table.requests.get_mut(&id) {
+                            r.al_pinned = true;
+                        }
+                        if let Some(snap) = changed {
+                            self.al_to_persist = Some(snap);
+                            self.al_token = self.persist();
+                        }
+                    }
+                    Err(_) => {
+                        // Every extent of the log is busy: wait for one to free.
+                        self.al_waiting.push_back(id);
+                        return;
+                    }
+                }
+            }
+            if self.al_token > self.meta_persisted {
+                if let Some(r) = self.table.requests.get_mut(&id) {
+                    r.start_after = self.al_token;
+                }
+                return;
+            }
+        }
+        self.start_legs(id, replicating, has_disk);
+    }
+
+    fn start_legs(&mut self, id: RequestId, replicating: bool, has_disk: bool) {
+        let Some(r) = self.table.requests.get(&id) else {
+            return;
+        };
+        let (op, range) = (r.op, r.range);
         let mut token = 0;
         if op != Op::Read && op != Op::Flush && !replicating && has_disk {
             let pages = self.bitmap.set_range(range.offset, range.len);
@@ -473,8 +551,19 @@ impl Engine {
     }
 
     fn finish(&mut self, id: RequestId) {
+        if let Some(r) = self.table.requests.get(&id)
+            && r.al_pinned
+        {
+            let range = r.range;
+            self.al.end(range.offset, range.len);
+        }
         for next in self.table.remove(id) {
             self.start(next);
+        }
+        for waiting in std::mem::take(&mut self.al_waiting) {
+            if self.table.requests.contains_key(&waiting) {
+                self.start(waiting);
+            }
         }
     }
 
@@ -549,6 +638,20 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         let has_disk = self.disk != DiskState::Diskless;
+        let al_ready: Vec<RequestId> = self
+            .table
+            .requests
+            .iter()
+            .filter(|(_, r)| r.start_after != 0 && r.start_after <= self.meta_persisted)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in al_ready {
+            if let Some(r) = self.table.requests.get_mut(&id) {
+                r.start_after = 0;
+            }
+            let replicating = self.replicating();
+            self.start_legs(id, replicating, has_disk);
+        }
         for id in ready {
             if let Some(r) = self.table.requests.get_mut(&id) {
                 r.meta_token = 0;
@@ -906,6 +1009,8 @@ impl Engine {
                 meta_token: 0,
                 local_deferred: false,
                 started: false,
+                start_after: 0,
+                al_pinned: false,
             };
             if self.table.insert(id, req) {
                 self.start(id);

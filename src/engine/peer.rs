@@ -128,7 +128,10 @@ pub fn negotiate(me: &NodeView, peer: &NodeView, tie_winner: bool) -> Relation {
         SyncDecision::LocalAheadFull => source(true),
         SyncDecision::PeerAheadBitmap | SyncDecision::PeerAheadFull => target(),
         SyncDecision::InSync => match (me.disk, peer.disk) {
-            (UpToDate, Inconsistent) => source(true),
+            // Same history: the peer can only have become inconsistent as the
+            // target of a resync from this history, whose remaining chunks
+            // this node's bitmap still covers.
+            (UpToDate, Inconsistent) => source(false),
             (Inconsistent, UpToDate) => target(),
             (Inconsistent, Inconsistent) => Relation::Refused("neither copy is consistent"),
             _ => match (me.dirty_chunks > 0, peer.dirty_chunks > 0) {

@@ -95,6 +95,11 @@ pub struct Request {
     pub local_deferred: bool,
     /// Started (holds its range), as opposed to queued.
     pub started: bool,
+    /// Metadata sequence (an activity-log update) that must be persisted
+    /// before any leg is issued; 0 for none.
+    pub start_after: u64,
+    /// Holds a reference on its activity-log extents.
+    pub al_pinned: bool,
 }
 
 /// Requests in flight plus the FIFO of those waiting for an overlapping
@@ -179,6 +184,8 @@ mod tests {
             meta_token: 0,
             local_deferred: false,
             started: true,
+            start_after: 0,
+            al_pinned: false,
         }
     }
 

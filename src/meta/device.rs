@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::activity_log::{self, AL_SLOT_BYTES, AlSnapshot};
 use super::bitmap::{BITMAP_PAGE_BYTES, Bitmap};
 use super::superblock::{self, SUPERBLOCK_BYTES, SlotHealth, Superblock};
 use super::{MetaError, MetaLayout};
@@ -73,6 +74,20 @@ impl MetaDevice {
         self.write_block(self.layout.superblock_offset(sb.slot()), &bytes)
     }
 
+    /// Reads the activity log (newest valid snapshot; None if never written).
+    pub fn read_activity_log(&self) -> Result<Option<AlSnapshot>, MetaError> {
+        let base = self.layout.meta_offset_bytes + 2 * SUPERBLOCK_BYTES as u64;
+        let a = self.read_block(base, AL_SLOT_BYTES)?;
+        let b = self.read_block(base + AL_SLOT_BYTES as u64, AL_SLOT_BYTES)?;
+        activity_log::choose(a.as_slice(), b.as_slice())
+    }
+
+    /// Durably writes an activity-log snapshot into its slot.
+    pub fn write_activity_log(&self, snap: &AlSnapshot) -> Result<(), MetaError> {
+        let base = self.layout.meta_offset_bytes + 2 * SUPERBLOCK_BYTES as u64;
+        self.write_block(base + (snap.slot() * AL_SLOT_BYTES) as u64, &snap.encode()?)
+    }
+
     /// Loads the persisted bitmap.
     pub fn read_bitmap(&self, bitmap: &mut Bitmap) -> Result<(), MetaError> {
         let len = self.layout.bitmap_pages as usize * BITMAP_PAGE_BYTES;
@@ -107,6 +122,10 @@ impl MetaDevice {
         }
         for page in 0..self.layout.bitmap_pages {
             self.write_bitmap_page(bitmap, page)?;
+        }
+        let base = self.layout.meta_offset_bytes + 2 * SUPERBLOCK_BYTES as u64;
+        for slot in 0..2u64 {
+            self.write_block(base + slot * AL_SLOT_BYTES as u64, &[0u8; AL_SLOT_BYTES])?;
         }
         Ok(())
     }

@@ -11,6 +11,7 @@
 //! +128 KiB  dirty bitmap, 4 KiB pages, one bit per chunk
 //! ```
 
+pub mod activity_log;
 pub mod bitmap;
 pub mod device;
 pub mod generation;

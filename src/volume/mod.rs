@@ -21,7 +21,9 @@ pub use create::create_metadata;
 pub use shell::{AttachOptions, ExportHook, attach, open_meta};
 
 /// Client requests in flight per volume.
-pub const CLIENT_INFLIGHT_MAX: usize = 1024;
+/// Client requests in flight per volume (each pins at most two activity-log
+/// extents, so this stays well below the log's capacity).
+pub const CLIENT_INFLIGHT_MAX: usize = 256;
 
 /// Errors of volume operations.
 #[derive(Debug, thiserror::Error)]

@@ -38,6 +38,8 @@ pub struct AttachOptions {
     pub peer: String,
     /// Resync bandwidth cap (0 = unlimited).
     pub resync_rate_max_bytes_per_s: u64,
+    /// Activity-log extents (4 MiB each) kept hot.
+    pub al_extents: usize,
     /// Shared io_uring.
     pub ring: Uring,
     /// Fault injection plan (None: no fault layer).
@@ -144,6 +146,8 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         data_bytes: layout.data_bytes,
         chunk_bytes: u64::from(sb.chunk_bytes),
         tie_winner: opts.node < opts.peer,
+        al_extent_bytes: crate::meta::activity_log::DEFAULT_AL_EXTENT_BYTES,
+        al_extents: opts.al_extents,
     };
     let disk_state = if sb.disk_state == DiskState::Diskless {
         DiskState::Inconsistent
@@ -152,13 +156,26 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
     };
     let mut engine = Engine::new(cfg, disk_state, sb.generations, bitmap, seed);
     if crashed_primary {
-        // Until the activity log lands, any region may differ after a crash of
-        // the primary: mark everything out of sync (safe, not cheap).
-        tracing::warn!(
-            "volume {}: this node crashed while primary; marking the whole volume out of sync",
-            opts.name
-        );
-        engine.mark_all_out_of_sync();
+        // Rule 6: every extent this node may have been writing to when it
+        // crashed may differ from the peer.
+        match meta.read_activity_log() {
+            Ok(Some(al)) => {
+                tracing::warn!(
+                    "volume {}: this node crashed while primary; marking the {} extents of its activity log out of sync",
+                    opts.name,
+                    al.extents.len()
+                );
+                engine.recover_activity_log(&al.extents, u64::from(al.extent_bytes), al.seq);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(
+                    "volume {}: this node crashed while primary and its activity log is unreadable ({e}); marking the whole volume out of sync",
+                    opts.name
+                );
+                engine.mark_all_out_of_sync();
+            }
+        }
     }
     sb.attached = true;
     sb.primary = false;
@@ -217,6 +234,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
 
 struct MetaJob {
     token: u64,
+    activity_log: Option<crate::meta::activity_log::AlSnapshot>,
     disk: DiskState,
     generations: crate::meta::Generations,
     primary: bool,
@@ -249,9 +267,13 @@ async fn meta_writer(
         let m = meta.clone();
         let s = sb.clone();
         let pages = job.pages;
+        let al = job.activity_log;
         let res = tokio::task::spawn_blocking(move || -> Result<(), MetaError> {
             for (page, bytes) in &pages {
                 m.write_page_bytes(*page, &bytes[..])?;
+            }
+            if let Some(al) = &al {
+                m.write_activity_log(al)?;
             }
             m.write_superblock(&s)
         })
@@ -506,6 +528,7 @@ impl Shell {
                 let s = self.engine.status();
                 let _ = self.meta_tx.send(MetaJob {
                     token,
+                    activity_log: None,
                     disk: s.disk,
                     generations: s.generations,
                     primary: false,
@@ -583,9 +606,11 @@ impl Shell {
                 generations,
                 primary,
                 pages,
+                activity_log,
             } => {
                 let _ = self.meta_tx.send(MetaJob {
                     token,
+                    activity_log,
                     disk,
                     generations,
                     primary,
