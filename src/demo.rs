@@ -63,6 +63,11 @@ pub struct DemoReport {
     pub first_write_ms: u64,
     /// Milliseconds from the kill until the restarted node was resynced.
     pub resync_done_ms: u64,
+    /// Bytes the resync copied (the union of the new primary's changes and
+    /// the old primary's activity log), and the volume size for scale.
+    pub resync_bytes: u64,
+    /// Size of the volume.
+    pub volume_bytes: u64,
 }
 
 fn next_rand(state: &mut u64) -> u64 {
@@ -180,9 +185,18 @@ pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
     .await?;
     c.wait_in_sync(Duration::from_secs(300)).await?;
     report.resync_done_ms = t0.elapsed().as_millis() as u64;
+    report.volume_bytes = size;
+    report.resync_bytes = c
+        .status(1)
+        .await?
+        .last_resync
+        .map(|r| r.total_bytes)
+        .unwrap_or(0);
     say(&format!(
-        "T+{}ms  alpha rejoined as secondary and is resynced",
-        report.resync_done_ms
+        "T+{}ms  alpha rejoined as secondary and is resynced ({} KiB copied of a {} MiB volume)",
+        report.resync_done_ms,
+        report.resync_bytes >> 10,
+        size >> 20
     ));
     report.replicas_equal = c.read_data(0, size)? == c.read_data(1, size)?;
     let ok = report.acked_writes_lost == 0 && report.replicas_equal;

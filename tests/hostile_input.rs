@@ -161,6 +161,7 @@ async fn a_corrupted_frame_is_refused_and_nothing_is_written() {
             sync_target: false,
         }),
         sync_done: None,
+        dirty_runs: None,
     };
     send_frame(
         &mut send,

@@ -305,3 +305,72 @@ async fn killed_primary_recovers_from_its_activity_log() {
         assert_replicas_equal(&c).await;
     }
 }
+
+/// After a failover the dead primary comes back: the new primary resyncs the
+/// union of its own changes and the old primary's activity log, not the
+/// whole volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_resync_copies_only_what_may_differ() {
+    let opts = ClusterOptions {
+        disk_bytes: 64 << 20,
+        ..small()
+    };
+    let mut c = up("failover-partial", opts).await;
+    let mut cl = NbdClient::connect(&c.nbd_socket(0))
+        .await
+        .expect("connect alpha");
+    for i in 0..100u64 {
+        cl.write(i * 4096, &[0x11; 4096], false)
+            .await
+            .expect("write on alpha");
+    }
+    c.kill(0);
+    c.wait_for(1, "peer loss", WAIT, |s| {
+        s.peer.connection == "Disconnected"
+    })
+    .await
+    .expect("beta notices");
+    c.ok(
+        1,
+        Request::Primary {
+            volume: c.opts.volume.clone(),
+            force: false,
+        },
+    )
+    .await
+    .expect("promote beta");
+    c.wait_for(1, "export", WAIT, |s| s.export.is_some())
+        .await
+        .expect("export on beta");
+    let mut cl = NbdClient::connect(&c.nbd_socket(1))
+        .await
+        .expect("connect beta");
+    for i in 0..100u64 {
+        cl.write((32 << 20) + i * 4096, &[0x22; 4096], false)
+            .await
+            .expect("write on beta");
+    }
+    c.start(0).await.expect("restart alpha");
+    c.ok(
+        0,
+        Request::Attach {
+            volume: c.opts.volume.clone(),
+        },
+    )
+    .await
+    .expect("attach alpha");
+    c.wait_in_sync(WAIT).await.expect("resync");
+    let s = c.status(1).await.expect("beta status");
+    let moved = s.last_resync.expect("beta was the sync source").total_bytes;
+    let size = s.size_bytes.expect("size");
+    assert!(
+        moved > 0 && moved <= 8 << 20,
+        "resync moved {moved} of {size} bytes"
+    );
+    assert_replicas_equal(&c).await;
+    let d = c.read_data(0, 33 << 20).expect("alpha data");
+    assert!(
+        d[32 << 20..(32 << 20) + 409600].iter().all(|&x| x == 0x22),
+        "beta's writes reached alpha"
+    );
+}

@@ -41,6 +41,9 @@ pub struct VolumeStatusReport {
     pub peer: PeerReport,
     /// Resync progress when this node is the sync source.
     pub resync: Option<ResyncReport>,
+    /// The last finished resync this node was the source of (how much it
+    /// had to copy).
+    pub last_resync: Option<ResyncReport>,
     /// Current data generation id (hex).
     pub generation: Option<String>,
 }
@@ -106,6 +109,7 @@ impl VolumeStatusReport {
                 rtt_us: None,
             },
             resync: None,
+            last_resync: None,
             generation: None,
         }
     }
@@ -118,7 +122,7 @@ impl VolumeStatusReport {
             (None, false) if e.generations.bitmap != 0 => Some("Outdated".to_string()),
             _ => None,
         };
-        let resync = e.resync.map(|r| {
+        let report = |r: crate::engine::ResyncProgress| {
             let total = (r.total_chunks * s.chunk_bytes).min(s.data_bytes);
             let done = (r.done_chunks * s.chunk_bytes).min(total);
             ResyncReport {
@@ -130,7 +134,9 @@ impl VolumeStatusReport {
                     done as f64 * 100.0 / total as f64
                 },
             }
-        });
+        };
+        let resync = e.resync.map(report);
+        let last_resync = e.last_resync.map(report);
         VolumeStatusReport {
             name: name.into(),
             attached: true,
@@ -159,6 +165,7 @@ impl VolumeStatusReport {
                 rtt_us: s.rtt_us,
             },
             resync,
+            last_resync,
             generation: (e.generations.current != 0)
                 .then(|| format!("{:016x}", e.generations.current)),
         }

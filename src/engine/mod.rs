@@ -187,6 +187,8 @@ pub struct EngineStatus {
     pub inflight_requests: usize,
     /// Resync progress when this node is the source.
     pub resync: Option<ResyncProgress>,
+    /// The last finished resync this node was the source of.
+    pub last_resync: Option<ResyncProgress>,
 }
 
 /// Where reads are served from.
@@ -223,6 +225,8 @@ pub struct Engine {
     al_to_persist: Option<AlSnapshot>,
     al_token: u64,
     al_waiting: VecDeque<RequestId>,
+    peer_dirty: Option<Vec<(u64, u64)>>,
+    last_resync: Option<ResyncProgress>,
 }
 
 impl Engine {
@@ -258,7 +262,42 @@ impl Engine {
             al_to_persist: None,
             al_token: 0,
             al_waiting: VecDeque::new(),
+            peer_dirty: None,
+            last_resync: None,
         }
+    }
+
+    /// The dirty chunks of this node as `(first, count)` runs, for the peer;
+    /// None when there are more than `max_runs` (the peer then falls back to a
+    /// full resync).
+    pub fn dirty_runs(&self, max_runs: usize) -> Option<Vec<(u64, u64)>> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut at = 0;
+        while let Some(c) = self.bitmap.next_set(at) {
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == c => *count += 1,
+                _ => {
+                    if runs.len() == max_runs {
+                        return None;
+                    }
+                    runs.push((c, 1));
+                }
+            }
+            at = c + 1;
+        }
+        Some(runs)
+    }
+
+    /// The peer's dirty chunks arrived with its state (call before
+    /// `peer_state`); None: it has too many to list.
+    pub fn peer_dirty_runs(&mut self, runs: Option<Vec<(u64, u64)>>) {
+        let chunks = self.bitmap.chunks();
+        self.peer_dirty = runs.map(|r| {
+            r.into_iter()
+                .filter(|(first, _)| *first < chunks)
+                .map(|(first, count)| (first, count.min(chunks - first)))
+                .collect()
+        });
     }
 
     /// After a crash of this node while it was primary: every extent of the
@@ -324,6 +363,7 @@ impl Engine {
                 .filter(|id| **id < INTERNAL_ID_BASE)
                 .count(),
             resync: self.resync,
+            last_resync: self.last_resync,
         }
     }
 
@@ -840,7 +880,12 @@ impl Engine {
 
     fn renegotiate(&mut self) {
         let Some((view, old)) = self.peer else { return };
-        let new = negotiate(&self.view(), &view, self.cfg.tie_winner);
+        let new = negotiate(
+            &self.view(),
+            &view,
+            self.cfg.tie_winner,
+            self.peer_dirty.is_some(),
+        );
         let same = std::mem::discriminant(&new) == std::mem::discriminant(&old);
         if new == old || (same && !matches!(new, Relation::Refused(_))) {
             if let Relation::SyncSource {
@@ -863,6 +908,21 @@ impl Engine {
         self.peer = Some((view, new));
         match new {
             Relation::SyncSource { full, .. } => {
+                if !full
+                    && view.dirty_chunks > 0
+                    && let Some(ranges) = self.peer_dirty.take()
+                {
+                    // Resync the union: what changed here and what the peer
+                    // may have changed (its activity log or its own writes).
+                    for (first, count) in ranges {
+                        let pages = self.bitmap.set_range(
+                            first.saturating_mul(self.cfg.chunk_bytes),
+                            count.saturating_mul(self.cfg.chunk_bytes),
+                        );
+                        self.pages_to_persist.extend(pages);
+                    }
+                    self.persist();
+                }
                 if full {
                     let pages = self.bitmap.set_all();
                     self.pages_to_persist.extend(pages);
@@ -951,6 +1011,7 @@ impl Engine {
             }
         }
         self.peer = None;
+        self.peer_dirty = None;
         self.announce_after = None;
         self.sync_done_after = None;
         self.after_event();
@@ -1023,6 +1084,7 @@ impl Engine {
                 self.resync = Some(prog);
                 return self.pump_resync();
             }
+            self.last_resync = Some(prog);
             self.resync = None;
             // The bitmap base is dropped only when the target confirms it
             // adopted our generation (see `peer_state`).

@@ -79,8 +79,15 @@ impl Relation {
 
 /// Decides the relation of `me` to `peer`. `tie_winner` breaks ties where
 /// both sides hold dirty bits for the same history (it is true on exactly one
-/// of the two nodes).
-pub fn negotiate(me: &NodeView, peer: &NodeView, tie_winner: bool) -> Relation {
+/// of the two nodes). `peer_dirty_known`: the peer sent the list of its dirty
+/// chunks, so a source can resync the union of both bitmaps instead of
+/// everything.
+pub fn negotiate(
+    me: &NodeView,
+    peer: &NodeView,
+    tie_winner: bool,
+    peer_dirty_known: bool,
+) -> Relation {
     use DiskState::*;
     if me.data_bytes != peer.data_bytes {
         return Relation::Refused("the peer's volume has a different size");
@@ -124,7 +131,7 @@ pub fn negotiate(me: &NodeView, peer: &NodeView, tie_winner: bool) -> Relation {
     match me.generations.compare(&peer.generations) {
         SyncDecision::NoData => Relation::NoData,
         SyncDecision::Diverged => Relation::Diverged,
-        SyncDecision::LocalAheadBitmap => source(peer.dirty_chunks > 0),
+        SyncDecision::LocalAheadBitmap => source(peer.dirty_chunks > 0 && !peer_dirty_known),
         SyncDecision::LocalAheadFull => source(true),
         SyncDecision::PeerAheadBitmap | SyncDecision::PeerAheadFull => target(),
         SyncDecision::InSync => match (me.disk, peer.disk) {
@@ -144,7 +151,11 @@ pub fn negotiate(me: &NodeView, peer: &NodeView, tie_winner: bool) -> Relation {
                         (_, Role::Primary) => false,
                         _ => tie_winner,
                     };
-                    if me_wins { source(true) } else { target() }
+                    if me_wins {
+                        source(!peer_dirty_known)
+                    } else {
+                        target()
+                    }
                 }
             },
         },
@@ -173,8 +184,8 @@ mod tests {
     fn equal_histories_mirror() {
         let a = view(Role::Primary, DiskState::UpToDate, 5);
         let b = view(Role::Secondary, DiskState::UpToDate, 5);
-        assert_eq!(negotiate(&a, &b, true), Relation::InSync);
-        assert_eq!(negotiate(&b, &a, false), Relation::InSync);
+        assert_eq!(negotiate(&a, &b, true, false), Relation::InSync);
+        assert_eq!(negotiate(&b, &a, false, false), Relation::InSync);
     }
 
     #[test]
@@ -182,9 +193,15 @@ mod tests {
         let a = view(Role::Primary, DiskState::UpToDate, 5);
         let mut b = view(Role::Secondary, DiskState::UpToDate, 5);
         b.data_bytes += 4096;
-        assert!(matches!(negotiate(&a, &b, true), Relation::Refused(_)));
+        assert!(matches!(
+            negotiate(&a, &b, true, false),
+            Relation::Refused(_)
+        ));
         let c = view(Role::Primary, DiskState::UpToDate, 5);
-        assert!(matches!(negotiate(&a, &c, true), Relation::Refused(_)));
+        assert!(matches!(
+            negotiate(&a, &c, true, false),
+            Relation::Refused(_)
+        ));
     }
 
     #[test]
@@ -192,11 +209,14 @@ mod tests {
         let mut a = view(Role::Primary, DiskState::UpToDate, 5);
         let mut b = view(Role::Secondary, DiskState::UpToDate, 5);
         b.generations.start_tracking(9);
-        assert!(matches!(negotiate(&a, &b, true), Relation::Refused(_)));
+        assert!(matches!(
+            negotiate(&a, &b, true, false),
+            Relation::Refused(_)
+        ));
         a.role = Role::Secondary;
-        assert_eq!(negotiate(&a, &b, true), Relation::SyncTarget);
+        assert_eq!(negotiate(&a, &b, true, false), Relation::SyncTarget);
         assert_eq!(
-            negotiate(&b, &a, false),
+            negotiate(&b, &a, false, false),
             Relation::SyncSource {
                 target_ready: false,
                 full: false
@@ -210,8 +230,8 @@ mod tests {
         let mut b = view(Role::Secondary, DiskState::UpToDate, 5);
         a.dirty_chunks = 3;
         b.dirty_chunks = 4;
-        let ra = negotiate(&a, &b, true);
-        let rb = negotiate(&b, &a, false);
+        let ra = negotiate(&a, &b, true, false);
+        let rb = negotiate(&b, &a, false, false);
         assert_eq!(
             ra,
             Relation::SyncSource {

@@ -10,6 +10,8 @@ use crate::meta::Bitmap;
 const BLOCK: u64 = 4096;
 /// Marks a block value written by a Zeroes op (the rest is its version).
 const ZERO_FLAG: u64 = 1 << 63;
+/// Few enough that long disconnects exercise the full-resync fallback too.
+const DIRTY_RUNS_MAX: usize = 3;
 const CHUNK: u64 = 16384;
 const DATA_BYTES: u64 = 64 * BLOCK;
 
@@ -31,7 +33,7 @@ impl Rng {
 type Disk = BTreeMap<u64, u64>;
 
 enum Msg {
-    State(NodeView),
+    State(NodeView, Option<Vec<(u64, u64)>>),
     Write {
         id: RequestId,
         data: Vec<(u64, u64)>,
@@ -194,7 +196,8 @@ impl Sim {
         self.log.push("heal".into());
         for n in 0..2 {
             let v = self.nodes[n].eng.view();
-            self.nodes[1 - n].inbox.push_back(Msg::State(v));
+            let runs = self.nodes[n].eng.dirty_runs(DIRTY_RUNS_MAX);
+            self.nodes[1 - n].inbox.push_back(Msg::State(v, runs));
         }
     }
 
@@ -298,7 +301,8 @@ impl Sim {
                 }),
                 Action::AnnounceState => {
                     let v = self.nodes[n].eng.view();
-                    self.send(1 - n, Msg::State(v));
+                    let runs = self.nodes[n].eng.dirty_runs(DIRTY_RUNS_MAX);
+                    self.send(1 - n, Msg::State(v, runs));
                 }
                 Action::SendSyncDone { generations } => {
                     self.send(1 - n, Msg::SyncDone(generations))
@@ -335,7 +339,10 @@ impl Sim {
             return;
         };
         match m {
-            Msg::State(v) => self.nodes[to].eng.peer_state(v),
+            Msg::State(v, runs) => {
+                self.nodes[to].eng.peer_dirty_runs(runs);
+                self.nodes[to].eng.peer_state(v)
+            }
             Msg::SyncDone(g) => self.nodes[to].eng.peer_sync_done(g),
             Msg::Ack { id, ok } => self.nodes[to].eng.peer_done(id, ok),
             Msg::Flush { id } => self.nodes[to]

@@ -61,6 +61,10 @@ pub struct VolumeStateMsg {
     pub view: Option<crate::engine::NodeView>,
     /// Sent once when a resync finished: the source's generations.
     pub sync_done: Option<crate::meta::Generations>,
+    /// The sender's dirty chunks as `(first, count)` runs, so that a resync
+    /// source can copy the union of both bitmaps; absent when too many.
+    #[serde(default)]
+    pub dirty_runs: Option<Vec<(u64, u64)>>,
 }
 
 /// The first message each side sends.

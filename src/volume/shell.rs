@@ -18,6 +18,9 @@ use crate::store::uring::Uring;
 use crate::store::{AlignedBuf, BlockStore, FaultPlan, FaultyStore, UringStore, backing};
 
 const DETACH_TOKEN: u64 = u64::MAX;
+/// Most dirty-chunk runs sent with a state message (fits the 64 KiB control
+/// payload); beyond that the peer falls back to a full resync.
+const DIRTY_RUNS_MAX: usize = 2000;
 
 /// Called when the volume starts (true) or stops (false) being exported.
 pub type ExportHook = Arc<dyn Fn(&VolumeHandle, bool) + Send + Sync>;
@@ -474,6 +477,7 @@ impl Shell {
                 match msg.view {
                     None => self.engine.peer_disconnected(),
                     Some(view) => {
+                        self.engine.peer_dirty_runs(msg.dirty_runs);
                         self.engine.peer_state(view);
                         if let Some(g) = msg.sync_done {
                             self.engine.peer_sync_done(g);
@@ -518,6 +522,7 @@ impl Shell {
                         index: self.index,
                         view: None,
                         sync_done: None,
+                        dirty_runs: None,
                     };
                     let _ = self.ctl_tx.send((conn.clone(), msg));
                 }
@@ -565,6 +570,7 @@ impl Shell {
                 index: self.index,
                 view: Some(self.engine.view()),
                 sync_done,
+                dirty_runs: self.engine.dirty_runs(DIRTY_RUNS_MAX),
             };
             let _ = self.ctl_tx.send((conn.clone(), msg));
         }
