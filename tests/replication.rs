@@ -374,3 +374,68 @@ async fn failover_resync_copies_only_what_may_differ() {
         "beta's writes reached alpha"
     );
 }
+
+/// A resync interrupted by the loss of its target resumes where it stopped:
+/// the bytes copied after the restart are about the remainder, not the total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_resync_resumes_where_it_stopped() {
+    let opts = ClusterOptions {
+        disk_bytes: 32 << 20,
+        resync_rate_max_bytes_per_s: 8 << 20,
+        ..small()
+    };
+    let mut c = up("resync-resume", opts).await;
+    c.kill(1);
+    let mut cl = NbdClient::connect(&c.nbd_socket(0)).await.expect("connect");
+    let mut data = vec![0u8; 1 << 20];
+    for i in 0..16u64 {
+        data.iter_mut()
+            .enumerate()
+            .for_each(|(j, b)| *b = (i as usize * 31 + j % 251) as u8 | 1);
+        cl.write(i << 20, &data, false)
+            .await
+            .expect("write while beta is down");
+    }
+    cl.flush().await.expect("flush");
+    let dirty = c.status(0).await.expect("status").out_of_sync_bytes;
+    assert_eq!(dirty, 16 << 20);
+    c.start(1).await.expect("restart beta");
+    c.ok(
+        1,
+        Request::Attach {
+            volume: c.opts.volume.clone(),
+        },
+    )
+    .await
+    .expect("attach beta");
+    let progress = c
+        .wait_for(0, "a third of the resync", WAIT, |s| {
+            s.resync.as_ref().is_some_and(|r| r.done_bytes >= 5 << 20)
+        })
+        .await
+        .expect("resync progresses");
+    c.kill(1);
+    let done_before = progress.resync.map(|r| r.done_bytes).unwrap_or(0);
+    c.start(1).await.expect("restart beta again");
+    c.ok(
+        1,
+        Request::Attach {
+            volume: c.opts.volume.clone(),
+        },
+    )
+    .await
+    .expect("attach beta again");
+    c.wait_in_sync(WAIT).await.expect("resync finishes");
+    let second = c
+        .status(0)
+        .await
+        .expect("status")
+        .last_resync
+        .expect("resync ran")
+        .total_bytes;
+    assert!(
+        second <= dirty - done_before + (1 << 20),
+        "after the restart {second} bytes were copied; {done_before} of {dirty} were already done"
+    );
+    assert_replicas_equal(&c).await;
+}

@@ -19,6 +19,8 @@ use crate::meta::{Bitmap, DiskState, Generations};
 
 /// Resync chunks in flight at once.
 pub const RESYNC_WINDOW: usize = 8;
+/// Cleared bitmap bits are persisted after this many resynced chunks.
+pub const RESYNC_PERSIST_EVERY_CHUNKS: u64 = 256;
 
 /// Why a request failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -1112,6 +1114,14 @@ impl Engine {
         }
         if ok && let Some(page) = self.bitmap.clear(chunk) {
             self.pages_to_persist.insert(page);
+            // Persist progress now and then, so that a resync interrupted by
+            // a crash of this node resumes instead of starting over.
+            if self
+                .resync
+                .is_some_and(|p| p.done_chunks % RESYNC_PERSIST_EVERY_CHUNKS == 0)
+            {
+                self.persist();
+            }
         }
         self.finish(id);
         if ok {

@@ -26,6 +26,8 @@ pub struct ClusterOptions {
     pub peer_timeout_ms: u64,
     /// Allow `debug fail-disk`.
     pub fault_injection: bool,
+    /// Resync bandwidth cap (0 = unlimited).
+    pub resync_rate_max_bytes_per_s: u64,
 }
 
 impl Default for ClusterOptions {
@@ -36,6 +38,7 @@ impl Default for ClusterOptions {
             chunk_bytes: 64 * 1024,
             peer_timeout_ms: 2000,
             fault_injection: false,
+            resync_rate_max_bytes_per_s: 0,
         }
     }
 }
@@ -389,8 +392,8 @@ fn config_text(me: &NodeFiles, all: &[NodeFiles], tls: &Path, opts: &ClusterOpti
         ));
     }
     t.push_str(&format!(
-        "\n[[volume]]\nname = \"{}\"\nchunk_bytes = {}\n",
-        opts.volume, opts.chunk_bytes
+        "\n[[volume]]\nname = \"{}\"\nchunk_bytes = {}\nresync_rate_max_bytes_per_s = {}\n",
+        opts.volume, opts.chunk_bytes, opts.resync_rate_max_bytes_per_s
     ));
     for n in all {
         t.push_str(&format!(

@@ -776,9 +776,22 @@ impl Shell {
                     return;
                 }
             };
-            let h = data_header(Kind::Write, index, range.offset, 0, FLAG_RESYNC);
-            let ok =
-                matches!(conn.request(h, bytes_of(Arc::new(data))).await, Ok(r) if r.status == 0);
+            // A chunk of zeros (never written, or trimmed) travels as a zeroing
+            // request: nothing crosses the link and the target punches a hole.
+            let reply = if data.as_slice().iter().all(|&b| b == 0) {
+                let h = data_header(
+                    Kind::Zeroes,
+                    index,
+                    range.offset,
+                    range.len as u32,
+                    FLAG_RESYNC,
+                );
+                conn.request(h, bytes::Bytes::new()).await
+            } else {
+                let h = data_header(Kind::Write, index, range.offset, 0, FLAG_RESYNC);
+                conn.request(h, bytes_of(Arc::new(data))).await
+            };
+            let ok = matches!(reply, Ok(r) if r.status == 0);
             let _ = tx.send(Input::PeerDone { id, ok, data: None });
         });
     }
