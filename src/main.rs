@@ -73,8 +73,18 @@ enum Command {
         /// Only this volume.
         volume: Option<String>,
         /// Print the stable JSON report instead of text.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Keep watching VOLUME: a live progress bar on a terminal, one
+        /// plain line per interval otherwise.
+        #[arg(long, requires = "volume")]
+        watch: bool,
+        /// Update interval for --watch.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Stop --watch after this many updates (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
     },
     /// Set up a throw-away two-node cluster on loopback, replicate a verified
     /// write through NBD, and compare both copies.
@@ -182,7 +192,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             request(&cli.config, Request::Primary { volume, force }, false)
         }
         Command::Secondary { volume } => request(&cli.config, Request::Secondary { volume }, false),
-        Command::Status { volume, json } => request(&cli.config, Request::Status { volume }, json),
+        Command::Status {
+            volume: Some(volume),
+            watch: true,
+            interval_ms,
+            count,
+            ..
+        } => watch(&cli.config, &volume, interval_ms, count),
+        Command::Status { volume, json, .. } => {
+            request(&cli.config, Request::Status { volume }, json)
+        }
         Command::Debug(DebugCommand::FailDisk { volume }) => {
             request(&cli.config, Request::FailDisk { volume }, false)
         }
@@ -283,6 +302,69 @@ fn request(config: &std::path::Path, req: Request, json: bool) -> anyhow::Result
             eprintln!("blkrep: {message}");
             Ok(ExitCode::from(exit_byte(code)))
         }
+    }
+}
+
+/// `status VOL --watch`: a progress bar on a terminal, plain lines otherwise.
+fn watch(
+    config: &std::path::Path,
+    volume: &str,
+    interval_ms: u64,
+    count: u64,
+) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let cfg = load(config)?;
+    let rt = runtime()?;
+    let tty = std::io::stdout().is_terminal();
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stdout());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg}\n[{bar:40}] {percent:>3}%")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut n = 0u64;
+    loop {
+        let req = Request::Status {
+            volume: Some(volume.to_string()),
+        };
+        let report = match rt.block_on(control::call(&cfg.control_socket, &req)) {
+            Ok(Response::Status(s)) => s.volumes.into_iter().next(),
+            Ok(Response::Error { code, message }) => {
+                bar.finish_and_clear();
+                eprintln!("blkrep: {message}");
+                return Ok(ExitCode::from(exit_byte(code)));
+            }
+            Ok(_) => None,
+            Err(e) => {
+                bar.finish_and_clear();
+                eprintln!("blkrep: {e}");
+                return Ok(ExitCode::from(EXIT_NO_DAEMON));
+            }
+        };
+        let Some(v) = report else {
+            anyhow::bail!("no status for volume {volume}");
+        };
+        let line = blkrep::control::status::watch_line(&v);
+        if tty {
+            let (len, pos) = match &v.resync {
+                Some(r) => (r.total_bytes.max(1), r.done_bytes),
+                None => (1, u64::from(v.out_of_sync_bytes == 0)),
+            };
+            bar.set_length(len);
+            bar.set_position(pos);
+            bar.set_message(line);
+        } else {
+            println!("{line}");
+        }
+        n += 1;
+        if count != 0 && n >= count {
+            if tty {
+                bar.abandon();
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(interval_ms.max(50)));
     }
 }
 

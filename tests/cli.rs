@@ -206,3 +206,98 @@ fn udev_helper_names_ublk_devices_by_volume() {
     assert!(!o.status.success(), "no volume is served by ublkb1");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_shows_resync_progress_in_a_terminal_and_as_lines() {
+    let opts = blkrep::testkit::cluster::ClusterOptions {
+        resync_rate_max_bytes_per_s: 2 << 20,
+        ..small()
+    };
+    let mut c = cluster("watch", opts);
+    for i in 0..2 {
+        c.start(i).await.expect("start");
+        c.ok(
+            i,
+            Request::Attach {
+                volume: "demo".into(),
+            },
+        )
+        .await
+        .expect("attach");
+    }
+    // The initial full sync of 16 MiB at 2 MiB/s takes about 8 seconds.
+    c.ok(
+        0,
+        Request::Primary {
+            volume: "demo".into(),
+            force: true,
+        },
+    )
+    .await
+    .expect("primary");
+    c.wait_for(0, "resync running", WAIT, |s| s.resync.is_some())
+        .await
+        .expect("resync starts");
+    // Not a terminal: plain lines.
+    let o = cli(
+        &c,
+        0,
+        &[
+            "status",
+            "demo",
+            "--watch",
+            "--interval-ms",
+            "200",
+            "--count",
+            "3",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(
+        text.contains("resync") && text.contains('%') && text.contains("ETA"),
+        "{text}"
+    );
+    // A real terminal (tmux): a progress bar.
+    let session = format!("blkrep-watch-{}", std::process::id());
+    let cmd = format!(
+        "{} --config {} status demo --watch --interval-ms 200 --count 50",
+        bin().display(),
+        c.nodes[0].config.display()
+    );
+    let o = Command::new("tmux")
+        .args([
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            "120",
+            "-y",
+            "10",
+            &cmd,
+        ])
+        .output()
+        .expect("tmux (apt-get install tmux)");
+    assert!(o.status.success(), "tmux: {}", stderr(&o));
+    let mut screen = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let o = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &session])
+            .output()
+            .expect("capture");
+        screen = String::from_utf8_lossy(&o.stdout).into_owned();
+        if screen.contains("[=") && screen.contains("resync") {
+            break;
+        }
+    }
+    let _ = Command::new("tmux")
+        .args(["kill-session", "-t", &session])
+        .output();
+    assert!(
+        screen.contains("[=") && screen.contains("resync") && screen.contains('%'),
+        "screen: {screen}"
+    );
+}

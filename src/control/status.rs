@@ -78,6 +78,12 @@ pub struct ResyncReport {
     pub done_bytes: u64,
     /// done / total in percent.
     pub percent: f64,
+    /// Average copy rate since the resync started (running resync only).
+    #[serde(default)]
+    pub rate_bytes_per_s: Option<f64>,
+    /// Estimated seconds left at that rate (running resync only).
+    #[serde(default)]
+    pub eta_s: Option<f64>,
 }
 
 fn name<T: Serialize>(v: &T) -> Option<String> {
@@ -133,9 +139,20 @@ impl VolumeStatusReport {
                 } else {
                     done as f64 * 100.0 / total as f64
                 },
+                rate_bytes_per_s: None,
+                eta_s: None,
             }
         };
-        let resync = e.resync.map(report);
+        let resync = e.resync.map(report).map(|mut r| {
+            if let Some(t) = s.resync_elapsed_s.filter(|t| *t > 0.0) {
+                let rate = r.done_bytes as f64 / t;
+                r.rate_bytes_per_s = Some(rate);
+                if rate > 0.0 {
+                    r.eta_s = Some((r.total_bytes - r.done_bytes) as f64 / rate);
+                }
+            }
+            r
+        });
         let last_resync = e.last_resync.map(report);
         VolumeStatusReport {
             name: name.into(),
@@ -238,13 +255,43 @@ pub fn render_text(s: &NodeStatus) -> String {
             v.inflight_requests
         ));
         if let Some(r) = &v.resync {
-            out.push_str(&format!(
-                "  resync: {:.1}% ({} of {})\n",
-                r.percent,
-                human_bytes(r.done_bytes),
-                human_bytes(r.total_bytes)
-            ));
+            out.push_str(&format!("  resync: {}\n", resync_line(r)));
         }
     }
     out
+}
+
+/// One line describing a running resync: percent, amounts, rate and ETA.
+pub fn resync_line(r: &ResyncReport) -> String {
+    let mut line = format!(
+        "{:.1}% ({} of {})",
+        r.percent,
+        human_bytes(r.done_bytes),
+        human_bytes(r.total_bytes)
+    );
+    if let Some(rate) = r.rate_bytes_per_s {
+        line.push_str(&format!(" at {}/s", human_bytes(rate as u64)));
+    }
+    if let Some(eta) = r.eta_s {
+        line.push_str(&format!(", ETA {}s", eta.ceil() as u64));
+    }
+    line
+}
+
+/// One line of `status --watch` for a volume (plain output).
+pub fn watch_line(v: &VolumeStatusReport) -> String {
+    if !v.attached {
+        return format!("{} not attached", v.name);
+    }
+    let state = format!(
+        "{} {} {}/{}",
+        v.name,
+        v.peer.relation.as_deref().unwrap_or(&v.peer.connection),
+        v.disk.as_deref().unwrap_or("-"),
+        v.peer.disk.as_deref().unwrap_or("-"),
+    );
+    match &v.resync {
+        Some(r) => format!("{state} resync {}", resync_line(r)),
+        None => format!("{state} out-of-sync {}", human_bytes(v.out_of_sync_bytes)),
+    }
 }

@@ -76,6 +76,8 @@ pub struct VolumeStatus {
     pub disk_path: PathBuf,
     /// Bytes per bitmap bit.
     pub chunk_bytes: u64,
+    /// Seconds since the running resync started (this node the source).
+    pub resync_elapsed_s: Option<f64>,
 }
 
 pub(crate) enum Input {

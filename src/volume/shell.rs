@@ -228,6 +228,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         handle: handle.clone(),
         exported: false,
         peer_primary_seen: false,
+        resync_started: None,
         resync_pacer: Pacer::new(opts.resync_rate_max_bytes_per_s),
         detaching: None,
     };
@@ -352,6 +353,7 @@ struct Shell {
     handle: VolumeHandle,
     exported: bool,
     peer_primary_seen: bool,
+    resync_started: Option<Instant>,
     resync_pacer: Pacer,
     detaching: Option<oneshot::Sender<Result<(), VolumeError>>>,
 }
@@ -364,6 +366,14 @@ impl Shell {
             self.read_path
                 .store(encode_read_path(self.engine.read_path()), Ordering::Release);
             self.note_peer_primary();
+            match (
+                self.engine.status().resync.is_some(),
+                self.resync_started.is_some(),
+            ) {
+                (true, false) => self.resync_started = Some(Instant::now()),
+                (false, true) => self.resync_started = None,
+                _ => {}
+            }
             if self.detaching.is_some() && self.ready_to_stop() {
                 break;
             }
@@ -585,6 +595,7 @@ impl Shell {
             data_bytes: self.data_bytes,
             disk_path: self.disk_path.clone(),
             chunk_bytes: self.chunk_bytes,
+            resync_elapsed_s: self.resync_started.map(|t| t.elapsed().as_secs_f64()),
         }
     }
 
