@@ -263,3 +263,135 @@ async fn malformed_control_requests_get_an_error_not_a_crash() {
     assert!(line.contains("bad-request"), "{line}");
     c.status(0).await.expect("still serving");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_certificate_is_refused() {
+    let mut c = cluster("expired-cert", small());
+    let tls = c.dir.join("tls");
+    let expired = c.dir.join("expired");
+    blkrep::cert::issue("beta", &tls, &expired, -5).expect("expired beta cert");
+    let cfg = std::fs::read_to_string(&c.nodes[1].config).expect("beta config");
+    let cfg = cfg
+        .replace(
+            &tls.join("beta.pem").display().to_string(),
+            &expired.join("beta.pem").display().to_string(),
+        )
+        .replace(
+            &tls.join("beta.key").display().to_string(),
+            &expired.join("beta.key").display().to_string(),
+        );
+    std::fs::write(&c.nodes[1].config, cfg).expect("rewrite beta config");
+    c.start(0).await.expect("alpha");
+    c.start(1).await.expect("beta");
+    for i in 0..2 {
+        c.ok(
+            i,
+            Request::Attach {
+                volume: "demo".into(),
+            },
+        )
+        .await
+        .expect("attach");
+    }
+    assert!(
+        wait_log(&c.nodes[0].log, "certificate expired").await,
+        "alpha did not report the expired certificate: {}",
+        std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default()
+    );
+    assert_eq!(
+        c.status(0).await.expect("status").peer.connection,
+        "Disconnected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_certificate_for_the_wrong_node_is_refused() {
+    // beta presents alpha's (valid, same CA) certificate: alpha dials beta by
+    // name and must refuse a server that is not "beta".
+    let mut c = cluster("wrong-name", small());
+    let tls = c.dir.join("tls");
+    let cfg = std::fs::read_to_string(&c.nodes[1].config).expect("beta config");
+    let cfg = cfg
+        .replace(
+            &tls.join("beta.pem").display().to_string(),
+            &tls.join("alpha.pem").display().to_string(),
+        )
+        .replace(
+            &tls.join("beta.key").display().to_string(),
+            &tls.join("alpha.key").display().to_string(),
+        );
+    std::fs::write(&c.nodes[1].config, cfg).expect("rewrite beta config");
+    c.start(0).await.expect("alpha");
+    c.start(1).await.expect("beta");
+    for i in 0..2 {
+        c.ok(
+            i,
+            Request::Attach {
+                volume: "demo".into(),
+            },
+        )
+        .await
+        .expect("attach");
+    }
+    assert!(
+        wait_log(&c.nodes[0].log, "certificate not valid for name").await,
+        "alpha did not report the certificate name mismatch: {}",
+        std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default()
+    );
+    assert_eq!(
+        c.status(0).await.expect("status").peer.connection,
+        "Disconnected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_volume_of_another_size_is_refused() {
+    let mut c = cluster("wrong-size", small());
+    // beta's disk is 4 MiB larger: fresh metadata with another usable size.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&c.nodes[1].disk)
+        .expect("beta disk");
+    f.set_len((16 << 20) + (4 << 20)).expect("grow");
+    drop(f);
+    let o = cli(&c, 1, &["create-md", "demo", "--force"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    c.start(0).await.expect("alpha");
+    c.start(1).await.expect("beta");
+    for i in 0..2 {
+        c.ok(
+            i,
+            Request::Attach {
+                volume: "demo".into(),
+            },
+        )
+        .await
+        .expect("attach");
+    }
+    let s = c
+        .wait_for(0, "refused", WAIT, |s| {
+            s.peer.relation.as_deref() == Some("Refused")
+        })
+        .await
+        .expect("alpha refuses the peer");
+    assert!(
+        s.peer
+            .refused_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("different size")),
+        "{s:?}"
+    );
+    // Nothing is mirrored: promotion with --force works locally, and the peer
+    // stays out of the up-to-date set.
+    c.ok(
+        0,
+        Request::Primary {
+            volume: "demo".into(),
+            force: true,
+        },
+    )
+    .await
+    .expect("primary");
+    let s = c.status(0).await.expect("status");
+    assert_eq!(s.peer.relation.as_deref(), Some("Refused"));
+}
