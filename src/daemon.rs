@@ -375,6 +375,27 @@ impl ControlHandler for Daemon {
                     None => not_attached(&volume),
                 },
                 Request::Status { volume } => self.status(volume.as_deref()).await,
+                Request::Verify { volume } => match self.volume(&volume) {
+                    Some(h) => match h.verify().await {
+                        Ok(()) => Response::Ok {
+                            message: format!("verify of {volume} started"),
+                        },
+                        Err(e) => volume_err(e),
+                    },
+                    None => not_attached(&volume),
+                },
+                Request::Resync { volume, checksum } => match self.volume(&volume) {
+                    Some(h) => match h.resync(checksum).await {
+                        Ok(true) => Response::Ok {
+                            message: format!("resync of {volume} started"),
+                        },
+                        Ok(false) => Response::Ok {
+                            message: format!("{volume}: nothing is marked out of sync"),
+                        },
+                        Err(e) => volume_err(e),
+                    },
+                    None => not_attached(&volume),
+                },
                 Request::FailDisk { volume } => {
                     if !self.cfg.debug.fault_injection {
                         return err(

@@ -86,6 +86,20 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         count: u64,
     },
+    /// Compare every chunk with the peer's copy while the volume is in use;
+    /// differing chunks are reported and marked out of sync.
+    Verify {
+        /// Volume name.
+        volume: String,
+    },
+    /// Copy the chunks marked out of sync to the peer.
+    Resync {
+        /// Volume name.
+        volume: String,
+        /// Exchange digests first and send only chunks that differ.
+        #[arg(long)]
+        checksum: bool,
+    },
     /// Set up a throw-away two-node cluster on loopback, replicate a verified
     /// write through NBD, and compare both copies.
     Demo(blkrep::demo::DemoArgs),
@@ -202,6 +216,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { volume, json, .. } => {
             request(&cli.config, Request::Status { volume }, json)
         }
+        Command::Verify { volume } => verify(&cli.config, &volume),
+        Command::Resync { volume, checksum } => {
+            request(&cli.config, Request::Resync { volume, checksum }, false)
+        }
         Command::Debug(DebugCommand::FailDisk { volume }) => {
             request(&cli.config, Request::FailDisk { volume }, false)
         }
@@ -302,6 +320,69 @@ fn request(config: &std::path::Path, req: Request, json: bool) -> anyhow::Result
             eprintln!("blkrep: {message}");
             Ok(ExitCode::from(exit_byte(code)))
         }
+    }
+}
+
+/// `verify VOL`: starts the verify, waits for it and prints what differs.
+fn verify(config: &std::path::Path, volume: &str) -> anyhow::Result<ExitCode> {
+    let code = request(
+        config,
+        Request::Verify {
+            volume: volume.to_string(),
+        },
+        false,
+    )?;
+    if code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+    let cfg = load(config)?;
+    let rt = runtime()?;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let req = Request::Status {
+            volume: Some(volume.to_string()),
+        };
+        let v = match rt.block_on(control::call(&cfg.control_socket, &req)) {
+            Ok(Response::Status(s)) => s.volumes.into_iter().next(),
+            Ok(_) => None,
+            Err(e) => {
+                eprintln!("blkrep: {e}");
+                return Ok(ExitCode::from(EXIT_NO_DAEMON));
+            }
+        };
+        let Some(v) = v else {
+            anyhow::bail!("no status for volume {volume}")
+        };
+        if v.verify.is_some() {
+            continue;
+        }
+        let Some(r) = v.last_verify else {
+            anyhow::bail!("the verify of {volume} left no result")
+        };
+        println!(
+            "{volume}: verified {} of {} bytes{}; {} bytes differ",
+            r.checked_bytes,
+            r.total_bytes,
+            if r.aborted {
+                " (aborted: link lost)"
+            } else {
+                ""
+            },
+            r.mismatched_bytes
+        );
+        for m in &r.mismatches {
+            println!("  differs: offset {} length {}", m.offset, m.bytes);
+        }
+        if r.mismatched_bytes > 0 {
+            println!(
+                "marked out of sync; run `blkrep resync {volume}` to copy them from this node"
+            );
+        }
+        return Ok(if r.aborted {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        });
     }
 }
 

@@ -47,6 +47,23 @@ pub enum Request {
         /// Volume name.
         volume: String,
     },
+    /// Compare every chunk with the peer's copy (digests), while the volume
+    /// is in use; differing chunks are marked out of sync. Allowed when
+    /// connected and in sync, on the primary (or on either node when neither
+    /// is primary).
+    Verify {
+        /// Volume name.
+        volume: String,
+    },
+    /// Copy the chunks marked out of sync to the peer; with `checksum`, only
+    /// chunks whose digests differ are sent. Same conditions as `Verify`.
+    Resync {
+        /// Volume name.
+        volume: String,
+        /// Exchange digests first and skip equal chunks.
+        #[serde(default)]
+        checksum: bool,
+    },
     /// Report status of one volume or all.
     Status {
         /// Volume name; all when absent.

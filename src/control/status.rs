@@ -44,6 +44,12 @@ pub struct VolumeStatusReport {
     /// The last finished resync this node was the source of (how much it
     /// had to copy).
     pub last_resync: Option<ResyncReport>,
+    /// A running online verify.
+    #[serde(default)]
+    pub verify: Option<VerifyReport>,
+    /// The last finished (or aborted) online verify.
+    #[serde(default)]
+    pub last_verify: Option<VerifyReport>,
     /// Current data generation id (hex).
     pub generation: Option<String>,
 }
@@ -67,6 +73,30 @@ pub struct PeerReport {
     pub disk: Option<String>,
     /// Link round-trip time.
     pub rtt_us: Option<u64>,
+}
+
+/// Online verify progress or result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Bytes compared.
+    pub checked_bytes: u64,
+    /// Bytes in the volume.
+    pub total_bytes: u64,
+    /// Bytes found different (marked out of sync).
+    pub mismatched_bytes: u64,
+    /// The first differing regions.
+    pub mismatches: Vec<Region>,
+    /// Stopped early (link lost).
+    pub aborted: bool,
+}
+
+/// A byte region.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Region {
+    /// Offset.
+    pub offset: u64,
+    /// Length.
+    pub bytes: u64,
 }
 
 /// Resync progress.
@@ -116,6 +146,8 @@ impl VolumeStatusReport {
             },
             resync: None,
             last_resync: None,
+            verify: None,
+            last_verify: None,
             generation: None,
         }
     }
@@ -154,6 +186,22 @@ impl VolumeStatusReport {
             r
         });
         let last_resync = e.last_resync.map(report);
+        let verify_report = |v: &crate::engine::VerifyProgress| VerifyReport {
+            checked_bytes: (v.checked_chunks * s.chunk_bytes).min(s.data_bytes),
+            total_bytes: s.data_bytes,
+            mismatched_bytes: (v.mismatched_chunks * s.chunk_bytes).min(s.data_bytes),
+            mismatches: v
+                .mismatches
+                .iter()
+                .map(|(first, count)| Region {
+                    offset: first * s.chunk_bytes,
+                    bytes: count * s.chunk_bytes,
+                })
+                .collect(),
+            aborted: v.aborted,
+        };
+        let verify = e.verify.as_ref().map(verify_report);
+        let last_verify = e.last_verify.as_ref().map(verify_report);
         VolumeStatusReport {
             name: name.into(),
             attached: true,
@@ -183,6 +231,8 @@ impl VolumeStatusReport {
             },
             resync,
             last_resync,
+            verify,
+            last_verify,
             generation: (e.generations.current != 0)
                 .then(|| format!("{:016x}", e.generations.current)),
         }

@@ -52,6 +52,20 @@ pub enum PromoteError {
     SyncTarget,
 }
 
+/// Why a verify or resync request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MaintenanceError {
+    /// Not connected in sync with the peer.
+    #[error("the peer is not connected and in sync (relation: {0})")]
+    NotInSync(&'static str),
+    /// The peer is primary: its copy is the authoritative one.
+    #[error("the peer is primary: run this on the primary")]
+    PeerPrimary,
+    /// A verify is already running.
+    #[error("a verify is already running")]
+    Busy,
+}
+
 /// Why a demotion was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DemoteError {
@@ -84,6 +98,14 @@ pub enum Action {
     /// Read `range` locally, send it to the peer as resync data, and report
     /// `peer_done` for `id`.
     ResyncChunk {
+        /// Internal request id.
+        id: RequestId,
+        /// The chunk.
+        range: Range,
+    },
+    /// Hash `range` locally, ask the peer for its digest of the same range,
+    /// and report `verify_done` for `id`.
+    VerifyChunk {
         /// Internal request id.
         id: RequestId,
         /// The chunk.
@@ -140,6 +162,8 @@ pub enum Notice {
     ResyncDone,
     /// Connected but refused (reason).
     PeerRefused(&'static str),
+    /// An online verify finished.
+    VerifyDone,
 }
 
 /// Static parameters of one engine.
@@ -170,6 +194,28 @@ pub struct ResyncProgress {
     pub done_chunks: u64,
 }
 
+/// Progress of an online verify run by this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifyProgress {
+    /// Next chunk to look at.
+    pub cursor: u64,
+    /// Chunks in flight.
+    pub inflight: usize,
+    /// Chunks compared so far.
+    pub checked_chunks: u64,
+    /// Chunks in the volume.
+    pub total_chunks: u64,
+    /// Chunks whose digests differed (now marked out of sync).
+    pub mismatched_chunks: u64,
+    /// The first differing regions as `(first chunk, count)` runs.
+    pub mismatches: Vec<(u64, u64)>,
+    /// Stopped early (link lost).
+    pub aborted: bool,
+}
+
+/// Mismatch runs kept for the report.
+const VERIFY_REPORT_RUNS_MAX: usize = 64;
+
 /// Snapshot for `status`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineStatus {
@@ -191,6 +237,10 @@ pub struct EngineStatus {
     pub resync: Option<ResyncProgress>,
     /// The last finished resync this node was the source of.
     pub last_resync: Option<ResyncProgress>,
+    /// A running online verify.
+    pub verify: Option<VerifyProgress>,
+    /// The last finished (or aborted) online verify.
+    pub last_verify: Option<VerifyProgress>,
 }
 
 /// Where reads are served from.
@@ -229,6 +279,8 @@ pub struct Engine {
     al_waiting: VecDeque<RequestId>,
     peer_dirty: Option<Vec<(u64, u64)>>,
     last_resync: Option<ResyncProgress>,
+    verify: Option<VerifyProgress>,
+    last_verify: Option<VerifyProgress>,
 }
 
 impl Engine {
@@ -266,6 +318,8 @@ impl Engine {
             al_waiting: VecDeque::new(),
             peer_dirty: None,
             last_resync: None,
+            verify: None,
+            last_verify: None,
         }
     }
 
@@ -366,6 +420,8 @@ impl Engine {
                 .count(),
             resync: self.resync,
             last_resync: self.last_resync,
+            verify: self.verify.clone(),
+            last_verify: self.last_verify.clone(),
         }
     }
 
@@ -495,6 +551,13 @@ impl Engine {
             return;
         };
         let (op, range) = (r.op, r.range);
+        if op == Op::VerifyChunk {
+            self.actions.push_back(Action::VerifyChunk { id, range });
+            if let Some(r) = self.table.requests.get_mut(&id) {
+                r.peer = Leg::Pending;
+            }
+            return;
+        }
         if op == Op::ResyncChunk {
             self.actions.push_back(Action::ResyncChunk { id, range });
             if let Some(r) = self.table.requests.get_mut(&id) {
@@ -581,8 +644,8 @@ impl Engine {
         {
             return;
         }
-        if r.op == Op::ResyncChunk {
-            return; // finished in resync_chunk_finished
+        if matches!(r.op, Op::ResyncChunk | Op::VerifyChunk) {
+            return; // finished in resync_chunk_finished / verify_done
         }
         let ok = r.local == Leg::Done || r.peer == Leg::Done;
         self.actions.push_back(Action::Complete {
@@ -849,7 +912,11 @@ impl Engine {
                 rel,
                 Relation::NoData | Relation::Refused(_) | Relation::Diverged
             )
-            || old.is_some_and(|(v, _)| v.disk != view.disk || v.role != view.role);
+            || old.is_some_and(|(v, _)| v.disk != view.disk || v.role != view.role)
+            // The peer marked chunks out of sync (verify) and asks to resync.
+            || (rel == Relation::InSync
+                && view.dirty_chunks > 0
+                && old.is_some_and(|(v, _)| v.dirty_chunks == 0));
         if rel == Relation::InSync
             && self.gens.bitmap != 0
             && self.bitmap.set_count() == 0
@@ -990,11 +1057,16 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         self.resync = None;
+        if let Some(mut v) = self.verify.take() {
+            v.aborted = true;
+            v.inflight = 0;
+            self.last_verify = Some(v);
+        }
         let resync_ids: Vec<RequestId> = self
             .table
             .requests
             .iter()
-            .filter(|(_, r)| r.op == Op::ResyncChunk)
+            .filter(|(_, r)| matches!(r.op, Op::ResyncChunk | Op::VerifyChunk))
             .map(|(id, _)| *id)
             .collect();
         for id in resync_ids {
@@ -1036,6 +1108,129 @@ impl Engine {
         self.announce_after = Some(token);
         self.actions.push_back(Action::Notify(Notice::ResyncDone));
         self.after_event();
+    }
+
+    // ---- online verify and on-demand resync ----
+
+    /// Starts comparing every chunk's digest with the peer's. Mismatching
+    /// chunks are marked out of sync (fix them with `request_resync`).
+    pub fn start_verify(&mut self) -> Result<(), MaintenanceError> {
+        let Some((view, rel)) = self.peer else {
+            return Err(MaintenanceError::NotInSync("disconnected"));
+        };
+        if rel != Relation::InSync || self.disk != DiskState::UpToDate {
+            return Err(MaintenanceError::NotInSync(rel.name()));
+        }
+        if view.role == Role::Primary {
+            return Err(MaintenanceError::PeerPrimary);
+        }
+        if self.verify.is_some() {
+            return Err(MaintenanceError::Busy);
+        }
+        self.verify = Some(VerifyProgress {
+            total_chunks: self.bitmap.chunks(),
+            ..Default::default()
+        });
+        self.pump_verify();
+        Ok(())
+    }
+
+    fn pump_verify(&mut self) {
+        let Some(mut prog) = self.verify.take() else {
+            return;
+        };
+        let mut started = Vec::new();
+        while prog.inflight < RESYNC_WINDOW && prog.cursor < prog.total_chunks {
+            let chunk = prog.cursor;
+            prog.cursor += 1;
+            let offset = chunk * self.cfg.chunk_bytes;
+            let len = self.cfg.chunk_bytes.min(self.cfg.data_bytes - offset);
+            let id = self.next_internal;
+            self.next_internal += 1;
+            prog.inflight += 1;
+            let req = Request {
+                op: Op::VerifyChunk,
+                range: Range::new(offset, len),
+                local: Leg::Unused,
+                peer: Leg::Unused,
+                meta_token: 0,
+                local_deferred: false,
+                started: false,
+                start_after: 0,
+                al_pinned: false,
+            };
+            if self.table.insert(id, req) {
+                started.push(id);
+            }
+        }
+        if prog.inflight == 0 && prog.cursor >= prog.total_chunks {
+            self.last_verify = Some(prog);
+            self.persist();
+            self.actions.push_back(Action::Notify(Notice::VerifyDone));
+            return;
+        }
+        self.verify = Some(prog);
+        for id in started {
+            self.start(id);
+        }
+    }
+
+    /// A verify chunk finished: `equal` says whether both digests matched
+    /// (None: it could not be compared).
+    pub fn verify_done(&mut self, id: RequestId, equal: Option<bool>) {
+        let Some(r) = self.table.requests.get(&id) else {
+            return;
+        };
+        if r.op != Op::VerifyChunk {
+            return;
+        }
+        let chunk = r.range.offset / self.cfg.chunk_bytes;
+        let range = r.range;
+        if let Some(p) = self.verify.as_mut() {
+            p.inflight = p.inflight.saturating_sub(1);
+            if equal.is_some() {
+                p.checked_chunks += 1;
+            }
+            if equal == Some(false) {
+                p.mismatched_chunks += 1;
+                let extends = matches!(p.mismatches.last(), Some((f, c)) if f + c == chunk);
+                if extends {
+                    if let Some((_, c)) = p.mismatches.last_mut() {
+                        *c += 1;
+                    }
+                } else if p.mismatches.len() < VERIFY_REPORT_RUNS_MAX {
+                    p.mismatches.push((chunk, 1));
+                }
+            }
+        }
+        if equal == Some(false) {
+            let pages = self.bitmap.set_range(range.offset, range.len);
+            self.pages_to_persist.extend(pages);
+        }
+        self.finish(id);
+        self.pump_verify();
+        self.after_event();
+    }
+
+    /// Resyncs the chunks this node has marked out of sync (after a verify).
+    pub fn request_resync(&mut self) -> Result<bool, MaintenanceError> {
+        let Some((view, rel)) = self.peer else {
+            return Err(MaintenanceError::NotInSync("disconnected"));
+        };
+        if self.bitmap.set_count() == 0 {
+            return Ok(false);
+        }
+        if view.role == Role::Primary {
+            return Err(MaintenanceError::PeerPrimary);
+        }
+        if rel != Relation::InSync {
+            return Err(MaintenanceError::NotInSync(rel.name()));
+        }
+        // The peer renegotiates when it sees our dirty bits and becomes the
+        // target; this node becomes the source.
+        self.renegotiate();
+        self.after_event();
+        Ok(true)
     }
 
     // ---- resync (this node is the source) ----

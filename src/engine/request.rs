@@ -55,12 +55,17 @@ pub enum Op {
     Read,
     /// Copy one chunk to the peer (resync).
     ResyncChunk,
+    /// Compare one chunk's digest with the peer's (online verify).
+    VerifyChunk,
 }
 
 impl Op {
     /// Whether the op changes data and so must hold its range exclusively.
     pub fn locks_range(self) -> bool {
-        matches!(self, Op::Write { .. } | Op::Zeroes { .. } | Op::ResyncChunk)
+        matches!(
+            self,
+            Op::Write { .. } | Op::Zeroes { .. } | Op::ResyncChunk | Op::VerifyChunk
+        )
     }
 }
 

@@ -307,6 +307,22 @@ impl Sim {
                 Action::SendSyncDone { generations } => {
                     self.send(1 - n, Msg::SyncDone(generations))
                 }
+                Action::VerifyChunk { id, range } => {
+                    let equal = self.connected.then(|| {
+                        blocks(range).all(|b| {
+                            self.nodes[n].disk.get(&b).copied().unwrap_or(0)
+                                == self.nodes[1 - n].disk.get(&b).copied().unwrap_or(0)
+                        })
+                    });
+                    // Copies in sync never differ inside a locked range.
+                    assert_ne!(
+                        equal,
+                        Some(false),
+                        "verify found in-sync copies differing; log {:?}",
+                        self.log
+                    );
+                    self.nodes[n].eng.verify_done(id, equal);
+                }
                 Action::Export(_) | Action::Notify(_) => {}
             }
         }
@@ -511,6 +527,17 @@ impl Sim {
                 self.persist_meta(n)
             }
             92..=93 => self.cut(),
+            95 => {
+                let n = if self.nodes[0].eng.role == Role::Primary {
+                    0
+                } else {
+                    1
+                };
+                if self.nodes[n].eng.start_verify().is_ok() {
+                    self.log.push(format!("verify {n}"));
+                    self.drain(n);
+                }
+            }
             94 if self.crashes => {
                 let n = self.rng.below(2) as usize;
                 self.crash(n)

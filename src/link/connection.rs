@@ -31,6 +31,8 @@ pub struct Reply {
     pub status: u32,
     /// Data of a ReadReply.
     pub data: Option<AlignedBuf>,
+    /// Digest of a HashReply.
+    pub digest: Option<Vec<u8>>,
 }
 
 /// A request from the peer for one of our volumes.
@@ -218,6 +220,21 @@ impl PeerConnection {
         } else {
             Kind::Ack
         };
+        self.reply_kind(request, status, kind, data).await
+    }
+
+    /// Replies to a HashRequest with a digest (or an errno and no digest).
+    pub async fn reply_digest(&self, request: u64, status: u32, digest: Option<Vec<u8>>) {
+        let kind = if digest.is_some() {
+            Kind::HashReply
+        } else {
+            Kind::Ack
+        };
+        self.reply_kind(request, status, kind, digest.map(Bytes::from))
+            .await
+    }
+
+    async fn reply_kind(&self, request: u64, status: u32, kind: Kind, data: Option<Bytes>) {
         let mut h = Header::new(kind);
         h.request = request;
         h.status = status;
@@ -280,7 +297,30 @@ impl PeerConnection {
                 self.complete(h, None);
                 Ok(())
             }
-            Kind::Flush | Kind::Zeroes | Kind::ReadRequest => self.inbound(h, None, handler),
+            Kind::HashReply => {
+                let mut digest = vec![0u8; h.payload_len as usize];
+                recv.read_exact(&mut digest)
+                    .await
+                    .map_err(|_| LinkError::Closed)?;
+                h.verify_payload(&digest)
+                    .map_err(|e| self.protocol_error(&e.to_string()))?;
+                let waiter = self
+                    .pending
+                    .lock()
+                    .ok()
+                    .and_then(|mut p| p.remove(&h.request));
+                if let Some(tx) = waiter {
+                    let _ = tx.send(Reply {
+                        status: h.status,
+                        data: None,
+                        digest: Some(digest),
+                    });
+                }
+                Ok(())
+            }
+            Kind::Flush | Kind::Zeroes | Kind::ReadRequest | Kind::HashRequest => {
+                self.inbound(h, None, handler)
+            }
             Kind::Hello | Kind::VolumeState => {
                 let mut buf = vec![0u8; h.payload_len as usize];
                 recv.read_exact(&mut buf)
@@ -316,6 +356,7 @@ impl PeerConnection {
             let _ = tx.send(Reply {
                 status: h.status,
                 data,
+                digest: None,
             });
         }
     }

@@ -47,7 +47,14 @@ pub enum Kind {
     ReadRequest,
     /// Reply to ReadRequest: payload is the data, or `status` an errno.
     ReadReply,
+    /// Hash `op_len` bytes at `offset` (verify, checksum resync).
+    HashRequest,
+    /// Reply to HashRequest: payload is the SHA-256 digest.
+    HashReply,
 }
+
+/// Bytes of a digest in a HashReply.
+pub const DIGEST_BYTES: u32 = 32;
 
 impl Kind {
     fn to_u8(self) -> u8 {
@@ -60,6 +67,8 @@ impl Kind {
             Kind::Zeroes => 13,
             Kind::ReadRequest => 14,
             Kind::ReadReply => 15,
+            Kind::HashRequest => 16,
+            Kind::HashReply => 17,
         }
     }
 
@@ -73,6 +82,8 @@ impl Kind {
             13 => Kind::Zeroes,
             14 => Kind::ReadRequest,
             15 => Kind::ReadReply,
+            16 => Kind::HashRequest,
+            17 => Kind::HashReply,
             _ => return None,
         })
     }
@@ -82,7 +93,8 @@ impl Kind {
         match self {
             Kind::Hello | Kind::VolumeState => CONTROL_PAYLOAD_MAX_BYTES,
             Kind::Write | Kind::ReadReply => DATA_PAYLOAD_MAX_BYTES,
-            Kind::Ack | Kind::Flush | Kind::Zeroes | Kind::ReadRequest => 0,
+            Kind::HashReply => DIGEST_BYTES,
+            Kind::Ack | Kind::Flush | Kind::Zeroes | Kind::ReadRequest | Kind::HashRequest => 0,
         }
     }
 }

@@ -43,6 +43,9 @@ pub enum VolumeError {
     /// Demotion refused.
     #[error(transparent)]
     Demote(#[from] DemoteError),
+    /// Verify or resync refused.
+    #[error(transparent)]
+    Maintenance(#[from] crate::engine::MaintenanceError),
     /// The request is outside the volume or misaligned.
     #[error("request at {offset}+{len} is outside the volume or not 4 KiB aligned")]
     OutOfRange {
@@ -118,6 +121,17 @@ pub(crate) enum Input {
     },
     Detach {
         reply: oneshot::Sender<Result<(), VolumeError>>,
+    },
+    Verify {
+        reply: oneshot::Sender<Result<(), VolumeError>>,
+    },
+    Resync {
+        checksum: bool,
+        reply: oneshot::Sender<Result<bool, VolumeError>>,
+    },
+    VerifyDone {
+        id: u64,
+        equal: Option<bool>,
     },
 }
 
@@ -260,6 +274,21 @@ impl VolumeHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Input::Status { reply })?;
         rx.await.map_err(|_| VolumeError::Detached)
+    }
+
+    /// Starts an online verify against the peer.
+    pub async fn verify(&self) -> Result<(), VolumeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Verify { reply })?;
+        rx.await.map_err(|_| VolumeError::Detached)?
+    }
+
+    /// Resyncs chunks marked out of sync; `checksum` sends only chunks whose
+    /// digests differ. Returns false when nothing was marked.
+    pub async fn resync(&self, checksum: bool) -> Result<bool, VolumeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Resync { checksum, reply })?;
+        rx.await.map_err(|_| VolumeError::Detached)?
     }
 
     /// Detaches the volume (demotes first; refuses while busy).

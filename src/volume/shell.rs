@@ -229,6 +229,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         exported: false,
         peer_primary_seen: false,
         resync_started: None,
+        checksum_resync: false,
         resync_pacer: Pacer::new(opts.resync_rate_max_bytes_per_s),
         detaching: None,
     };
@@ -354,6 +355,7 @@ struct Shell {
     exported: bool,
     peer_primary_seen: bool,
     resync_started: Option<Instant>,
+    checksum_resync: bool,
     resync_pacer: Pacer,
     detaching: Option<oneshot::Sender<Result<(), VolumeError>>>,
 }
@@ -519,6 +521,14 @@ impl Shell {
             Input::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Input::Verify { reply } => {
+                let _ = reply.send(self.engine.start_verify().map_err(VolumeError::from));
+            }
+            Input::Resync { checksum, reply } => {
+                self.checksum_resync = checksum;
+                let _ = reply.send(self.engine.request_resync().map_err(VolumeError::from));
+            }
+            Input::VerifyDone { id, equal } => self.engine.verify_done(id, equal),
             Input::Detach { reply } => {
                 if self.engine.status().role == Role::Primary {
                     if let Err(e) = self.engine.demote() {
@@ -610,6 +620,7 @@ impl Shell {
             Action::LocalIo { id, op, range } => self.local_io(id, op, range),
             Action::PeerIo { id, op, range } => self.peer_io(id, op, range),
             Action::ResyncChunk { id, range } => self.resync_chunk(id, range),
+            Action::VerifyChunk { id, range } => self.verify_chunk(id, range),
             Action::Complete { id, result } => {
                 self.bufs.remove(&id);
                 let data = self.read_results.remove(&id);
@@ -662,6 +673,22 @@ impl Shell {
                     tracing::info!("volume {}: resync to {} started", self.name, self.peer_name)
                 }
                 Notice::ResyncDone => tracing::info!("volume {}: resync finished", self.name),
+                Notice::VerifyDone => {
+                    let s = self.engine.status();
+                    if let Some(v) = s.last_verify {
+                        tracing::info!(
+                            "volume {}: verify done: {} of {} chunks differ{}",
+                            self.name,
+                            v.mismatched_chunks,
+                            v.checked_chunks,
+                            if v.mismatched_chunks > 0 {
+                                " (marked out of sync; run `blkrep resync`)"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                }
                 Notice::PeerRefused(why) => {
                     tracing::warn!("volume {}: peer refused: {why}", self.name)
                 }
@@ -770,6 +797,7 @@ impl Shell {
         let store = self.store.clone();
         let index = self.index;
         let start_at = self.resync_pacer.reserve(range.len);
+        let checksum = self.checksum_resync;
         tokio::spawn(async move {
             if let Some(at) = start_at {
                 tokio::time::sleep_until(at.into()).await;
@@ -787,6 +815,22 @@ impl Shell {
                     return;
                 }
             };
+            if checksum {
+                // Checksum-based resync: send the chunk only if it differs.
+                let h = data_header(Kind::HashRequest, index, range.offset, range.len as u32, 0);
+                let mine = digest(data.as_slice());
+                if let Ok(r) = conn.request(h, bytes::Bytes::new()).await
+                    && r.status == 0
+                    && r.digest.as_deref() == Some(&mine[..])
+                {
+                    let _ = tx.send(Input::PeerDone {
+                        id,
+                        ok: true,
+                        data: None,
+                    });
+                    return;
+                }
+            }
             // A chunk of zeros (never written, or trimmed) travels as a zeroing
             // request: nothing crosses the link and the target punches a hole.
             let reply = if data.as_slice().iter().all(|&b| b == 0) {
@@ -804,6 +848,34 @@ impl Shell {
             };
             let ok = matches!(reply, Ok(r) if r.status == 0);
             let _ = tx.send(Input::PeerDone { id, ok, data: None });
+        });
+    }
+
+    fn verify_chunk(&mut self, id: u64, range: Range) {
+        let tx = self.tx.clone();
+        let Some(conn) = self.conn.clone() else {
+            let _ = tx.send(Input::VerifyDone { id, equal: None });
+            return;
+        };
+        let store = self.store.clone();
+        let index = self.index;
+        let start_at = self.resync_pacer.reserve(range.len);
+        tokio::spawn(async move {
+            if let Some(at) = start_at {
+                tokio::time::sleep_until(at.into()).await;
+            }
+            let h = data_header(Kind::HashRequest, index, range.offset, range.len as u32, 0);
+            let (local, remote) = tokio::join!(
+                store.read(range.offset, range.len as usize),
+                conn.request(h, bytes::Bytes::new())
+            );
+            let equal = match (local, remote) {
+                (Ok(d), Ok(r)) if r.status == 0 => {
+                    r.digest.map(|p| p[..] == digest(d.as_slice())[..])
+                }
+                _ => None,
+            };
+            let _ = tx.send(Input::VerifyDone { id, equal });
         });
     }
 
@@ -848,6 +920,15 @@ impl Shell {
                         conn.reply(req.request, errno(store.flush().await), None)
                             .await;
                     }
+                    Kind::HashRequest if accepts => {
+                        match store.read(req.offset, req.len as usize).await {
+                            Ok(d) => {
+                                let dg = digest(d.as_slice()).to_vec();
+                                conn.reply_digest(req.request, 0, Some(dg)).await
+                            }
+                            Err(_) => conn.reply_digest(req.request, libc::EIO as u32, None).await,
+                        }
+                    }
                     Kind::ReadRequest if serves_reads => {
                         match store.read(req.offset, req.len as usize).await {
                             Ok(d) => {
@@ -863,4 +944,12 @@ impl Shell {
             let _ = tx.send(Input::ReplicaDone);
         });
     }
+}
+
+/// SHA-256 of a chunk (verify and checksum-based resync).
+fn digest(data: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }

@@ -95,4 +95,4 @@ pub fn cli(c: &LocalCluster, i: usize, args: &[&str]) -> std::process::Output {
 }
 
 /// Generous timeout for conditions in tests.
-pub const WAIT: Duration = Duration::from_secs(60);
+pub const WAIT: Duration = Duration::from_secs(30);
