@@ -179,6 +179,12 @@ pub struct VolumeConfig {
     /// Resync bandwidth cap; 0 = unlimited.
     #[serde(default)]
     pub resync_rate_max_bytes_per_s: u64,
+    /// Resync never slows below this, however busy the application is.
+    #[serde(default = "default_resync_rate_min")]
+    pub resync_rate_min_bytes_per_s: u64,
+    /// Application write latency above which the resync backs off.
+    #[serde(default = "default_app_latency_target_ms")]
+    pub resync_app_latency_target_ms: u64,
     /// Activity-log extents (4 MiB each) that may be written without a
     /// metadata update; after a crash of the primary only these are resynced.
     #[serde(default = "default_al_extents")]
@@ -219,6 +225,12 @@ fn default_run_dir() -> PathBuf {
 }
 fn default_chunk_bytes() -> u32 {
     crate::meta::DEFAULT_CHUNK_BYTES
+}
+fn default_resync_rate_min() -> u64 {
+    8 << 20
+}
+fn default_app_latency_target_ms() -> u64 {
+    10
 }
 fn default_al_extents() -> usize {
     crate::meta::activity_log::DEFAULT_AL_EXTENTS

@@ -228,7 +228,13 @@ impl Daemon {
             meta: node_cfg.meta_location(),
             node: self.cfg.node.clone(),
             peer: peer.to_string(),
-            resync_rate_max_bytes_per_s: vcfg.resync_rate_max_bytes_per_s,
+            resync_rate: crate::resync::RateSettings {
+                min_bytes_per_s: vcfg.resync_rate_min_bytes_per_s,
+                max_bytes_per_s: vcfg.resync_rate_max_bytes_per_s,
+                app_latency_target: std::time::Duration::from_millis(
+                    vcfg.resync_app_latency_target_ms,
+                ),
+            },
             al_extents: vcfg.al_extents,
             ring: self.ring.clone(),
             faults: self.cfg.debug.fault_injection.then(|| faults.clone()),

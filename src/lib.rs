@@ -23,6 +23,7 @@ pub mod engine;
 pub mod frontend;
 pub mod link;
 pub mod meta;
+pub mod resync;
 pub mod store;
 pub mod testkit;
 pub mod volume;

@@ -509,9 +509,16 @@ async fn online_verify_finds_damage_and_resync_repairs_it() {
 /// UpToDate only when that finishes, and refuses promotion before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drive_swap_gets_a_full_sync() {
-    let opts = ClusterOptions { resync_rate_max_bytes_per_s: 8 << 20, ..small() };
+    let opts = ClusterOptions {
+        resync_rate_max_bytes_per_s: 8 << 20,
+        ..small()
+    };
     let mut c = up("drive-swap", opts).await;
-    qemu_io(&c, 0, &["write -P 0x3c 0 4M", "write -P 0x4d 12M 1M", "flush"]);
+    qemu_io(
+        &c,
+        0,
+        &["write -P 0x3c 0 4M", "write -P 0x4d 12M 1M", "flush"],
+    );
     c.kill(1);
     // The new, blank drive.
     std::fs::remove_file(&c.nodes[1].disk).expect("remove old disk");
@@ -521,16 +528,39 @@ async fn drive_swap_gets_a_full_sync() {
     let o = cli(&c, 1, &["create-md", "demo"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     c.start(1).await.expect("restart beta");
-    c.ok(1, Request::Attach { volume: c.opts.volume.clone() }).await.expect("attach");
+    c.ok(
+        1,
+        Request::Attach {
+            volume: c.opts.volume.clone(),
+        },
+    )
+    .await
+    .expect("attach");
     let s = c
-        .wait_for(1, "sync target", WAIT, |s| s.peer.relation.is_some() && s.disk.as_deref() == Some("Inconsistent"))
+        .wait_for(1, "sync target", WAIT, |s| {
+            s.peer.relation.is_some() && s.disk.as_deref() == Some("Inconsistent")
+        })
         .await
         .expect("beta is a sync target");
     assert_eq!(s.peer.relation.as_deref(), Some("SyncTarget"));
     let o = cli(&c, 1, &["primary", "demo"]);
-    assert_ne!(o.status.code(), Some(0), "an inconsistent copy must not be promoted");
+    assert_ne!(
+        o.status.code(),
+        Some(0),
+        "an inconsistent copy must not be promoted"
+    );
     c.wait_in_sync(WAIT).await.expect("full sync");
-    let moved = c.status(0).await.expect("status").last_resync.expect("resync").total_bytes;
-    assert_eq!(moved, c.status(0).await.expect("status").size_bytes.expect("size"), "a full sync");
+    let moved = c
+        .status(0)
+        .await
+        .expect("status")
+        .last_resync
+        .expect("resync")
+        .total_bytes;
+    assert_eq!(
+        moved,
+        c.status(0).await.expect("status").size_bytes.expect("size"),
+        "a full sync"
+    );
     assert_replicas_equal(&c).await;
 }

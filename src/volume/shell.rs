@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -14,6 +14,7 @@ use crate::engine::{Action, Engine, EngineConfig, Notice, Op, Range, Role};
 use crate::link::wire::{FLAG_FUA, FLAG_RESYNC, Kind};
 use crate::link::{InboundRequest, PeerConnection, VolumeStateMsg, bytes_of, data_header};
 use crate::meta::{Bitmap, DiskState, MetaDevice, MetaError, MetaLayout, Superblock};
+use crate::resync::{Pacer, RateController};
 use crate::store::uring::Uring;
 use crate::store::{AlignedBuf, BlockStore, FaultPlan, FaultyStore, UringStore, backing};
 
@@ -39,8 +40,8 @@ pub struct AttachOptions {
     pub node: String,
     /// The peer's name.
     pub peer: String,
-    /// Resync bandwidth cap (0 = unlimited).
-    pub resync_rate_max_bytes_per_s: u64,
+    /// Resync rate limits and the application latency target.
+    pub resync_rate: crate::resync::RateSettings,
     /// Activity-log extents (4 MiB each) kept hot.
     pub al_extents: usize,
     /// Shared io_uring.
@@ -230,7 +231,9 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         peer_primary_seen: false,
         resync_started: None,
         checksum_resync: false,
-        resync_pacer: Pacer::new(opts.resync_rate_max_bytes_per_s),
+        resync_pacer: Pacer::new(opts.resync_rate.max_bytes_per_s),
+        rate_controller: RateController::new(opts.resync_rate),
+        write_started: HashMap::new(),
         detaching: None,
     };
     tokio::spawn(shell.run(rx));
@@ -302,32 +305,6 @@ async fn control_sender(mut rx: mpsc::UnboundedReceiver<(Arc<PeerConnection>, Vo
     }
 }
 
-/// Paces resync reads to a byte rate.
-struct Pacer {
-    rate_bytes_per_s: u64,
-    next_at: Instant,
-}
-
-impl Pacer {
-    fn new(rate_bytes_per_s: u64) -> Self {
-        Pacer {
-            rate_bytes_per_s,
-            next_at: Instant::now(),
-        }
-    }
-
-    /// When a transfer of `bytes` may start.
-    fn reserve(&mut self, bytes: u64) -> Option<Instant> {
-        if self.rate_bytes_per_s == 0 {
-            return None;
-        }
-        let now = Instant::now();
-        let start = self.next_at.max(now);
-        self.next_at = start + Duration::from_secs_f64(bytes as f64 / self.rate_bytes_per_s as f64);
-        Some(start)
-    }
-}
-
 struct Shell {
     engine: Engine,
     name: String,
@@ -357,6 +334,8 @@ struct Shell {
     resync_started: Option<Instant>,
     checksum_resync: bool,
     resync_pacer: Pacer,
+    rate_controller: RateController,
+    write_started: HashMap<u64, Instant>,
     detaching: Option<oneshot::Sender<Result<(), VolumeError>>>,
 }
 
@@ -368,6 +347,11 @@ impl Shell {
             self.read_path
                 .store(encode_read_path(self.engine.read_path()), Ordering::Release);
             self.note_peer_primary();
+            if self.resync_started.is_some()
+                && let Some(rate) = self.rate_controller.tick(Instant::now())
+            {
+                self.resync_pacer.set_rate(rate);
+            }
             match (
                 self.engine.status().resync.is_some(),
                 self.resync_started.is_some(),
@@ -424,6 +408,9 @@ impl Shell {
                 self.next_id += 1;
                 if let Some(b) = buf {
                     self.bufs.insert(id, b);
+                }
+                if matches!(op, Op::Write { .. } | Op::Zeroes { .. }) {
+                    self.write_started.insert(id, Instant::now());
                 }
                 self.waiters.insert(id, reply);
                 self.engine.submit(id, op, range);
@@ -623,6 +610,9 @@ impl Shell {
             Action::VerifyChunk { id, range } => self.verify_chunk(id, range),
             Action::Complete { id, result } => {
                 self.bufs.remove(&id);
+                if let Some(t) = self.write_started.remove(&id) {
+                    self.rate_controller.app_write_done(t.elapsed());
+                }
                 let data = self.read_results.remove(&id);
                 if let Some(w) = self.waiters.remove(&id) {
                     let _ = w.send(result.map(|_| data).map_err(VolumeError::from));
