@@ -37,18 +37,7 @@ async fn peer_with_a_certificate_from_another_ca_is_refused() {
     let foreign = c.dir.join("foreign");
     blkrep::cert::create_ca(&foreign).expect("foreign CA");
     blkrep::cert::issue("beta", &foreign, &foreign, 30).expect("foreign beta cert");
-    let cfg = std::fs::read_to_string(&c.nodes[1].config).expect("beta config");
-    let tls = c.dir.join("tls");
-    let cfg = cfg
-        .replace(
-            &tls.join("beta.pem").display().to_string(),
-            &foreign.join("beta.pem").display().to_string(),
-        )
-        .replace(
-            &tls.join("beta.key").display().to_string(),
-            &foreign.join("beta.key").display().to_string(),
-        );
-    std::fs::write(&c.nodes[1].config, cfg).expect("rewrite beta config");
+    use_identity(&c, 1, &foreign.join("beta.pem"), &foreign.join("beta.key"));
     c.start(0).await.expect("alpha");
     c.start(1).await.expect("beta");
     for i in 0..2 {
@@ -270,17 +259,7 @@ async fn expired_certificate_is_refused() {
     let tls = c.dir.join("tls");
     let expired = c.dir.join("expired");
     blkrep::cert::issue("beta", &tls, &expired, -5).expect("expired beta cert");
-    let cfg = std::fs::read_to_string(&c.nodes[1].config).expect("beta config");
-    let cfg = cfg
-        .replace(
-            &tls.join("beta.pem").display().to_string(),
-            &expired.join("beta.pem").display().to_string(),
-        )
-        .replace(
-            &tls.join("beta.key").display().to_string(),
-            &expired.join("beta.key").display().to_string(),
-        );
-    std::fs::write(&c.nodes[1].config, cfg).expect("rewrite beta config");
+    use_identity(&c, 1, &expired.join("beta.pem"), &expired.join("beta.key"));
     c.start(0).await.expect("alpha");
     c.start(1).await.expect("beta");
     for i in 0..2 {
@@ -310,17 +289,7 @@ async fn valid_certificate_for_the_wrong_node_is_refused() {
     // name and must refuse a server that is not "beta".
     let mut c = cluster("wrong-name", small());
     let tls = c.dir.join("tls");
-    let cfg = std::fs::read_to_string(&c.nodes[1].config).expect("beta config");
-    let cfg = cfg
-        .replace(
-            &tls.join("beta.pem").display().to_string(),
-            &tls.join("alpha.pem").display().to_string(),
-        )
-        .replace(
-            &tls.join("beta.key").display().to_string(),
-            &tls.join("alpha.key").display().to_string(),
-        );
-    std::fs::write(&c.nodes[1].config, cfg).expect("rewrite beta config");
+    use_identity(&c, 1, &tls.join("alpha.pem"), &tls.join("alpha.key"));
     c.start(0).await.expect("alpha");
     c.start(1).await.expect("beta");
     for i in 0..2 {

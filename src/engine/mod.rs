@@ -1110,6 +1110,27 @@ impl Engine {
         self.after_event();
     }
 
+    /// Tracks an engine-internal request for one whole chunk (resync or
+    /// verify); returns its id and whether it may start now.
+    fn insert_chunk_request(&mut self, op: Op, chunk: u64) -> (RequestId, bool) {
+        let offset = chunk * self.cfg.chunk_bytes;
+        let len = self.cfg.chunk_bytes.min(self.cfg.data_bytes - offset);
+        let id = self.next_internal;
+        self.next_internal += 1;
+        let req = Request {
+            op,
+            range: Range::new(offset, len),
+            local: Leg::Unused,
+            peer: Leg::Unused,
+            meta_token: 0,
+            local_deferred: false,
+            started: false,
+            start_after: 0,
+            al_pinned: false,
+        };
+        (id, self.table.insert(id, req))
+    }
+
     // ---- online verify and on-demand resync ----
 
     /// Starts comparing every chunk's digest with the peer's. Mismatching
@@ -1143,23 +1164,9 @@ impl Engine {
         while prog.inflight < RESYNC_WINDOW && prog.cursor < prog.total_chunks {
             let chunk = prog.cursor;
             prog.cursor += 1;
-            let offset = chunk * self.cfg.chunk_bytes;
-            let len = self.cfg.chunk_bytes.min(self.cfg.data_bytes - offset);
-            let id = self.next_internal;
-            self.next_internal += 1;
             prog.inflight += 1;
-            let req = Request {
-                op: Op::VerifyChunk,
-                range: Range::new(offset, len),
-                local: Leg::Unused,
-                peer: Leg::Unused,
-                meta_token: 0,
-                local_deferred: false,
-                started: false,
-                start_after: 0,
-                al_pinned: false,
-            };
-            if self.table.insert(id, req) {
+            let (id, may_start) = self.insert_chunk_request(Op::VerifyChunk, chunk);
+            if may_start {
                 started.push(id);
             }
         }
@@ -1254,23 +1261,9 @@ impl Engine {
                 break;
             };
             prog.cursor = chunk + 1;
-            let offset = chunk * self.cfg.chunk_bytes;
-            let len = self.cfg.chunk_bytes.min(self.cfg.data_bytes - offset);
-            let id = self.next_internal;
-            self.next_internal += 1;
             prog.inflight += 1;
-            let req = Request {
-                op: Op::ResyncChunk,
-                range: Range::new(offset, len),
-                local: Leg::Unused,
-                peer: Leg::Unused,
-                meta_token: 0,
-                local_deferred: false,
-                started: false,
-                start_after: 0,
-                al_pinned: false,
-            };
-            if self.table.insert(id, req) {
+            let (id, may_start) = self.insert_chunk_request(Op::ResyncChunk, chunk);
+            if may_start {
                 self.start(id);
             }
         }

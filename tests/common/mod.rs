@@ -96,3 +96,20 @@ pub fn cli(c: &LocalCluster, i: usize, args: &[&str]) -> std::process::Output {
 
 /// Generous timeout for conditions in tests.
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Makes node `i` present another certificate and key (its CA stays).
+pub fn use_identity(c: &LocalCluster, i: usize, cert: &Path, key: &Path) {
+    let tls = c.dir.join("tls");
+    let name = &c.nodes[i].name;
+    let cfg = std::fs::read_to_string(&c.nodes[i].config).expect("read config");
+    let cfg = cfg
+        .replace(
+            &tls.join(format!("{name}.pem")).display().to_string(),
+            &cert.display().to_string(),
+        )
+        .replace(
+            &tls.join(format!("{name}.key")).display().to_string(),
+            &key.display().to_string(),
+        );
+    std::fs::write(&c.nodes[i].config, cfg).expect("write config");
+}
