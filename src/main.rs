@@ -146,6 +146,13 @@ enum DebugCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Daemon) {
+        // A CLI whose output is piped into `head` or `grep -q` should end
+        // quietly when the pipe closes, like any other Unix tool.
+        // SAFETY: signal() with SIG_DFL installs no handler code; called
+        // before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("BLKREP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

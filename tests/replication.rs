@@ -273,6 +273,14 @@ async fn killed_primary_recovers_from_its_activity_log() {
             let ev = acked_rx.recv().await.expect("writer alive");
             note(ev, &mut acked);
         }
+        // Hundreds of writes into two 4 MiB extents cost a couple of
+        // activity-log updates, not one per write.
+        let al = c.status(0).await.expect("status").activity_log_updates;
+        assert!(
+            (1..=4).contains(&al),
+            "{al} activity-log updates for {} writes",
+            acked.len()
+        );
         c.kill(0);
         let _ = writer.await;
         while let Ok(ev) = acked_rx.try_recv() {

@@ -50,6 +50,10 @@ pub struct VolumeStatusReport {
     /// The last finished (or aborted) online verify.
     #[serde(default)]
     pub last_verify: Option<VerifyReport>,
+    /// Activity-log updates written since attach: the metadata cost of
+    /// application writes (compare with their number).
+    #[serde(default)]
+    pub activity_log_updates: u64,
     /// Current data generation id (hex).
     pub generation: Option<String>,
 }
@@ -148,6 +152,7 @@ impl VolumeStatusReport {
             last_resync: None,
             verify: None,
             last_verify: None,
+            activity_log_updates: 0,
             generation: None,
         }
     }
@@ -233,6 +238,7 @@ impl VolumeStatusReport {
             last_resync,
             verify,
             last_verify,
+            activity_log_updates: e.activity_log_updates,
             generation: (e.generations.current != 0)
                 .then(|| format!("{:016x}", e.generations.current)),
         }

@@ -18,7 +18,7 @@ use crate::meta::bitmap::BITMAP_PAGE_BYTES;
 use crate::meta::{Bitmap, DiskState, Generations};
 
 /// Resync chunks in flight at once.
-pub const RESYNC_WINDOW: usize = 8;
+pub const RESYNC_WINDOW: usize = 32;
 /// Cleared bitmap bits are persisted after this many resynced chunks.
 pub const RESYNC_PERSIST_EVERY_CHUNKS: u64 = 256;
 
@@ -241,6 +241,8 @@ pub struct EngineStatus {
     pub verify: Option<VerifyProgress>,
     /// The last finished (or aborted) online verify.
     pub last_verify: Option<VerifyProgress>,
+    /// Activity-log updates written since attach (metadata cost of writes).
+    pub activity_log_updates: u64,
 }
 
 /// Where reads are served from.
@@ -422,6 +424,7 @@ impl Engine {
             last_resync: self.last_resync,
             verify: self.verify.clone(),
             last_verify: self.last_verify.clone(),
+            activity_log_updates: self.al.updates,
         }
     }
 
