@@ -572,3 +572,55 @@ async fn drive_swap_gets_a_full_sync() {
     );
     assert_replicas_equal(&c).await;
 }
+
+/// libnbd's tools against the export: nbdinfo sees the size and block
+/// constraints, nbdcopy copies an image in and out (multi-connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdinfo_and_nbdcopy_work_against_the_export() {
+    let c = up("nbdcopy", small()).await;
+    let uri = nbd_uri(&c, 0);
+    let o = std::process::Command::new("nbdinfo")
+        .arg("--json")
+        .arg(&uri)
+        .output()
+        .expect("nbdinfo (libnbd-bin)");
+    assert!(
+        o.status.success(),
+        "nbdinfo: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).expect("nbdinfo JSON");
+    let export = &info["exports"][0];
+    let size = c.status(0).await.expect("status").size_bytes.expect("size");
+    assert_eq!(export["export-size"], size);
+    assert_eq!(export["block_size_minimum"], 4096);
+    assert_eq!(export["can_flush"], true);
+    assert_eq!(export["can_fua"], true);
+    let src = c.dir.join("in.raw");
+    let data: Vec<u8> = (0..size as usize).map(|i| (i / 4096 % 251) as u8).collect();
+    std::fs::write(&src, &data).expect("source image");
+    let o = std::process::Command::new("nbdcopy")
+        .arg(&src)
+        .arg(&uri)
+        .output()
+        .expect("nbdcopy");
+    assert!(
+        o.status.success(),
+        "nbdcopy in: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = c.dir.join("out.raw");
+    let o = std::process::Command::new("nbdcopy")
+        .arg(&uri)
+        .arg(&out)
+        .output()
+        .expect("nbdcopy");
+    assert!(
+        o.status.success(),
+        "nbdcopy out: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(std::fs::read(&out).expect("copy"), data);
+    assert_replicas_equal(&c).await;
+    assert_eq!(c.read_data(1, size).expect("beta"), data);
+}
