@@ -1,6 +1,6 @@
 //! The node agent (`blkrep daemon`): one QUIC endpoint, one connection per
-//! peer node, one io_uring thread, the control socket, and the attached
-//! volumes.
+//! peer node, one io_uring (driven from the async runtime), the control
+//! socket, and the attached volumes.
 //!
 //! Per-volume cost: one tokio task for the engine, one for metadata writes,
 //! one for control messages, the in-memory bitmap (one bit per chunk: 20 KiB
