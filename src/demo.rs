@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::control::Request;
 use crate::testkit::cluster::{ClusterError, ClusterOptions, LocalCluster, scratch_dir};
 use crate::testkit::nbd_client::{NbdClient, NbdClientError};
+use crate::testkit::rng::SplitMix64;
 
 /// Options of `blkrep demo`.
 #[derive(Clone, Debug, clap::Args)]
@@ -70,14 +71,6 @@ pub struct DemoReport {
     pub volume_bytes: u64,
 }
 
-fn next_rand(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// Runs the demo; true when nothing was lost and the replicas are equal.
 pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
     let bin = std::env::current_exe().map_err(DemoError::Exe)?;
@@ -111,12 +104,12 @@ pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
     let mut client = NbdClient::connect(&c.nbd_socket(0)).await?;
     let blocks = size / 4096;
     let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut rng = 0x5eed_u64;
+    let mut rng = SplitMix64(0x5eed);
     let mut buf = vec![0u8; 4096];
     for i in 0..args.writes {
-        let block = next_rand(&mut rng) % blocks;
-        let tag = next_rand(&mut rng);
-        fill(&mut buf, tag);
+        let block = rng.next_u64() % blocks;
+        let tag = rng.next_u64();
+        SplitMix64::fill(&mut buf, tag);
         client.write(block * 4096, &buf, i % 8 == 0).await?;
         acked.insert(block, tag);
     }
@@ -159,13 +152,13 @@ pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
     let mut client = NbdClient::connect(&c.nbd_socket(1)).await?;
     let mut lost = 0;
     for (&block, &tag) in &acked {
-        fill(&mut buf, tag);
+        SplitMix64::fill(&mut buf, tag);
         if client.read(block * 4096, 4096).await? != buf {
             lost += 1;
         }
     }
     report.acked_writes_lost = lost;
-    fill(&mut buf, 42);
+    SplitMix64::fill(&mut buf, 42);
     client.write(0, &buf, true).await?;
     acked.insert(0, 42);
     report.first_write_ms = t0.elapsed().as_millis() as u64;
@@ -223,11 +216,4 @@ pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
         std::mem::forget(c);
     }
     Ok(ok)
-}
-
-fn fill(buf: &mut [u8], tag: u64) {
-    let mut s = tag;
-    for chunk in buf.chunks_mut(8) {
-        chunk.copy_from_slice(&next_rand(&mut s).to_le_bytes()[..chunk.len()]);
-    }
 }

@@ -19,21 +19,14 @@ use blkrep::meta::{DiskState, Generations};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
+use blkrep::testkit::rng::SplitMix64 as Rng;
+
+/// Mutations of valid inputs.
+trait Mutate {
+    fn mutate(&mut self, valid: &[u8]) -> Vec<u8>;
+}
+
+impl Mutate for Rng {
     /// Flips, overwrites, truncates or extends a valid input.
     fn mutate(&mut self, valid: &[u8]) -> Vec<u8> {
         let mut v = valid.to_vec();
@@ -45,7 +38,7 @@ impl Rng {
                 }
                 1 if !v.is_empty() => {
                     let i = self.below(v.len() as u64) as usize;
-                    v[i] = self.next() as u8;
+                    v[i] = self.next_u64() as u8;
                 }
                 2 => v.truncate(self.below(v.len() as u64 + 1) as usize),
                 3 => {

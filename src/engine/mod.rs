@@ -428,6 +428,21 @@ impl Engine {
         }
     }
 
+    /// The local disk state (cheap; for per-request checks).
+    pub fn disk(&self) -> DiskState {
+        self.disk
+    }
+
+    /// Whether the connected peer announced itself primary (cheap).
+    pub fn peer_is_primary(&self) -> bool {
+        self.peer.is_some_and(|(v, _)| v.role == Role::Primary)
+    }
+
+    /// Whether this node is running a resync as the source (cheap).
+    pub fn resync_running(&self) -> bool {
+        self.resync.is_some()
+    }
+
     /// Where a read should go right now.
     pub fn read_path(&self) -> ReadPath {
         if self.role != Role::Primary {

@@ -15,19 +15,7 @@ const DIRTY_RUNS_MAX: usize = 3;
 const CHUNK: u64 = 16384;
 const DATA_BYTES: u64 = 64 * BLOCK;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use crate::testkit::rng::SplitMix64 as Rng;
 
 /// Version number per block on one node's disk.
 type Disk = BTreeMap<u64, u64>;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::engine::IoFailure;
 use crate::store::AlignedBuf;
@@ -406,67 +406,43 @@ async fn transmission<R: AsyncReadExt + Unpin>(
             .await
             .map_err(|_| NbdError::Protocol("shutting down".into()))?;
         let fua = req.flags & CMD_FLAG_FUA != 0;
+        let aligned = req.offset % BLOCK == 0 && u64::from(req.length) % BLOCK == 0;
+        let (handle, offset, length) = (req.handle, req.offset, req.length);
         match req.cmd {
             CMD_DISC => return Ok(()),
             CMD_WRITE => {
-                if req.length > REQUEST_MAX_BYTES {
+                if length > REQUEST_MAX_BYTES {
                     return Err(NbdError::Protocol(format!(
-                        "write of {} bytes is too large",
-                        req.length
+                        "write of {length} bytes is too large"
                     )));
                 }
-                let mut buf = AlignedBuf::zeroed(req.length as usize);
+                let mut buf = AlignedBuf::zeroed(length as usize);
                 r.read_exact(buf.as_mut_slice()).await?;
-                let aligned = req.offset % BLOCK == 0 && u64::from(req.length) % BLOCK == 0;
                 if !in_bounds || !aligned {
-                    let _ = tx
-                        .send(ReplyMsg {
-                            handle: req.handle,
-                            error: EINVAL,
-                            data: None,
-                        })
-                        .await;
+                    reply_error(tx, handle, EINVAL).await;
                     continue;
                 }
                 let v = volume.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let error = match write_pieces(&v, req.offset, buf, fua).await {
-                        Ok(()) => 0,
-                        Err(e) => errno_of(&e),
-                    };
-                    let _ = tx
-                        .send(ReplyMsg {
-                            handle: req.handle,
-                            error,
-                            data: None,
-                        })
-                        .await;
-                    drop(permit);
+                reply_when_done(tx, handle, permit, async move {
+                    write_pieces(&v, offset, buf, fua).await
                 });
             }
             CMD_READ => {
-                if !in_bounds || req.length > REQUEST_MAX_BYTES {
-                    let _ = tx
-                        .send(ReplyMsg {
-                            handle: req.handle,
-                            error: EINVAL,
-                            data: None,
-                        })
-                        .await;
+                if !in_bounds || length > REQUEST_MAX_BYTES {
+                    reply_error(tx, handle, EINVAL).await;
                     continue;
                 }
                 let v = volume.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    let msg = match read_span(&v, req.offset, req.length as usize).await {
+                    let msg = match read_span(&v, offset, length as usize).await {
                         Ok((buf, start)) => ReplyMsg {
-                            handle: req.handle,
+                            handle,
                             error: 0,
-                            data: Some((buf, start, req.length as usize)),
+                            data: Some((buf, start, length as usize)),
                         },
                         Err(e) => ReplyMsg {
-                            handle: req.handle,
+                            handle,
                             error: errno_of(&e),
                             data: None,
                         },
@@ -477,61 +453,53 @@ async fn transmission<R: AsyncReadExt + Unpin>(
             }
             CMD_FLUSH => {
                 let v = volume.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let error = v.flush().await.err().map_or(0, |e| errno_of(&e));
-                    let _ = tx
-                        .send(ReplyMsg {
-                            handle: req.handle,
-                            error,
-                            data: None,
-                        })
-                        .await;
-                    drop(permit);
-                });
+                reply_when_done(tx, handle, permit, async move { v.flush().await });
             }
             CMD_TRIM | CMD_WRITE_ZEROES => {
-                let aligned = req.offset % BLOCK == 0 && u64::from(req.length) % BLOCK == 0;
                 if !in_bounds || !aligned {
-                    let _ = tx
-                        .send(ReplyMsg {
-                            handle: req.handle,
-                            error: EINVAL,
-                            data: None,
-                        })
-                        .await;
+                    reply_error(tx, handle, EINVAL).await;
                     continue;
                 }
                 let v = volume.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    // TRIM is replicated as zeroing, so both copies stay equal.
-                    let error = v
-                        .write_zeroes(req.offset, u64::from(req.length), fua)
-                        .await
-                        .err()
-                        .map_or(0, |e| errno_of(&e));
-                    let _ = tx
-                        .send(ReplyMsg {
-                            handle: req.handle,
-                            error,
-                            data: None,
-                        })
-                        .await;
-                    drop(permit);
+                // TRIM is replicated as zeroing, so both copies stay equal.
+                reply_when_done(tx, handle, permit, async move {
+                    v.write_zeroes(offset, u64::from(length), fua).await
                 });
             }
-            _ => {
-                let _ = tx
-                    .send(ReplyMsg {
-                        handle: req.handle,
-                        error: EINVAL,
-                        data: None,
-                    })
-                    .await;
-            }
+            _ => reply_error(tx, handle, EINVAL).await,
         }
     }
+}
+
+/// Replies with an error right away (in order with other replies).
+async fn reply_error(tx: &mpsc::Sender<ReplyMsg>, handle: u64, error: u32) {
+    let _ = tx
+        .send(ReplyMsg {
+            handle,
+            error,
+            data: None,
+        })
+        .await;
+}
+
+/// Runs a request without reply data in its own task and replies when done;
+/// the permit bounds the requests in flight on this connection.
+fn reply_when_done<F>(tx: &mpsc::Sender<ReplyMsg>, handle: u64, permit: OwnedSemaphorePermit, op: F)
+where
+    F: std::future::Future<Output = Result<(), VolumeError>> + Send + 'static,
+{
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let error = op.await.err().map_or(0, |e| errno_of(&e));
+        let _ = tx
+            .send(ReplyMsg {
+                handle,
+                error,
+                data: None,
+            })
+            .await;
+        drop(permit);
+    });
 }
 
 /// Writes a large buffer in pieces the volume accepts.

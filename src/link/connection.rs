@@ -288,46 +288,25 @@ impl PeerConnection {
                 h.verify_payload(buf.as_slice())
                     .map_err(|e| self.protocol_error(&e.to_string()))?;
                 if h.kind == Kind::ReadReply {
-                    self.complete(h, Some(buf));
+                    self.complete(h, Some(buf), None);
                     return Ok(());
                 }
                 self.inbound(h, Some(buf), handler)
             }
             Kind::Ack => {
-                self.complete(h, None);
+                self.complete(h, None, None);
                 Ok(())
             }
             Kind::HashReply => {
-                let mut digest = vec![0u8; h.payload_len as usize];
-                recv.read_exact(&mut digest)
-                    .await
-                    .map_err(|_| LinkError::Closed)?;
-                h.verify_payload(&digest)
-                    .map_err(|e| self.protocol_error(&e.to_string()))?;
-                let waiter = self
-                    .pending
-                    .lock()
-                    .ok()
-                    .and_then(|mut p| p.remove(&h.request));
-                if let Some(tx) = waiter {
-                    let _ = tx.send(Reply {
-                        status: h.status,
-                        data: None,
-                        digest: Some(digest),
-                    });
-                }
+                let digest = self.read_checked_payload(recv, &h).await?;
+                self.complete(h, None, Some(digest));
                 Ok(())
             }
             Kind::Flush | Kind::Zeroes | Kind::ReadRequest | Kind::HashRequest => {
                 self.inbound(h, None, handler)
             }
             Kind::Hello | Kind::VolumeState => {
-                let mut buf = vec![0u8; h.payload_len as usize];
-                recv.read_exact(&mut buf)
-                    .await
-                    .map_err(|_| LinkError::Closed)?;
-                h.verify_payload(&buf)
-                    .map_err(|e| self.protocol_error(&e.to_string()))?;
+                let buf = self.read_checked_payload(recv, &h).await?;
                 if h.kind == Kind::Hello {
                     return Err(self.protocol_error("unexpected second hello"));
                 }
@@ -346,7 +325,22 @@ impl PeerConnection {
         }
     }
 
-    fn complete(&self, h: Header, data: Option<AlignedBuf>) {
+    /// Reads a small payload and checks it against the header's CRC.
+    async fn read_checked_payload(
+        &self,
+        recv: &mut quinn::RecvStream,
+        h: &Header,
+    ) -> Result<Vec<u8>, LinkError> {
+        let mut buf = vec![0u8; h.payload_len as usize];
+        recv.read_exact(&mut buf)
+            .await
+            .map_err(|_| LinkError::Closed)?;
+        h.verify_payload(&buf)
+            .map_err(|e| self.protocol_error(&e.to_string()))?;
+        Ok(buf)
+    }
+
+    fn complete(&self, h: Header, data: Option<AlignedBuf>, digest: Option<Vec<u8>>) {
         let waiter = self
             .pending
             .lock()
@@ -356,7 +350,7 @@ impl PeerConnection {
             let _ = tx.send(Reply {
                 status: h.status,
                 data,
-                digest: None,
+                digest,
             });
         }
     }

@@ -234,17 +234,7 @@ impl Link {
             .await
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
         send_hello(&mut send, &self.me).await?;
-        let hello = read_hello(&mut recv).await?;
-        if hello.node != peer {
-            quic.close(
-                connection::CLOSE_PROTOCOL_ERROR.into(),
-                b"hello names another node",
-            );
-            return Err(LinkError::Protocol(format!(
-                "peer says it is {:?}",
-                hello.node
-            )));
-        }
+        expect_hello(&quic, &mut recv, peer).await?;
         Ok((quic, send, recv))
     }
 
@@ -280,17 +270,7 @@ impl Link {
             .await
             .map_err(|_| LinkError::Timeout)?
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
-        let hello = read_hello(&mut recv).await?;
-        if hello.node != peer {
-            quic.close(
-                connection::CLOSE_PROTOCOL_ERROR.into(),
-                b"hello names another node",
-            );
-            return Err(LinkError::Protocol(format!(
-                "certificate is for {peer:?} but hello says {:?}",
-                hello.node
-            )));
-        }
+        expect_hello(&quic, &mut recv, &peer).await?;
         send_hello(&mut send, &self.me).await?;
         self.run(peer, quic, send, recv).await;
         Ok(())
@@ -353,6 +333,26 @@ async fn send_hello(send: &mut quinn::SendStream, me: &str) -> Result<(), LinkEr
     let h = Header::new(Kind::Hello).encode(&json);
     send.write_all(&h).await.map_err(|_| LinkError::Closed)?;
     send.write_all(&json).await.map_err(|_| LinkError::Closed)?;
+    Ok(())
+}
+
+/// Reads the peer's hello and checks it names the node its certificate names.
+async fn expect_hello(
+    quic: &quinn::Connection,
+    recv: &mut quinn::RecvStream,
+    peer: &str,
+) -> Result<(), LinkError> {
+    let hello = read_hello(recv).await?;
+    if hello.node != peer {
+        quic.close(
+            connection::CLOSE_PROTOCOL_ERROR.into(),
+            b"hello names another node",
+        );
+        return Err(LinkError::Protocol(format!(
+            "certificate is for {peer:?} but hello says {:?}",
+            hello.node
+        )));
+    }
     Ok(())
 }
 

@@ -3,3 +3,4 @@
 
 pub mod cluster;
 pub mod nbd_client;
+pub mod rng;

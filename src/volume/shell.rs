@@ -352,10 +352,7 @@ impl Shell {
             {
                 self.resync_pacer.set_rate(rate);
             }
-            match (
-                self.engine.status().resync.is_some(),
-                self.resync_started.is_some(),
-            ) {
+            match (self.engine.resync_running(), self.resync_started.is_some()) {
                 (true, false) => self.resync_started = Some(Instant::now()),
                 (false, true) => self.resync_started = None,
                 _ => {}
@@ -373,11 +370,7 @@ impl Shell {
     /// Tells the export hook once when the peer became primary while this
     /// node exports nothing (it cleans up what a dead daemon left behind).
     fn note_peer_primary(&mut self) {
-        let peer_primary = self
-            .engine
-            .status()
-            .peer
-            .is_some_and(|p| p.role == Role::Primary);
+        let peer_primary = self.engine.peer_is_primary();
         if peer_primary && !self.peer_primary_seen && !self.exported {
             (self.export)(&self.handle, false);
         }
@@ -873,7 +866,7 @@ impl Shell {
     fn replica(&mut self, conn: Arc<PeerConnection>, req: InboundRequest) {
         let store = self.store.clone();
         let accepts = self.engine.accepts_peer_writes() && self.current_conn_id() == Some(conn.id);
-        let serves_reads = accepts && self.engine.status().disk == DiskState::UpToDate;
+        let serves_reads = accepts && self.engine.disk() == DiskState::UpToDate;
         let range_ok = crate::store::check_range(req.offset, req.len, self.data_bytes).is_ok()
             || req.kind == Kind::Flush;
         self.replica_inflight += 1;
