@@ -88,6 +88,13 @@ pub struct Config {
     /// ublk device layout.
     #[serde(default)]
     pub ublk: UblkConfig,
+    /// The witness that arbitrates quorum (absent: two-node mode without
+    /// automatic failover safety; see README).
+    #[serde(default)]
+    pub witness: Option<WitnessRef>,
+    /// Commands run on events (quorum-lost, promoted, split-brain, ...).
+    #[serde(default)]
+    pub handlers: BTreeMap<String, String>,
     /// Test and drill switches.
     #[serde(default)]
     pub debug: DebugConfig,
@@ -122,6 +129,9 @@ pub struct LinkConfig {
     pub inflight_requests_max: usize,
     /// Largest UDP payload to probe for (jumbo frames on a dedicated link).
     pub mtu_max_bytes: u16,
+    /// Primary lease each node grants its connected peer (rule 7): a primary
+    /// cut off from both peer and witness stops serving after this long.
+    pub lease_ms: u64,
 }
 
 impl Default for LinkConfig {
@@ -132,7 +142,118 @@ impl Default for LinkConfig {
             reconnect_backoff_max_ms: 2000,
             inflight_requests_max: 512,
             mtu_max_bytes: 8952,
+            lease_ms: 2000,
         }
+    }
+}
+
+/// Where the witness is and what to do without quorum.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessRef {
+    /// The witness's name (its certificate must name it).
+    pub name: String,
+    /// Its address (UDP, QUIC).
+    pub address: SocketAddr,
+    /// What a primary does with I/O while it reaches neither peer nor
+    /// witness: "suspend" (wait) or "io-error" (fail with EIO).
+    #[serde(default)]
+    pub on_no_quorum: crate::quorum::NoQuorumPolicy,
+    /// How long to wait for one witness answer.
+    #[serde(default = "default_witness_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+fn default_witness_timeout_ms() -> u64 {
+    1000
+}
+
+/// The events a handler can be configured for.
+pub const EVENTS: &[&str] = &[
+    "quorum-lost",
+    "quorum-regained",
+    "promoted",
+    "demoted",
+    "peer-outdated",
+    "split-brain",
+    "resync-started",
+    "resync-done",
+    "local-disk-failed",
+];
+
+/// The witness service's own configuration (`blkrep witness --config`).
+///
+/// ```toml
+/// node = "witness"                 # the name in its certificate
+/// listen = "0.0.0.0:7790"
+/// state_dir = "/var/lib/blkrep-witness"
+/// nodes = ["alpha", "beta"]       # data nodes it serves
+/// lease_ms = 2000
+/// [tls]
+/// ca = "/etc/blkrep/ca.pem"
+/// cert = "/etc/blkrep/witness.pem"
+/// key = "/etc/blkrep/witness.key"
+/// ```
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessConfig {
+    /// The witness's name (must match its certificate).
+    pub node: String,
+    /// Listen address (UDP, QUIC).
+    pub listen: SocketAddr,
+    /// Where the records live (one fsynced file per volume).
+    pub state_dir: PathBuf,
+    /// Data nodes allowed to talk to it.
+    pub nodes: Vec<String>,
+    /// Primary lease length granted per heartbeat.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// TLS files.
+    pub tls: TlsConfig,
+    /// The file this was read from (for messages).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+fn default_lease_ms() -> u64 {
+    2000
+}
+
+impl WitnessConfig {
+    /// Reads and validates a witness config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates witness config text.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: WitnessConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.path = path.to_path_buf();
+        let invalid = |key: &str, problem: &str| ConfigError::Invalid {
+            path: path.display().to_string(),
+            key: key.into(),
+            problem: problem.into(),
+        };
+        if !valid_node_name(&cfg.node) {
+            return Err(invalid("node", "must be a DNS label"));
+        }
+        if cfg.nodes.is_empty() || !cfg.nodes.iter().all(|n| valid_node_name(n)) {
+            return Err(invalid(
+                "nodes",
+                "list the data nodes' names (DNS labels) this witness serves",
+            ));
+        }
+        if !(200..=600_000).contains(&cfg.lease_ms) {
+            return Err(invalid("lease_ms", "must be between 200 and 600000"));
+        }
+        Ok(cfg)
     }
 }
 
@@ -340,6 +461,30 @@ impl Config {
         }
         if l.mtu_max_bytes < 1200 {
             return Err(self.invalid("link.mtu_max_bytes", "must be at least 1200"));
+        }
+        if !(200..=600_000).contains(&l.lease_ms) {
+            return Err(self.invalid("link.lease_ms", "must be between 200 and 600000"));
+        }
+        if let Some(w) = &self.witness {
+            if !valid_node_name(&w.name) || self.nodes.contains_key(&w.name) {
+                return Err(self.invalid(
+                    "witness.name",
+                    "must be a DNS label naming the witness, not a data node",
+                ));
+            }
+            if !(50..=60_000).contains(&w.request_timeout_ms) {
+                return Err(
+                    self.invalid("witness.request_timeout_ms", "must be between 50 and 60000")
+                );
+            }
+        }
+        for event in self.handlers.keys() {
+            if !EVENTS.contains(&event.as_str()) {
+                return Err(self.invalid(
+                    format!("handlers.{event}"),
+                    format!("unknown event; known events: {}", EVENTS.join(", ")),
+                ));
+            }
         }
         if !(1..=64).contains(&self.ublk.queues) {
             return Err(self.invalid("ublk.queues", "must be between 1 and 64"));

@@ -11,6 +11,8 @@
 //! - [`volume`]: the shell that runs one engine against store and link.
 //! - [`frontend`]: how applications reach a volume (NBD; ublk).
 //! - [`control`]: the daemon's Unix control socket and its typed requests.
+//! - [`quorum`]: the witness record as nodes see it, leases (no I/O).
+//! - [`witness`]: the witness service and a node's session with it.
 //! - [`config`], [`cert`], [`daemon`]: configuration, certificates, the agent.
 
 pub mod bench;
@@ -23,7 +25,9 @@ pub mod engine;
 pub mod frontend;
 pub mod link;
 pub mod meta;
+pub mod quorum;
 pub mod resync;
 pub mod store;
 pub mod testkit;
 pub mod volume;
+pub mod witness;

@@ -107,9 +107,13 @@ async fn a_corrupted_frame_is_refused_and_nothing_is_written() {
         reconnect_backoff_max_ms: 500,
         inflight_requests_max: 16,
         mtu_max_bytes: 1452,
+        lease_ms: 2000,
     };
-    let mut server =
-        quinn::ServerConfig::with_crypto(Arc::new(material.quic_server().expect("server crypto")));
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+        material
+            .quic_server(blkrep::link::tls::ALPN)
+            .expect("server crypto"),
+    ));
     server.transport_config(Arc::new(transport_config(&settings)));
     let endpoint = quinn::Endpoint::server(server, c.nodes[1].address).expect("bind as beta");
     let conn = tokio::time::timeout(WAIT, async {

@@ -103,6 +103,18 @@ pub struct PeerConnection {
     inbound_max: usize,
     remote_volumes: Mutex<HashMap<u32, String>>,
     request_timeout: Duration,
+    lease: Arc<PeerLease>,
+}
+
+/// Lease bookkeeping with one peer node (rule 7), kept across connections.
+#[derive(Debug, Default)]
+pub struct PeerLease {
+    /// This node holds a lease from the peer until this instant (monotonic
+    /// ms, `quorum::clock`); 0 = never.
+    pub held_until_ms: AtomicU64,
+    /// The last time this node granted the peer a lease (answered its
+    /// LeasePing); 0 = never since this process started.
+    pub granted_ms: AtomicU64,
 }
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
@@ -116,6 +128,7 @@ impl PeerConnection {
         mut send: quinn::SendStream,
         inflight_max: usize,
         request_timeout: Duration,
+        lease: Arc<PeerLease>,
     ) -> Arc<Self> {
         let (out, mut rx) = mpsc::channel::<OutFrame>(inflight_max.max(16) * 2);
         let conn = Arc::new(PeerConnection {
@@ -130,6 +143,7 @@ impl PeerConnection {
             inbound_max: inflight_max * 2,
             remote_volumes: Mutex::new(HashMap::new()),
             request_timeout,
+            lease,
         });
         tokio::spawn(async move {
             while let Some(f) = rx.recv().await {
@@ -152,6 +166,21 @@ impl PeerConnection {
     /// Closes the connection with an application code and reason.
     pub fn close(&self, code: u32, reason: &str) {
         self.quic.close(code.into(), reason.as_bytes());
+    }
+
+    /// Renews the lease this node holds from the peer: one LeasePing round
+    /// trip; the lease counts from the send time.
+    pub async fn renew_lease(&self, lease_ms: u64) -> Result<(), LinkError> {
+        let sent = crate::quorum::clock::now_ms();
+        let reply = self
+            .request(Header::new(Kind::LeasePing), Bytes::new())
+            .await?;
+        if reply.status == 0 {
+            self.lease
+                .held_until_ms
+                .fetch_max(sent.saturating_add(lease_ms), Ordering::AcqRel);
+        }
+        Ok(())
     }
 
     /// Round-trip time estimate of the QUIC path.
@@ -293,9 +322,22 @@ impl PeerConnection {
                 }
                 self.inbound(h, Some(buf), handler)
             }
-            Kind::Ack => {
+            Kind::Ack | Kind::LeasePong => {
                 self.complete(h, None, None);
                 Ok(())
+            }
+            Kind::LeasePing => {
+                // Record the grant before answering: the holder counts from
+                // its send time, which is earlier.
+                self.lease
+                    .granted_ms
+                    .store(crate::quorum::clock::now_ms(), Ordering::Release);
+                let mut pong = Header::new(Kind::LeasePong);
+                pong.request = h.request;
+                self.out
+                    .send(OutFrame::new(pong, Bytes::new()))
+                    .await
+                    .map_err(|_| LinkError::Closed)
             }
             Kind::HashReply => {
                 let digest = self.read_checked_payload(recv, &h).await?;

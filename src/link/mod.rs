@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 pub use connection::{
-    HelloMsg, InboundHandler, InboundRequest, PeerConnection, Reply, VolumeStateMsg,
+    HelloMsg, InboundHandler, InboundRequest, PeerConnection, PeerLease, Reply, VolumeStateMsg,
 };
 use wire::{Header, Kind};
 
@@ -60,6 +60,8 @@ pub struct LinkSettings {
     pub inflight_requests_max: usize,
     /// MTU discovery upper bound.
     pub mtu_max_bytes: u16,
+    /// Length of the primary lease each node grants its peer (rule 7).
+    pub lease_ms: u64,
 }
 
 impl From<&crate::config::LinkConfig> for LinkSettings {
@@ -70,6 +72,7 @@ impl From<&crate::config::LinkConfig> for LinkSettings {
             reconnect_backoff_max_ms: c.reconnect_backoff_max_ms,
             inflight_requests_max: c.inflight_requests_max,
             mtu_max_bytes: c.mtu_max_bytes,
+            lease_ms: c.lease_ms,
         }
     }
 }
@@ -100,6 +103,7 @@ pub fn transport_config(s: &LinkSettings) -> quinn::TransportConfig {
 struct PeerSlot {
     address: SocketAddr,
     current: Mutex<Option<Arc<PeerConnection>>>,
+    lease: Arc<PeerLease>,
 }
 
 /// The node's replication endpoint and its peer connections.
@@ -128,10 +132,14 @@ impl Link {
             message,
         };
         let transport = Arc::new(transport_config(&settings));
-        let server_crypto = tls.quic_server().map_err(|e| setup(e.to_string()))?;
+        let server_crypto = tls
+            .quic_server(tls::ALPN)
+            .map_err(|e| setup(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
         server.transport_config(transport.clone());
-        let client_crypto = tls.quic_client().map_err(|e| setup(e.to_string()))?;
+        let client_crypto = tls
+            .quic_client(tls::ALPN)
+            .map_err(|e| setup(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
         let endpoint = quinn::Endpoint::server(server, bind).map_err(|e| setup(e.to_string()))?;
@@ -147,6 +155,7 @@ impl Link {
                         PeerSlot {
                             address: *a,
                             current: Mutex::new(None),
+                            lease: Arc::new(PeerLease::default()),
                         },
                     )
                 })
@@ -170,6 +179,11 @@ impl Link {
         let slot = self.peers.get(peer)?;
         let c = slot.current.lock().ok()?.clone()?;
         c.is_open().then_some(c)
+    }
+
+    /// The lease bookkeeping with `peer` (rule 7).
+    pub fn peer_lease(&self, peer: &str) -> Option<Arc<PeerLease>> {
+        self.peers.get(peer).map(|s| s.lease.clone())
     }
 
     /// Closes every connection and the endpoint.
@@ -283,16 +297,18 @@ impl Link {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
+        let Some(slot) = self.peers.get(&peer) else {
+            return;
+        };
         let conn = PeerConnection::start(
             peer.clone(),
             quic,
             send,
             self.settings.inflight_requests_max,
             self.request_timeout(),
+            slot.lease.clone(),
         );
-        let Some(slot) = self.peers.get(&peer) else {
-            return;
-        };
+        tokio::spawn(renew_peer_lease(conn.clone(), self.settings.lease_ms));
         let old = slot
             .current
             .lock()
@@ -321,6 +337,22 @@ impl Link {
         if was_current {
             self.handler.connection_changed(&peer, None);
         }
+    }
+}
+
+/// Keeps renewing the lease this node holds from the peer while the
+/// connection is open (every quarter lease, so one lost round trip does not
+/// lapse it).
+async fn renew_peer_lease(conn: Arc<PeerConnection>, lease_ms: u64) {
+    let every = crate::quorum::LeaseSettings {
+        lease_ms,
+        ..Default::default()
+    }
+    .renew_interval_ms();
+    while conn.is_open() {
+        let _ =
+            tokio::time::timeout(Duration::from_millis(lease_ms), conn.renew_lease(lease_ms)).await;
+        tokio::time::sleep(Duration::from_millis(every)).await;
     }
 }
 

@@ -93,8 +93,12 @@ impl TlsMaterial {
         Arc::new(rustls::crypto::ring::default_provider())
     }
 
-    /// QUIC server crypto: requires a client certificate from the CA.
-    pub fn quic_server(&self) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
+    /// QUIC server crypto: requires a client certificate from the CA;
+    /// speaks `alpn` (the link's `ALPN` or the witness protocol's).
+    pub fn quic_server(
+        &self,
+        alpn: &[u8],
+    ) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
         let verifier =
             WebPkiClientVerifier::builder_with_provider(self.roots.clone(), Self::provider())
                 .build()
@@ -103,18 +107,21 @@ impl TlsMaterial {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
-        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        cfg.alpn_protocols = vec![alpn.to_vec()];
         quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
             .map_err(|e| TlsError::Quic(e.to_string()))
     }
 
     /// QUIC client crypto: presents our certificate, verifies the server's.
-    pub fn quic_client(&self) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
+    pub fn quic_client(
+        &self,
+        alpn: &[u8],
+    ) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
         let mut cfg = rustls::ClientConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(self.roots.clone())
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
-        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        cfg.alpn_protocols = vec![alpn.to_vec()];
         quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
             .map_err(|e| TlsError::Quic(e.to_string()))
     }

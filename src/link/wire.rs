@@ -51,6 +51,11 @@ pub enum Kind {
     HashRequest,
     /// Reply to HashRequest: payload is the SHA-256 digest.
     HashReply,
+    /// Lease renewal request (rule 7): the receiver grants the sender a
+    /// primary lease counted from the sender's send time.
+    LeasePing,
+    /// Reply to LeasePing.
+    LeasePong,
 }
 
 /// Bytes of a digest in a HashReply.
@@ -69,6 +74,8 @@ impl Kind {
             Kind::ReadReply => 15,
             Kind::HashRequest => 16,
             Kind::HashReply => 17,
+            Kind::LeasePing => 20,
+            Kind::LeasePong => 21,
         }
     }
 
@@ -84,6 +91,8 @@ impl Kind {
             15 => Kind::ReadReply,
             16 => Kind::HashRequest,
             17 => Kind::HashReply,
+            20 => Kind::LeasePing,
+            21 => Kind::LeasePong,
             _ => return None,
         })
     }
@@ -94,7 +103,13 @@ impl Kind {
             Kind::Hello | Kind::VolumeState => CONTROL_PAYLOAD_MAX_BYTES,
             Kind::Write | Kind::ReadReply => DATA_PAYLOAD_MAX_BYTES,
             Kind::HashReply => DIGEST_BYTES,
-            Kind::Ack | Kind::Flush | Kind::Zeroes | Kind::ReadRequest | Kind::HashRequest => 0,
+            Kind::Ack
+            | Kind::Flush
+            | Kind::Zeroes
+            | Kind::ReadRequest
+            | Kind::HashRequest
+            | Kind::LeasePing
+            | Kind::LeasePong => 0,
         }
     }
 }

@@ -1,0 +1,392 @@
+//! The witness's decisions: a deterministic state machine over the durable
+//! records, the claims of a re-initialised witness, and the leases it
+//! granted. Time is passed in (monotonic milliseconds); it does no I/O. The
+//! server persists every changed record (fsync) before it answers.
+
+use std::collections::BTreeMap;
+
+use super::protocol::{ChangeOutcome, Claim, Refusal, VolumeAnswer, WitnessOp};
+use crate::quorum::{LeaseSettings, Record};
+
+/// The storage key of a volume's record: the volume name and its two nodes
+/// (one witness serves many node pairs; names may repeat across pairs).
+pub fn record_key(volume: &str, a: &str, b: &str) -> String {
+    let (x, y) = if a <= b { (a, b) } else { (b, a) };
+    format!("{volume}@{x}+{y}")
+}
+
+/// A record that changed and must be made durable before answering.
+pub type Changed = Option<(String, Record)>;
+
+/// The witness state machine.
+pub struct Arbiter {
+    settings: LeaseSettings,
+    started_ms: u64,
+    records: BTreeMap<String, Record>,
+    /// Learning: per key, each node's claimed record and when it said so.
+    claims: BTreeMap<String, BTreeMap<String, (Record, u64)>>,
+    /// The last time each node was granted a primary lease.
+    granted_ms: BTreeMap<String, u64>,
+}
+
+impl Arbiter {
+    /// A witness started at `now_ms` with the records found on its disk.
+    pub fn new(settings: LeaseSettings, now_ms: u64, records: BTreeMap<String, Record>) -> Self {
+        Arbiter {
+            settings,
+            started_ms: now_ms,
+            records,
+            claims: BTreeMap::new(),
+            granted_ms: BTreeMap::new(),
+        }
+    }
+
+    /// Lease settings.
+    pub fn settings(&self) -> LeaseSettings {
+        self.settings
+    }
+
+    /// The record stored under `key`.
+    pub fn record(&self, key: &str) -> Option<&Record> {
+        self.records.get(key)
+    }
+
+    /// Every record.
+    pub fn records(&self) -> &BTreeMap<String, Record> {
+        &self.records
+    }
+
+    /// Sets (or drops) the record under `key` (after a failed persist).
+    pub fn replace(&mut self, key: &str, record: Option<Record>) {
+        match record {
+            Some(r) => {
+                self.records.insert(key.to_string(), r);
+            }
+            None => {
+                self.records.remove(key);
+            }
+        }
+    }
+
+    /// When any primary lease `node` may hold has run out (a restarted
+    /// witness assumes one was granted just before it started).
+    pub fn lease_bound_ms(&self, node: &str) -> u64 {
+        let last = self
+            .granted_ms
+            .get(node)
+            .copied()
+            .unwrap_or(0)
+            .max(self.started_ms);
+        self.settings.grantor_bound_ms(last)
+    }
+
+    /// A heartbeat from `node`: renews its leases and answers with its
+    /// volumes' records. Returns the records that changed.
+    pub fn heartbeat(
+        &mut self,
+        node: &str,
+        now_ms: u64,
+        claims: &[Claim],
+    ) -> (Vec<VolumeAnswer>, Vec<(String, Record)>) {
+        let mut answers = Vec::with_capacity(claims.len());
+        let mut changed = Vec::new();
+        let mut lease_granted = false;
+        for c in claims {
+            if c.peer == node {
+                answers.push(VolumeAnswer {
+                    volume: c.volume.clone(),
+                    record: None,
+                    lease: false,
+                });
+                continue;
+            }
+            let key = record_key(&c.volume, node, &c.peer);
+            if !self.records.contains_key(&key) {
+                if let Some(r) = self.learn(&key, node, now_ms, c) {
+                    changed.push((key.clone(), r));
+                }
+            }
+            let Some(rec) = self.records.get_mut(&key) else {
+                answers.push(VolumeAnswer {
+                    volume: c.volume.clone(),
+                    record: None,
+                    lease: false,
+                });
+                continue;
+            };
+            let is_primary = rec.primary.as_deref() == Some(node);
+            if is_primary && !c.primary_now && c.view.epoch == rec.epoch {
+                // It saw the record naming it primary and says it is not:
+                // it demoted without reaching us.
+                rec.primary = None;
+                rec.epoch += 1;
+                changed.push((key.clone(), rec.clone()));
+            }
+            let lease = rec.primary.as_deref() == Some(node);
+            lease_granted |= lease;
+            answers.push(VolumeAnswer {
+                volume: c.volume.clone(),
+                record: Some(rec.clone()),
+                lease,
+            });
+        }
+        if lease_granted {
+            self.granted_ms.insert(node.to_string(), now_ms);
+        }
+        (answers, changed)
+    }
+
+    /// Learning a record after the witness lost it: adopt it when both nodes
+    /// claimed the same record recently.
+    fn learn(&mut self, key: &str, node: &str, now_ms: u64, c: &Claim) -> Option<Record> {
+        let fresh_ms = self.settings.lease_ms.saturating_mul(2);
+        let mine = c.view.to_record(node, &c.peer);
+        let entry = self.claims.entry(key.to_string()).or_default();
+        entry.insert(node.to_string(), (mine.clone(), now_ms));
+        let (theirs, at) = entry.get(&c.peer)?.clone();
+        if theirs != mine || now_ms.saturating_sub(at) > fresh_ms {
+            return None;
+        }
+        let mut r = mine;
+        r.epoch += 1;
+        self.claims.remove(key);
+        self.records.insert(key.to_string(), r.clone());
+        tracing::info!("witness learned the record of {key} from both nodes: {r:?}");
+        Some(r)
+    }
+
+    /// A change requested by `node`.
+    pub fn change(
+        &mut self,
+        node: &str,
+        now_ms: u64,
+        volume: &str,
+        peer: &str,
+        expected_epoch: u64,
+        op: WitnessOp,
+    ) -> (ChangeOutcome, Changed) {
+        if peer == node {
+            return (ChangeOutcome::Refused(Refusal::NotMember), None);
+        }
+        let key = record_key(volume, node, peer);
+        let Some(current) = self.records.get(&key).cloned() else {
+            if let WitnessOp::Promote { force: true } = op {
+                // The operator starts a history here; the epoch continues
+                // after anything either node claimed.
+                let epoch = self
+                    .claims
+                    .get(&key)
+                    .map(|m| m.values().map(|(r, _)| r.epoch).max().unwrap_or(0))
+                    .unwrap_or(0)
+                    .max(expected_epoch)
+                    + 1;
+                let r = Record {
+                    epoch,
+                    primary: Some(node.to_string()),
+                    up_to_date: [node.to_string()].into_iter().collect(),
+                };
+                self.records.insert(key.clone(), r.clone());
+                self.claims.remove(&key);
+                self.granted_ms.insert(node.to_string(), now_ms);
+                return (ChangeOutcome::Done(r.clone()), Some((key, r)));
+            }
+            return (ChangeOutcome::Refused(Refusal::Unknown), None);
+        };
+        if expected_epoch != current.epoch {
+            return (ChangeOutcome::Conflict(current), None);
+        }
+        let mut next = current.clone();
+        let me_up_to_date = current.up_to_date.contains(node);
+        match op {
+            WitnessOp::Promote { force } => {
+                if current.primary.as_deref() == Some(node) {
+                    return (ChangeOutcome::Done(current), None);
+                }
+                if !me_up_to_date && !force {
+                    return (ChangeOutcome::Refused(Refusal::Outdated), None);
+                }
+                if let Some(holder) = current.primary.as_deref() {
+                    let bound = self.lease_bound_ms(holder);
+                    if now_ms < bound {
+                        return (
+                            ChangeOutcome::Wait {
+                                wait_ms: bound - now_ms,
+                                holder: holder.to_string(),
+                            },
+                            None,
+                        );
+                    }
+                }
+                next.primary = Some(node.to_string());
+                if !me_up_to_date {
+                    next.up_to_date = [node.to_string()].into_iter().collect();
+                }
+                self.granted_ms.insert(node.to_string(), now_ms);
+            }
+            WitnessOp::Outdate => {
+                let primary_ok = match current.primary.as_deref() {
+                    Some(p) => p == node,
+                    None => me_up_to_date,
+                };
+                if !primary_ok || !me_up_to_date {
+                    return (ChangeOutcome::Refused(Refusal::NotPrimary), None);
+                }
+                next.primary = Some(node.to_string());
+                next.up_to_date.remove(peer);
+                if next.primary != current.primary {
+                    self.granted_ms.insert(node.to_string(), now_ms);
+                }
+            }
+            WitnessOp::Restore => {
+                if !me_up_to_date {
+                    return (ChangeOutcome::Refused(Refusal::Outdated), None);
+                }
+                next.up_to_date.insert(peer.to_string());
+            }
+            WitnessOp::Demote => {
+                if current.primary.as_deref() == Some(node) {
+                    next.primary = None;
+                }
+            }
+        }
+        if next == current {
+            return (ChangeOutcome::Done(current), None);
+        }
+        next.epoch += 1;
+        self.records.insert(key.clone(), next.clone());
+        (ChangeOutcome::Done(next.clone()), Some((key, next)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quorum::{Holder, RecordView};
+
+    fn claim(peer: &str, view: RecordView, primary_now: bool) -> Claim {
+        Claim {
+            volume: "v".into(),
+            peer: peer.into(),
+            view,
+            primary_now,
+        }
+    }
+
+    fn fresh() -> Arbiter {
+        Arbiter::new(LeaseSettings::default(), 1000, BTreeMap::new())
+    }
+
+    fn both_up(epoch: u64, primary: Holder) -> RecordView {
+        RecordView {
+            epoch,
+            primary,
+            me_up_to_date: true,
+            peer_up_to_date: true,
+        }
+    }
+
+    #[test]
+    fn learns_only_when_both_agree() {
+        let mut w = fresh();
+        let (a, ch) = w.heartbeat("a", 1000, &[claim("b", both_up(4, Holder::Me), true)]);
+        assert!(a[0].record.is_none() && ch.is_empty() && !a[0].lease);
+        // b disagrees (thinks nobody is primary): still unknown.
+        let (a, _) = w.heartbeat("b", 1100, &[claim("a", both_up(4, Holder::Nobody), false)]);
+        assert!(a[0].record.is_none());
+        // Nothing can be decided meanwhile.
+        let (o, _) = w.change("a", 1100, "v", "b", 4, WitnessOp::Outdate);
+        assert_eq!(o, ChangeOutcome::Refused(Refusal::Unknown));
+        // b agrees now.
+        let (a, ch) = w.heartbeat("b", 1200, &[claim("a", both_up(4, Holder::Peer), false)]);
+        let r = a[0].record.clone().unwrap();
+        assert_eq!(r.epoch, 5);
+        assert_eq!(r.primary.as_deref(), Some("a"));
+        assert_eq!(ch.len(), 1);
+        assert!(!a[0].lease);
+    }
+
+    #[test]
+    fn promotion_waits_for_the_old_primary_lease_and_needs_up_to_date() {
+        let mut w = fresh();
+        let (_, _) = w.change("a", 1000, "v", "b", 0, WitnessOp::Promote { force: true });
+        let (_, _) = w.change("a", 1000, "v", "b", 1, WitnessOp::Restore);
+        let view = RecordView::of(w.record(&record_key("v", "a", "b")).unwrap(), "a", "b");
+        let (ans, _) = w.heartbeat("a", 5000, &[claim("b", view, true)]);
+        assert!(ans[0].lease);
+        let e = view.epoch;
+        let (o, _) = w.change("b", 5100, "v", "a", e, WitnessOp::Promote { force: false });
+        let ChangeOutcome::Wait { wait_ms, holder } = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(holder, "a");
+        assert_eq!(
+            5100 + wait_ms,
+            LeaseSettings::default().grantor_bound_ms(5000)
+        );
+        // Even forced, never while the lease may run.
+        let (o, _) = w.change("b", 5100, "v", "a", e, WitnessOp::Promote { force: true });
+        assert!(matches!(o, ChangeOutcome::Wait { .. }));
+        let later = LeaseSettings::default().grantor_bound_ms(5000);
+        let (o, ch) = w.change("b", later, "v", "a", e, WitnessOp::Promote { force: false });
+        let ChangeOutcome::Done(r) = o else { panic!() };
+        assert_eq!(r.primary.as_deref(), Some("b"));
+        assert!(ch.is_some());
+        // a's old view is stale now.
+        let (o, _) = w.change("a", later, "v", "b", e, WitnessOp::Outdate);
+        assert!(matches!(o, ChangeOutcome::Conflict(_)));
+        let (o, _) = w.change("a", later, "v", "b", r.epoch, WitnessOp::Outdate);
+        assert_eq!(o, ChangeOutcome::Refused(Refusal::NotPrimary));
+        // b outdates a; a can then not promote.
+        let (o, _) = w.change("b", later, "v", "a", r.epoch, WitnessOp::Outdate);
+        let ChangeOutcome::Done(r) = o else { panic!() };
+        assert!(!r.up_to_date.contains("a"));
+        let (o, _) = w.change(
+            "a",
+            later + 100_000,
+            "v",
+            "b",
+            r.epoch,
+            WitnessOp::Promote { force: false },
+        );
+        assert_eq!(o, ChangeOutcome::Refused(Refusal::Outdated));
+    }
+
+    #[test]
+    fn restarted_witness_assumes_a_fresh_lease() {
+        let mut records = BTreeMap::new();
+        records.insert(
+            record_key("v", "a", "b"),
+            Record {
+                epoch: 3,
+                primary: Some("a".into()),
+                up_to_date: ["a".to_string(), "b".to_string()].into_iter().collect(),
+            },
+        );
+        let mut w = Arbiter::new(LeaseSettings::default(), 50, records);
+        let (o, _) = w.change("b", 60, "v", "a", 3, WitnessOp::Promote { force: false });
+        assert!(matches!(o, ChangeOutcome::Wait { .. }));
+    }
+
+    #[test]
+    fn a_primary_that_demoted_unseen_is_cleared_by_its_heartbeat() {
+        let mut w = fresh();
+        let (o, _) = w.change("a", 1000, "v", "b", 0, WitnessOp::Promote { force: true });
+        let ChangeOutcome::Done(r) = o else { panic!() };
+        let view = RecordView::of(&r, "a", "b");
+        // An older view does not clear it (the promotion may be in flight).
+        let old = RecordView { epoch: 0, ..view };
+        let (_, ch) = w.heartbeat("a", 1100, &[claim("b", old, false)]);
+        assert!(ch.is_empty());
+        let (ans, ch) = w.heartbeat("a", 1200, &[claim("b", view, false)]);
+        assert_eq!(ch.len(), 1);
+        assert!(!ans[0].lease);
+        assert_eq!(ans[0].record.as_ref().unwrap().primary, None);
+    }
+
+    #[test]
+    fn members_only() {
+        let mut w = fresh();
+        let (o, _) = w.change("a", 1000, "v", "a", 0, WitnessOp::Promote { force: true });
+        assert_eq!(o, ChangeOutcome::Refused(Refusal::NotMember));
+    }
+}
