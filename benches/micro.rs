@@ -48,6 +48,7 @@ fn engine_step(c: &mut Criterion) {
         tie_winner: true,
         al_extent_bytes: 4 << 20,
         al_extents: 1000,
+        quorum: None,
     };
     let gens = Generations {
         current: 7,
@@ -67,6 +68,7 @@ fn engine_step(c: &mut Criterion) {
         data_bytes: 1 << 30,
         dirty_chunks: 0,
         sync_target: false,
+        record: Default::default(),
     });
     let _ = e.promote(false);
     while e.poll_action().is_some() {}

@@ -22,9 +22,11 @@ use crate::link::tls::TlsMaterial;
 use crate::link::{
     InboundHandler, InboundRequest, Link, LinkSettings, PeerConnection, VolumeStateMsg,
 };
+use crate::quorum::LeaseSettings;
 use crate::store::FaultPlan;
 use crate::store::uring::Uring;
-use crate::volume::{self, AttachOptions, VolumeError, VolumeHandle};
+use crate::volume::{self, AttachOptions, QuorumAttach, VolumeError, VolumeHandle};
+use crate::witness::{Claim, WitnessClient};
 
 /// Daemon start-up errors.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,9 @@ pub enum DaemonError {
     /// Link setup.
     #[error(transparent)]
     Link(#[from] crate::link::LinkError),
+    /// Witness session setup.
+    #[error(transparent)]
+    Witness(#[from] crate::witness::WitnessError),
     /// Local setup.
     #[error("{what}: {source}")]
     Io {
@@ -58,6 +63,7 @@ pub struct Daemon {
     link: Mutex<Option<Arc<Link>>>,
     volumes: Mutex<HashMap<String, Attached>>,
     exports: Mutex<HashMap<String, Export>>,
+    witness: Option<Arc<WitnessClient>>,
     me: Weak<Daemon>,
 }
 
@@ -77,7 +83,18 @@ impl Daemon {
             ),
             source,
         })?;
+        crate::quorum::clock::start();
+        let witness = match &cfg.witness {
+            Some(w) => Some(WitnessClient::new(
+                &w.name,
+                w.address,
+                &tls,
+                w.request_timeout_ms,
+            )?),
+            None => None,
+        };
         let daemon = Arc::new_cyclic(|me| Daemon {
+            witness: witness.clone(),
             cfg: cfg.clone(),
             ring,
             link: Mutex::new(None),
@@ -101,6 +118,13 @@ impl Daemon {
         )?;
         if let Ok(mut l) = daemon.link.lock() {
             *l = Some(link);
+        }
+        if let Some(w) = witness {
+            tokio::spawn(heartbeat_loop(
+                Arc::downgrade(&daemon),
+                w,
+                cfg.link.lease_ms,
+            ));
         }
         let control: Arc<dyn ControlHandler> = daemon.clone();
         tokio::spawn(server::serve(listener, control));
@@ -189,6 +213,56 @@ impl Daemon {
         })
     }
 
+    /// The quorum session a volume shared with `peer` takes part in.
+    fn quorum_for(&self, peer: &str) -> Option<QuorumAttach> {
+        let witness = self.witness.clone()?;
+        let policy = self.cfg.witness.as_ref()?.on_no_quorum;
+        let peer_lease = self
+            .link
+            .lock()
+            .ok()?
+            .as_ref()
+            .and_then(|l| l.peer_lease(peer))?;
+        Some(QuorumAttach {
+            witness,
+            policy,
+            peer_lease,
+            peer_lease_settings: LeaseSettings {
+                lease_ms: self.cfg.link.lease_ms,
+                ..Default::default()
+            },
+        })
+    }
+
+    /// Runs the configured handler for an event: `sh -c COMMAND` with
+    /// BLKREP_EVENT, BLKREP_VOLUME, BLKREP_NODE in the environment.
+    fn event_hook(&self) -> volume::EventHook {
+        let handlers = self.cfg.handlers.clone();
+        let node = self.cfg.node.clone();
+        Arc::new(move |volume: &str, event: &str| {
+            tracing::info!("volume {volume}: event {event}");
+            let Some(cmd) = handlers.get(event).cloned() else {
+                return;
+            };
+            let (volume, event, node) = (volume.to_string(), event.to_string(), node.clone());
+            std::thread::spawn(move || {
+                let status = std::process::Command::new("/bin/sh")
+                    .arg("-c")
+                    .arg(&cmd)
+                    .env("BLKREP_EVENT", &event)
+                    .env("BLKREP_VOLUME", &volume)
+                    .env("BLKREP_NODE", &node)
+                    .stdin(std::process::Stdio::null())
+                    .status();
+                match status {
+                    Ok(s) if s.success() => {}
+                    Ok(s) => tracing::warn!("handler for {event} on {volume} exited with {s}"),
+                    Err(e) => tracing::warn!("handler for {event} on {volume} did not run: {e}"),
+                }
+            });
+        })
+    }
+
     fn attach(&self, name: &str) -> Response {
         let Some(vcfg) = self.cfg.volume(name) else {
             return err(
@@ -239,6 +313,8 @@ impl Daemon {
             ring: self.ring.clone(),
             faults: self.cfg.debug.fault_injection.then(|| faults.clone()),
             export: self.export_hook(),
+            events: self.event_hook(),
+            quorum: self.quorum_for(peer),
         };
         let handle = match volume::attach(opts) {
             Ok(h) => h,
@@ -345,10 +421,14 @@ fn not_attached(name: &str) -> Response {
 
 fn volume_err(e: VolumeError) -> Response {
     let code = match &e {
-        VolumeError::Promote(PromoteError::PeerPrimary) => ErrorCode::PeerPrimary,
-        VolumeError::Promote(PromoteError::NotUpToDate(_) | PromoteError::SyncTarget) => {
-            ErrorCode::Outdated
+        VolumeError::Promote(PromoteError::PeerPrimary | PromoteError::PeerLease(_)) => {
+            ErrorCode::PeerPrimary
         }
+        VolumeError::Promote(
+            PromoteError::NotUpToDate(_) | PromoteError::SyncTarget | PromoteError::Outdated,
+        ) => ErrorCode::Outdated,
+        VolumeError::Promote(PromoteError::NoQuorum(_))
+        | VolumeError::Io(crate::engine::IoFailure::NoQuorum) => ErrorCode::NoQuorum,
         VolumeError::Demote(_) => ErrorCode::Busy,
         VolumeError::Detached => ErrorCode::NotAttached,
         _ => ErrorCode::Failed,
@@ -402,6 +482,18 @@ impl ControlHandler for Daemon {
                     },
                     None => not_attached(&volume),
                 },
+                Request::Resolve { volume } => match self.volume(&volume) {
+                    Some(h) => match h.discard_local().await {
+                        Ok(()) => Response::Ok {
+                            message: format!(
+                                "{volume}: local changes discarded on {}; the peer resyncs it in full",
+                                self.cfg.node
+                            ),
+                        },
+                        Err(e) => volume_err(e),
+                    },
+                    None => not_attached(&volume),
+                },
                 Request::FailDisk { volume } => {
                     if !self.cfg.debug.fault_injection {
                         return err(
@@ -426,6 +518,62 @@ impl ControlHandler for Daemon {
                 }
             }
         })
+    }
+}
+
+/// Heartbeats to the witness every quarter lease: renews the primary leases
+/// and brings every attached volume its record.
+async fn heartbeat_loop(me: Weak<Daemon>, witness: Arc<WitnessClient>, lease_ms: u64) {
+    let mut interval_ms = LeaseSettings {
+        lease_ms,
+        ..Default::default()
+    }
+    .renew_interval_ms();
+    loop {
+        let Some(daemon) = me.upgrade() else { return };
+        let volumes: Vec<(String, String, VolumeHandle)> = daemon
+            .volumes
+            .lock()
+            .map(|v| {
+                v.iter()
+                    .map(|(n, a)| (n.clone(), a.peer.clone(), a.handle.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        drop(daemon);
+        let claims = volumes
+            .iter()
+            .filter_map(|(name, peer, h)| {
+                let (view, primary_now) = h.lease()?.claim();
+                Some(Claim {
+                    volume: name.clone(),
+                    peer: peer.clone(),
+                    view,
+                    primary_now,
+                })
+            })
+            .collect();
+        if let Ok(reply) = witness.heartbeat(claims).await {
+            interval_ms = LeaseSettings {
+                lease_ms: reply.lease_ms,
+                ..Default::default()
+            }
+            .renew_interval_ms();
+            for answer in reply.volumes {
+                let Some((_, _, h)) = volumes.iter().find(|(n, _, _)| *n == answer.volume) else {
+                    continue;
+                };
+                if answer.lease
+                    && let Some(l) = h.lease()
+                {
+                    l.witness_granted(reply.sent_ms, reply.lease_ms);
+                }
+                if let Some(r) = answer.record {
+                    h.witness_record(r);
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(interval_ms)).await;
     }
 }
 

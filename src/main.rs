@@ -44,6 +44,17 @@ enum Command {
     },
     /// Run the node agent (one per node; systemd service).
     Daemon,
+    /// Run the witness (on a third machine; --config names its own file).
+    Witness,
+    /// Resolve a split brain on the node whose changes are to be thrown
+    /// away: its copy is overwritten by a full resync from the peer.
+    Resolve {
+        /// Volume name.
+        volume: String,
+        /// Required: say that this node's changes are discarded.
+        #[arg(long, required = true)]
+        discard_local: bool,
+    },
     /// Bring a volume up on this node (as secondary).
     Attach {
         /// Volume name.
@@ -54,7 +65,9 @@ enum Command {
         /// Volume name.
         volume: String,
     },
-    /// Make this node the writer and export the volume here.
+    /// Make this node the writer and export the volume here (the failover
+    /// hook; with a witness it needs the witness's consent).
+    #[command(visible_alias = "promote")]
     Primary {
         /// Volume name.
         volume: String,
@@ -64,6 +77,7 @@ enum Command {
         force: bool,
     },
     /// Stop being the writer on this node.
+    #[command(visible_alias = "demote")]
     Secondary {
         /// Volume name.
         volume: String,
@@ -207,6 +221,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
+        Command::Witness => {
+            let cfg = blkrep::config::WitnessConfig::load(&cli.config)?;
+            runtime()?.block_on(async move {
+                let server = blkrep::witness::WitnessServer::start(&cfg)?;
+                wait_for_signal().await;
+                tracing::info!("witness shutting down");
+                server.shutdown();
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Resolve { volume, .. } => request(&cli.config, Request::Resolve { volume }, false),
         Command::Attach { volume } => request(&cli.config, Request::Attach { volume }, false),
         Command::Detach { volume } => request(&cli.config, Request::Detach { volume }, false),
         Command::Primary { volume, force } => {

@@ -135,7 +135,13 @@ async fn a_corrupted_frame_is_refused_and_nothing_is_written() {
     send_frame(&mut send, Header::new(Kind::Hello), &ours).await;
 
     // alpha announces its state; answer as an up-to-date primary with data.
-    let (h, payload) = read_frame(&mut recv).await.expect("alpha state");
+    // (Lease pings may come first; this fake peer leaves them unanswered.)
+    let (h, payload) = loop {
+        let (h, payload) = read_frame(&mut recv).await.expect("alpha state");
+        if h.kind != Kind::LeasePing {
+            break (h, payload);
+        }
+    };
     assert_eq!(h.kind, Kind::VolumeState);
     let alpha: VolumeStateMsg = serde_json::from_slice(&payload).expect("state json");
     let data_bytes = alpha.view.expect("alpha view").data_bytes;
@@ -152,6 +158,7 @@ async fn a_corrupted_frame_is_refused_and_nothing_is_written() {
             data_bytes,
             dirty_chunks: 0,
             sync_target: false,
+            record: Default::default(),
         }),
         sync_done: None,
         dirty_runs: None,
@@ -179,7 +186,12 @@ async fn a_corrupted_frame_is_refused_and_nothing_is_written() {
     h.offset = 0;
     h.flags = FLAG_RESYNC;
     send_frame(&mut send, h, &[0x3c; 4096]).await;
-    let (ack, _) = read_frame(&mut recv).await.expect("ack");
+    let (ack, _) = loop {
+        let f = read_frame(&mut recv).await.expect("ack");
+        if f.0.kind != Kind::LeasePing {
+            break f;
+        }
+    };
     assert_eq!((ack.kind, ack.request, ack.status), (Kind::Ack, 1, 0));
     let disk = std::fs::File::open(&c.nodes[0].disk).expect("alpha disk");
     let mut b = [0u8; 4096];

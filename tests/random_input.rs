@@ -132,6 +132,7 @@ fn nbd_request_parser_and_metadata_decoders_never_panic() {
         },
         attached: true,
         primary: false,
+        record: Default::default(),
     }
     .encode()
     .expect("encode");

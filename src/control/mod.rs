@@ -70,6 +70,12 @@ pub enum Request {
         #[serde(default)]
         volume: Option<String>,
     },
+    /// Resolve a split brain by discarding this node's changes: the node
+    /// becomes a full-sync target of its peer.
+    Resolve {
+        /// Volume name.
+        volume: String,
+    },
     /// Test and drill only (needs `debug.fault_injection = true`): make the
     /// local disk of the volume fail every I/O from now on.
     FailDisk {

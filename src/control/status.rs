@@ -56,6 +56,30 @@ pub struct VolumeStatusReport {
     pub activity_log_updates: u64,
     /// Current data generation id (hex).
     pub generation: Option<String>,
+    /// Quorum state (null without a witness).
+    #[serde(default)]
+    pub quorum: Option<QuorumReport>,
+}
+
+/// Quorum state of a volume with a witness.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuorumReport {
+    /// Epoch of the witness record this node last saw (0: none yet).
+    pub epoch: u64,
+    /// Who the record names primary: "me", "peer" or null.
+    pub primary: Option<String>,
+    /// The record lists this node as up to date.
+    pub up_to_date: bool,
+    /// The record lists the peer as up to date.
+    pub peer_up_to_date: bool,
+    /// The witness answered the last request.
+    pub witness_reachable: bool,
+    /// A fresh lease (witness or peer) lets this node serve as primary.
+    pub lease_valid: bool,
+    /// Writes waiting for the witness to outdate the peer (rule 2).
+    pub waiting_writes: usize,
+    /// Requests held because the primary has no lease (rule 7).
+    pub frozen_requests: usize,
 }
 
 /// The peer of a volume.
@@ -154,6 +178,7 @@ impl VolumeStatusReport {
             last_verify: None,
             activity_log_updates: 0,
             generation: None,
+            quorum: None,
         }
     }
 
@@ -241,6 +266,20 @@ impl VolumeStatusReport {
             activity_log_updates: e.activity_log_updates,
             generation: (e.generations.current != 0)
                 .then(|| format!("{:016x}", e.generations.current)),
+            quorum: s.lease_valid.map(|lease_valid| QuorumReport {
+                epoch: e.record.epoch,
+                primary: match e.record.primary {
+                    crate::quorum::Holder::Me => Some("me".into()),
+                    crate::quorum::Holder::Peer => Some("peer".into()),
+                    crate::quorum::Holder::Nobody => None,
+                },
+                up_to_date: e.record.me_up_to_date,
+                peer_up_to_date: e.record.peer_up_to_date,
+                witness_reachable: s.witness_reachable.unwrap_or(false),
+                lease_valid,
+                waiting_writes: e.quorum_waiting,
+                frozen_requests: s.frozen_requests,
+            }),
         }
     }
 }
@@ -304,6 +343,29 @@ pub fn render_text(s: &NodeStatus) -> String {
         }
         if let Some(e) = &v.export {
             out.push_str(&format!("  export: {e}\n"));
+        }
+        if let Some(q) = &v.quorum {
+            out.push_str(&format!(
+                "  witness: {} epoch={} primary={} up-to-date: me={} peer={} lease={}{}\n",
+                if q.witness_reachable {
+                    "reachable"
+                } else {
+                    "UNREACHABLE"
+                },
+                q.epoch,
+                q.primary.as_deref().unwrap_or("-"),
+                q.up_to_date,
+                q.peer_up_to_date,
+                if q.lease_valid { "valid" } else { "NONE" },
+                if q.waiting_writes + q.frozen_requests > 0 {
+                    format!(
+                        "  I/O held: {} waiting for quorum, {} frozen",
+                        q.waiting_writes, q.frozen_requests
+                    )
+                } else {
+                    String::new()
+                }
+            ));
         }
         out.push_str(&format!(
             "  out-of-sync: {}  in-flight: {}\n",

@@ -16,6 +16,8 @@ pub use request::{INTERNAL_ID_BASE, Leg, Op, Range, Request, RequestId, RequestT
 use crate::meta::activity_log::{ActivityLog, AlSnapshot};
 use crate::meta::bitmap::BITMAP_PAGE_BYTES;
 use crate::meta::{Bitmap, DiskState, Generations};
+use crate::quorum::{Holder, NoQuorumPolicy, RecordView};
+use crate::witness::WitnessOp;
 
 /// Resync chunks in flight at once.
 pub const RESYNC_WINDOW: usize = 32;
@@ -31,10 +33,14 @@ pub enum IoFailure {
     /// This node is not primary.
     #[error("volume is not primary on this node")]
     NotPrimary,
+    /// Neither the peer nor the witness could be reached (rule 2) and the
+    /// policy is `io-error`, or this node lost the primary role.
+    #[error("no quorum: neither the peer nor the witness confirms this write")]
+    NoQuorum,
 }
 
 /// Why a promotion was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PromoteError {
     /// The connected peer is primary.
     #[error("peer still primary: demote it first")]
@@ -50,6 +56,17 @@ pub enum PromoteError {
     /// The node is receiving a resync.
     #[error("a resync to this node is in progress; wait for it to finish")]
     SyncTarget,
+    /// The witness does not list this node as up to date.
+    #[error(
+        "outdated: the witness does not list this node as up to date (the peer wrote without it); use --force only if the peer's data is lost"
+    )]
+    Outdated,
+    /// The witness could not be asked or is still learning.
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
+    /// The old primary may still hold a lease.
+    #[error("peer still primary: {0}")]
+    PeerLease(String),
 }
 
 /// Why a verify or resync request was refused.
@@ -64,6 +81,9 @@ pub enum MaintenanceError {
     /// A verify is already running.
     #[error("a verify is already running")]
     Busy,
+    /// The operation would discard the data of the primary.
+    #[error("this node is primary: demote it first")]
+    IsPrimary,
 }
 
 /// Why a demotion was refused.
@@ -133,6 +153,8 @@ pub enum Action {
         pages: Vec<(u32, Box<[u8; BITMAP_PAGE_BYTES]>)>,
         /// A new activity-log snapshot to write, if the set changed.
         activity_log: Option<AlSnapshot>,
+        /// The witness record as last seen.
+        record: RecordView,
     },
     /// Send this node's current `NodeView` to the peer.
     AnnounceState,
@@ -143,6 +165,14 @@ pub enum Action {
     },
     /// Start (true) or stop (false) exporting the volume to applications.
     Export(bool),
+    /// Ask the witness for `op` on this volume's record (compare-and-set on
+    /// `expected_epoch`) and report `witness_change_done`.
+    WitnessChange {
+        /// The change.
+        op: WitnessOp,
+        /// The epoch this node last saw.
+        expected_epoch: u64,
+    },
     /// Something an operator should hear about.
     Notify(Notice),
 }
@@ -164,6 +194,14 @@ pub enum Notice {
     PeerRefused(&'static str),
     /// An online verify finished.
     VerifyDone,
+    /// Writes wait (or fail) because neither peer nor witness answers.
+    QuorumLost,
+    /// The witness answers again.
+    QuorumRegained,
+    /// The witness names the peer primary: this node stopped being primary.
+    Fenced,
+    /// The witness no longer lists this node as up to date.
+    Outdated,
 }
 
 /// Static parameters of one engine.
@@ -179,6 +217,9 @@ pub struct EngineConfig {
     pub al_extent_bytes: u64,
     /// Extents kept in the activity log.
     pub al_extents: usize,
+    /// With a witness: what to do when quorum is lost (None: no witness,
+    /// two-node mode; the primary writes on alone when the peer is gone).
+    pub quorum: Option<NoQuorumPolicy>,
 }
 
 /// Progress of a resync in which this node is the source.
@@ -243,6 +284,12 @@ pub struct EngineStatus {
     pub last_verify: Option<VerifyProgress>,
     /// Activity-log updates written since attach (metadata cost of writes).
     pub activity_log_updates: u64,
+    /// The witness record as last seen.
+    pub record: RecordView,
+    /// Writes waiting for quorum (rule 2).
+    pub quorum_waiting: usize,
+    /// The last witness change failed and writes wait for it.
+    pub quorum_lost: bool,
 }
 
 /// Where reads are served from.
@@ -283,6 +330,11 @@ pub struct Engine {
     last_resync: Option<ResyncProgress>,
     verify: Option<VerifyProgress>,
     last_verify: Option<VerifyProgress>,
+    record: RecordView,
+    witness_pending: bool,
+    witness_backoff: bool,
+    quorum_waiters: BTreeSet<RequestId>,
+    quorum_lost: bool,
 }
 
 impl Engine {
@@ -322,7 +374,17 @@ impl Engine {
             last_resync: None,
             verify: None,
             last_verify: None,
+            record: RecordView::default(),
+            witness_pending: false,
+            witness_backoff: false,
+            quorum_waiters: BTreeSet::new(),
+            quorum_lost: false,
         }
+    }
+
+    /// Sets the witness record persisted in the superblock (at attach).
+    pub fn set_record(&mut self, record: RecordView) {
+        self.record = record;
     }
 
     /// The dirty chunks of this node as `(first, count)` runs, for the peer;
@@ -402,6 +464,7 @@ impl Engine {
             dirty_chunks: self.bitmap.set_count(),
             sync_target: matches!(self.peer, Some((_, Relation::SyncTarget)))
                 && self.announce_after.is_none(),
+            record: self.record,
         }
     }
 
@@ -425,7 +488,15 @@ impl Engine {
             verify: self.verify.clone(),
             last_verify: self.last_verify.clone(),
             activity_log_updates: self.al.updates,
+            record: self.record,
+            quorum_waiting: self.quorum_waiters.len(),
+            quorum_lost: self.quorum_lost,
         }
+    }
+
+    /// The role (cheap; for per-request checks).
+    pub fn status_role(&self) -> Role {
+        self.role
     }
 
     /// The local disk state (cheap; for per-request checks).
@@ -513,6 +584,7 @@ impl Engine {
             primary: self.role == Role::Primary,
             pages,
             activity_log: self.al_to_persist.take(),
+            record: self.record,
         });
         self.meta_issued
     }
@@ -531,7 +603,11 @@ impl Engine {
             self.persist();
             self.actions.push_back(Action::Notify(Notice::PeerOutdated));
         }
+        if now && !self.replicating {
+            self.resend_quorum_waiters();
+        }
         self.replicating = now;
+        self.want_witness();
     }
 
     // ---- client requests ----
@@ -666,11 +742,214 @@ impl Engine {
             return; // finished in resync_chunk_finished / verify_done
         }
         let ok = r.local == Leg::Done || r.peer == Leg::Done;
+        if ok && self.needs_quorum(r) && self.role == Role::Primary {
+            // Rule 2: completing without the peer needs the witness to
+            // have moved the peer out of up_to_date first.
+            if self.quorum_lost && self.cfg.quorum == Some(NoQuorumPolicy::IoError) {
+                self.quorum_waiters.remove(&id);
+                self.actions.push_back(Action::Complete {
+                    id,
+                    result: Err(IoFailure::NoQuorum),
+                });
+                self.finish(id);
+                return;
+            }
+            self.quorum_waiters.insert(id);
+            return;
+        }
+        self.quorum_waiters.remove(&id);
+        let ok = ok && !self.needs_quorum(r);
         self.actions.push_back(Action::Complete {
             id,
-            result: if ok { Ok(()) } else { Err(IoFailure::NoCopy) },
+            result: if ok {
+                Ok(())
+            } else if r.local == Leg::Done || r.peer == Leg::Done {
+                Err(IoFailure::NoQuorum)
+            } else {
+                Err(IoFailure::NoCopy)
+            },
         });
         self.finish(id);
+    }
+
+    // ---- quorum (rules 2 and 3) ----
+
+    /// Whether request `r`, complete on the local disk only, must wait for
+    /// the witness to outdate the peer before it may complete.
+    fn needs_quorum(&self, r: &Request) -> bool {
+        self.cfg.quorum.is_some()
+            && !matches!(r.op, Op::Read | Op::ResyncChunk | Op::VerifyChunk)
+            && r.peer != Leg::Done
+            && (self.record.epoch == 0 || self.record.peer_up_to_date)
+    }
+
+    /// The peer is back and mirrors writes again: send it the writes that
+    /// waited for quorum; each completes once the peer has it.
+    fn resend_quorum_waiters(&mut self) {
+        for id in self.quorum_waiters.clone() {
+            if let Some(r) = self.table.requests.get_mut(&id)
+                && r.peer != Leg::Pending
+                && r.op != Op::Read
+            {
+                r.peer = Leg::Pending;
+                let (op, range) = (r.op, r.range);
+                self.actions.push_back(Action::PeerIo { id, op, range });
+            }
+        }
+    }
+
+    /// Asks the witness for what the state needs, one change at a time.
+    fn want_witness(&mut self) {
+        if self.cfg.quorum.is_none() || self.witness_pending || self.witness_backoff {
+            return;
+        }
+        let rec = self.record;
+        let outdate = !self.quorum_waiters.is_empty()
+            || (self.role == Role::Primary
+                && self.disk == DiskState::UpToDate
+                && !self.replicating()
+                && rec.epoch > 0
+                && rec.peer_up_to_date);
+        let restore = rec.epoch > 0
+            && rec.me_up_to_date
+            && !rec.peer_up_to_date
+            && self.disk == DiskState::UpToDate
+            && matches!(self.peer, Some((v, Relation::InSync)) if v.disk == DiskState::UpToDate);
+        let op = if outdate {
+            WitnessOp::Outdate
+        } else if restore {
+            WitnessOp::Restore
+        } else {
+            return;
+        };
+        self.witness_pending = true;
+        self.actions.push_back(Action::WitnessChange {
+            op,
+            expected_epoch: rec.epoch,
+        });
+    }
+
+    /// The witness answered a change: `Some(record)` when it was done or the
+    /// epoch had moved on (decide again), `None` when it failed or was refused.
+    pub fn witness_change_done(&mut self, outcome: Option<RecordView>) {
+        self.witness_pending = false;
+        match outcome {
+            Some(view) => {
+                if self.quorum_lost {
+                    self.quorum_lost = false;
+                    self.actions
+                        .push_back(Action::Notify(Notice::QuorumRegained));
+                }
+                self.witness_record(view);
+            }
+            None => {
+                self.witness_backoff = true;
+                if !self.quorum_waiters.is_empty() && !self.quorum_lost {
+                    self.quorum_lost = true;
+                    self.actions.push_back(Action::Notify(Notice::QuorumLost));
+                }
+                if self.cfg.quorum == Some(NoQuorumPolicy::IoError) {
+                    for id in std::mem::take(&mut self.quorum_waiters) {
+                        self.actions.push_back(Action::Complete {
+                            id,
+                            result: Err(IoFailure::NoQuorum),
+                        });
+                        self.finish(id);
+                    }
+                }
+                self.after_event();
+            }
+        }
+    }
+
+    /// Periodic: retry a failed witness change.
+    pub fn tick(&mut self) {
+        self.witness_backoff = false;
+        self.want_witness();
+    }
+
+    /// The witness record (from a heartbeat, a change, or the peer's newer
+    /// view).
+    pub fn witness_record(&mut self, view: RecordView) {
+        if self.cfg.quorum.is_none() || view.epoch < self.record.epoch {
+            return;
+        }
+        if view != self.record {
+            self.record = view;
+            self.persist();
+        }
+        if self.role == Role::Primary && view.primary == Holder::Peer {
+            self.fence();
+        }
+        let in_sync = matches!(self.peer, Some((_, Relation::InSync)));
+        if view.epoch > 0
+            && !view.me_up_to_date
+            && self.disk == DiskState::UpToDate
+            && self.role == Role::Secondary
+            && !in_sync
+        {
+            self.disk = DiskState::Outdated;
+            self.persist();
+            self.actions.push_back(Action::AnnounceState);
+            self.actions.push_back(Action::Notify(Notice::Outdated));
+            self.renegotiate();
+        }
+        if self.quorum_lost && !view.peer_up_to_date {
+            self.quorum_lost = false;
+            self.actions
+                .push_back(Action::Notify(Notice::QuorumRegained));
+        }
+        for id in self.quorum_waiters.clone() {
+            self.try_complete(id);
+        }
+        self.after_event();
+    }
+
+    /// The witness made the peer primary: stop being primary at once.
+    fn fence(&mut self) {
+        self.role = Role::Secondary;
+        self.actions.push_back(Action::Export(false));
+        self.actions.push_back(Action::Notify(Notice::Fenced));
+        for id in std::mem::take(&mut self.quorum_waiters) {
+            self.actions.push_back(Action::Complete {
+                id,
+                result: Err(IoFailure::NoQuorum),
+            });
+            self.finish(id);
+        }
+        self.persist();
+        self.actions.push_back(Action::AnnounceState);
+    }
+
+    /// What this node tells the witness about the volume: the record it last
+    /// saw or, never having seen one, what it knows; and whether it is
+    /// primary now.
+    pub fn claim(&self) -> (RecordView, bool) {
+        let view = if self.record.epoch > 0 {
+            self.record
+        } else {
+            RecordView {
+                epoch: 0,
+                primary: if self.role == Role::Primary {
+                    Holder::Me
+                } else if self.peer_is_primary() {
+                    Holder::Peer
+                } else {
+                    Holder::Nobody
+                },
+                me_up_to_date: self.disk == DiskState::UpToDate,
+                peer_up_to_date: matches!(
+                    self.peer,
+                    Some((v, Relation::InSync)) if v.disk == DiskState::UpToDate
+                ),
+            }
+        };
+        (view, self.role == Role::Primary)
+    }
+
+    /// The witness record as last seen.
+    pub fn record(&self) -> RecordView {
+        self.record
     }
 
     fn finish(&mut self, id: RequestId) {
@@ -855,6 +1134,50 @@ impl Engine {
 
     // ---- roles ----
 
+    /// Split-brain resolution on the victim: forget this node's data history
+    /// (its copy becomes Inconsistent) so that the peer overwrites it with a
+    /// full resync. Refused while primary.
+    pub fn discard_local(&mut self) -> Result<u64, MaintenanceError> {
+        if self.role == Role::Primary {
+            return Err(MaintenanceError::IsPrimary);
+        }
+        self.disk = DiskState::Inconsistent;
+        self.gens = Generations::default();
+        let pages = self.bitmap.clear_all();
+        self.pages_to_persist.extend(pages);
+        let token = self.persist();
+        if let Some((v, _)) = self.peer {
+            self.peer = Some((v, Relation::Refused("resolving")));
+            self.renegotiate();
+        }
+        self.actions.push_back(Action::AnnounceState);
+        Ok(token)
+    }
+
+    /// Whether this node could become primary now (no side effects).
+    pub fn promote_check(&self, force: bool) -> Result<(), PromoteError> {
+        if self.role == Role::Primary {
+            return Ok(());
+        }
+        if let Some((p, rel)) = &self.peer {
+            if p.role == Role::Primary {
+                return Err(PromoteError::PeerPrimary);
+            }
+            if *rel == Relation::SyncTarget && !force {
+                return Err(PromoteError::SyncTarget);
+            }
+        }
+        match self.disk {
+            DiskState::Diskless if !matches!(self.peer, Some((_, Relation::DisklessClient))) => {
+                Err(PromoteError::Diskless)
+            }
+            DiskState::Outdated | DiskState::Inconsistent if !force => {
+                Err(PromoteError::NotUpToDate(self.disk))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Makes this node primary. Returns the metadata token to wait for.
     pub fn promote(&mut self, force: bool) -> Result<u64, PromoteError> {
         if self.role == Role::Primary {
@@ -919,6 +1242,10 @@ impl Engine {
 
     /// The peer's state arrived (first time after connecting, or changed).
     pub fn peer_state(&mut self, view: NodeView) {
+        if self.cfg.quorum.is_some() && view.record.epoch > self.record.epoch {
+            // The peer saw a newer witness record: the same record for both.
+            self.witness_record(view.record.swapped());
+        }
         let first = self.peer.is_none();
         let old = self.peer;
         let rel = old

@@ -28,6 +28,9 @@ pub struct NodeView {
     pub dirty_chunks: u64,
     /// Ready to receive a resync (disk persisted as Inconsistent).
     pub sync_target: bool,
+    /// The witness record as this node last saw it.
+    #[serde(default)]
+    pub record: crate::quorum::RecordView,
 }
 
 /// How this node relates to its connected peer.
@@ -177,6 +180,7 @@ mod tests {
             data_bytes: 1 << 20,
             dirty_chunks: 0,
             sync_target: false,
+            record: Default::default(),
         }
     }
 

@@ -106,6 +106,7 @@ fn config(tie: bool) -> EngineConfig {
         tie_winner: tie,
         al_extent_bytes: AL_EXTENT,
         al_extents: AL_CAPACITY,
+        quorum: None,
     }
 }
 
@@ -279,6 +280,7 @@ impl Sim {
                     primary,
                     pages,
                     activity_log,
+                    ..
                 } => self.nodes[n].meta.push_back(MetaWrite {
                     token,
                     disk,
@@ -311,7 +313,7 @@ impl Sim {
                     );
                     self.nodes[n].eng.verify_done(id, equal);
                 }
-                Action::Export(_) | Action::Notify(_) => {}
+                Action::Export(_) | Action::Notify(_) | Action::WitnessChange { .. } => {}
             }
         }
     }

@@ -73,6 +73,8 @@ pub struct Superblock {
     pub attached: bool,
     /// This node was primary when the superblock was written.
     pub primary: bool,
+    /// The last witness record this node saw (epoch 0: none).
+    pub record: crate::quorum::RecordView,
 }
 
 impl Superblock {
@@ -100,6 +102,8 @@ impl Superblock {
             let at = 120 + 8 * i;
             b[at..at + 8].copy_from_slice(&h.to_le_bytes());
         }
+        b[160..168].copy_from_slice(&self.record.epoch.to_le_bytes());
+        b[168] = self.record.flags();
         let crc = crc32fast::hash(&b[..CRC_OFFSET]);
         b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         Ok(b)
@@ -150,7 +154,10 @@ impl Superblock {
         for (i, h) in history.iter_mut().enumerate() {
             *h = u64_at(b, 120 + 8 * i);
         }
+        let record = crate::quorum::RecordView::from_parts(u64_at(b, 160), b[168])
+            .ok_or(MetaError::Corrupt("bad witness record flags"))?;
         Ok(Superblock {
+            record,
             seq: u64_at(b, 12),
             volume_name,
             data_bytes: u64_at(b, 20),
@@ -221,6 +228,7 @@ mod tests {
             },
             attached: true,
             primary: false,
+            record: crate::quorum::RecordView::default(),
         }
     }
 

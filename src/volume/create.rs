@@ -54,6 +54,7 @@ pub fn create_metadata(
         generations: Generations::default(),
         attached: false,
         primary: false,
+        record: crate::quorum::RecordView::default(),
     };
     let bitmap = Bitmap::new(layout.data_bytes, u64::from(chunk_bytes));
     dev.format(&sb, &bitmap)?;

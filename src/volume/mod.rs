@@ -4,6 +4,7 @@
 //! Frontends talk to a `VolumeHandle`; local reads bypass the engine task.
 
 mod create;
+mod quorum;
 mod shell;
 
 use std::path::PathBuf;
@@ -18,7 +19,8 @@ use crate::meta::MetaError;
 use crate::store::{AlignedBuf, BlockStore, StoreError};
 
 pub use create::create_metadata;
-pub use shell::{AttachOptions, ExportHook, attach, open_meta};
+pub use quorum::{QuorumAttach, VolumeLease};
+pub use shell::{AttachOptions, EventHook, ExportHook, attach, open_meta};
 
 /// Client requests in flight per volume.
 /// Client requests in flight per volume (each pins at most two activity-log
@@ -81,6 +83,12 @@ pub struct VolumeStatus {
     pub chunk_bytes: u64,
     /// Seconds since the running resync started (this node the source).
     pub resync_elapsed_s: Option<f64>,
+    /// With a witness: whether a fresh lease lets this node serve as primary.
+    pub lease_valid: Option<bool>,
+    /// With a witness: whether it answered the last request.
+    pub witness_reachable: Option<bool>,
+    /// Client requests held because the primary has no lease.
+    pub frozen_requests: usize,
 }
 
 pub(crate) enum Input {
@@ -129,10 +137,22 @@ pub(crate) enum Input {
         checksum: bool,
         reply: oneshot::Sender<Result<bool, VolumeError>>,
     },
+    DiscardLocal {
+        reply: oneshot::Sender<Result<(), VolumeError>>,
+    },
     VerifyDone {
         id: u64,
         equal: Option<bool>,
     },
+    PromoteGranted {
+        force: bool,
+        record: crate::quorum::Record,
+        sent_ms: u64,
+        reply: oneshot::Sender<Result<(), VolumeError>>,
+    },
+    WitnessRecord(crate::quorum::Record),
+    WitnessChanged(Option<crate::quorum::Record>),
+    Tick,
 }
 
 const READ_LOCAL: u8 = 0;
@@ -160,6 +180,7 @@ struct HandleInner {
     store: Arc<dyn BlockStore>,
     permits: Semaphore,
     data_bytes: u64,
+    lease: Option<Arc<VolumeLease>>,
 }
 
 impl VolumeHandle {
@@ -204,25 +225,56 @@ impl VolumeHandle {
         rx.await.map_err(|_| VolumeError::Detached)?
     }
 
+    /// The volume's leases (with a witness).
+    pub fn lease(&self) -> Option<&Arc<VolumeLease>> {
+        self.inner.lease.as_ref()
+    }
+
+    /// A record for this volume arrived with a witness heartbeat.
+    pub fn witness_record(&self, record: crate::quorum::Record) {
+        let _ = self.send(Input::WitnessRecord(record));
+    }
+
+    /// Rule 7: a primary serves reads only while it holds a fresh lease.
+    /// Without one it waits (`suspend`) or fails (`io-error`).
+    async fn lease_gate(&self) -> Result<(), VolumeError> {
+        let Some(lease) = &self.inner.lease else {
+            return Ok(());
+        };
+        while !lease.valid() {
+            if lease.policy == crate::quorum::NoQuorumPolicy::IoError {
+                return Err(VolumeError::Io(IoFailure::NoQuorum));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            if self.inner.tx.is_closed() {
+                return Err(VolumeError::Detached);
+            }
+        }
+        Ok(())
+    }
+
     /// Reads `len` bytes at `offset` (locally unless this node is diskless).
     pub async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, VolumeError> {
         self.check(offset, len as u64)?;
         match self.inner.read_path.load(Ordering::Acquire) {
-            READ_LOCAL => match self.inner.store.read(offset, len).await {
-                Ok(b) => Ok(b),
-                Err(_) => {
-                    // The disk failed under a read: detach it and retry via the peer.
-                    let (reply, rx) = oneshot::channel();
-                    self.send(Input::Submit {
-                        op: Op::Read,
-                        range: Range::new(offset, len as u64),
-                        buf: None,
-                        reply,
-                    })?;
-                    let r = rx.await.map_err(|_| VolumeError::Detached)??;
-                    r.ok_or(VolumeError::Io(IoFailure::NoCopy))
+            READ_LOCAL => {
+                self.lease_gate().await?;
+                match self.inner.store.read(offset, len).await {
+                    Ok(b) => Ok(b),
+                    Err(_) => {
+                        // The disk failed under a read: detach it and retry via the peer.
+                        let (reply, rx) = oneshot::channel();
+                        self.send(Input::Submit {
+                            op: Op::Read,
+                            range: Range::new(offset, len as u64),
+                            buf: None,
+                            reply,
+                        })?;
+                        let r = rx.await.map_err(|_| VolumeError::Detached)??;
+                        r.ok_or(VolumeError::Io(IoFailure::NoCopy))
+                    }
                 }
-            },
+            }
             READ_PEER => self
                 .submit(Op::Read, Range::new(offset, len as u64), None)
                 .await?
@@ -288,6 +340,14 @@ impl VolumeHandle {
     pub async fn resync(&self, checksum: bool) -> Result<bool, VolumeError> {
         let (reply, rx) = oneshot::channel();
         self.send(Input::Resync { checksum, reply })?;
+        rx.await.map_err(|_| VolumeError::Detached)?
+    }
+
+    /// Split-brain resolution: discards this node's copy; the peer then
+    /// overwrites it with a full resync.
+    pub async fn discard_local(&self) -> Result<(), VolumeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::DiscardLocal { reply })?;
         rx.await.map_err(|_| VolumeError::Detached)?
     }
 

@@ -26,6 +26,9 @@ const DIRTY_RUNS_MAX: usize = 2000;
 /// Called when the volume starts (true) or stops (false) being exported.
 pub type ExportHook = Arc<dyn Fn(&VolumeHandle, bool) + Send + Sync>;
 
+/// Called with (volume, event name) for the configured event handlers.
+pub type EventHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 /// Everything `attach` needs.
 pub struct AttachOptions {
     /// Volume name.
@@ -50,6 +53,10 @@ pub struct AttachOptions {
     pub faults: Option<Arc<FaultPlan>>,
     /// Export hook.
     pub export: ExportHook,
+    /// Event hook (quorum-lost, promoted, ...).
+    pub events: EventHook,
+    /// With a witness: the quorum session (None: two-node mode).
+    pub quorum: Option<super::QuorumAttach>,
 }
 
 /// Opens the metadata area of a volume and computes its layout.
@@ -152,6 +159,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         tie_winner: opts.node < opts.peer,
         al_extent_bytes: crate::meta::activity_log::DEFAULT_AL_EXTENT_BYTES,
         al_extents: opts.al_extents,
+        quorum: opts.quorum.as_ref().map(|q| q.policy),
     };
     let disk_state = if sb.disk_state == DiskState::Diskless {
         DiskState::Inconsistent
@@ -159,6 +167,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         sb.disk_state
     };
     let mut engine = Engine::new(cfg, disk_state, sb.generations, bitmap, seed);
+    engine.set_record(sb.record);
     if crashed_primary {
         // Rule 6: every extent this node may have been writing to when it
         // crashed may differ from the peer.
@@ -187,6 +196,10 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
     meta.write_superblock(&sb)?;
 
     let (tx, rx) = mpsc::unbounded_channel();
+    let lease = opts.quorum.as_ref().map(super::VolumeLease::new);
+    if lease.is_some() {
+        tokio::spawn(ticker(tx.clone()));
+    }
     let read_path = Arc::new(AtomicU8::new(encode_read_path(engine.read_path())));
     let handle = VolumeHandle {
         inner: Arc::new(HandleInner {
@@ -196,6 +209,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
             store: store.clone(),
             permits: Semaphore::new(super::CLIENT_INFLIGHT_MAX),
             data_bytes: layout.data_bytes,
+            lease: lease.clone(),
         }),
     };
     let chunk_bytes = u64::from(sb.chunk_bytes);
@@ -235,6 +249,11 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         rate_controller: RateController::new(opts.resync_rate),
         write_started: HashMap::new(),
         detaching: None,
+        node: opts.node,
+        lease,
+        frozen: std::collections::VecDeque::new(),
+        lease_lapsed: false,
+        events: opts.events,
     };
     tokio::spawn(shell.run(rx));
     Ok(handle)
@@ -248,6 +267,19 @@ struct MetaJob {
     primary: bool,
     attached: bool,
     pages: Vec<(u32, Box<[u8; crate::meta::bitmap::BITMAP_PAGE_BYTES]>)>,
+    record: crate::quorum::RecordView,
+}
+
+/// Drives retries and lease checks of a volume with a witness.
+async fn ticker(tx: mpsc::UnboundedSender<Input>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(50));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        every.tick().await;
+        if tx.send(Input::Tick).is_err() {
+            return;
+        }
+    }
 }
 
 /// Writes metadata jobs strictly in order.
@@ -272,6 +304,7 @@ async fn meta_writer(
         sb.generations = job.generations;
         sb.primary = job.primary;
         sb.attached = job.attached;
+        sb.record = job.record;
         let m = meta.clone();
         let s = sb.clone();
         let pages = job.pages;
@@ -337,6 +370,11 @@ struct Shell {
     rate_controller: RateController,
     write_started: HashMap<u64, Instant>,
     detaching: Option<oneshot::Sender<Result<(), VolumeError>>>,
+    node: String,
+    lease: Option<Arc<super::VolumeLease>>,
+    frozen: std::collections::VecDeque<Input>,
+    lease_lapsed: bool,
+    events: super::EventHook,
 }
 
 impl Shell {
@@ -344,6 +382,9 @@ impl Shell {
         while let Some(input) = rx.recv().await {
             self.handle_input(input);
             self.drain_actions();
+            if let Some(l) = &self.lease {
+                l.set_claim(self.engine.claim());
+            }
             self.read_path
                 .store(encode_read_path(self.engine.read_path()), Ordering::Release);
             self.note_peer_primary();
@@ -395,6 +436,23 @@ impl Shell {
             } => {
                 if self.detaching.is_some() {
                     let _ = reply.send(Err(VolumeError::Detached));
+                    return;
+                }
+                if let Some(l) = &self.lease
+                    && self.engine.status_role() == Role::Primary
+                    && (!l.valid() || !self.frozen.is_empty())
+                {
+                    // Rule 7: no lease, no service.
+                    if l.policy == crate::quorum::NoQuorumPolicy::IoError {
+                        let _ = reply.send(Err(crate::engine::IoFailure::NoQuorum.into()));
+                    } else {
+                        self.frozen.push_back(Input::Submit {
+                            op,
+                            range,
+                            buf,
+                            reply,
+                        });
+                    }
                     return;
                 }
                 let id = self.next_id;
@@ -486,18 +544,53 @@ impl Shell {
                     self.connection_ready(conn);
                 }
             }
-            Input::Promote { force, reply } => match self.engine.promote(force) {
-                Ok(token) => self.wait_meta(token, reply),
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
+            Input::Promote { force, reply } => self.promote(force, reply),
+            Input::PromoteGranted {
+                force,
+                record,
+                sent_ms,
+                reply,
+            } => {
+                let view = self.view_of(&record);
+                self.engine.witness_record(view);
+                if let Some(l) = &self.lease {
+                    let ms = l.witness.lease_ms().unwrap_or(l.peer_settings.lease_ms);
+                    l.witness_granted(sent_ms, ms);
                 }
-            },
+                self.promote_now(force, reply);
+            }
             Input::Demote { reply } => match self.engine.demote() {
-                Ok(token) => self.wait_meta(token, reply),
+                Ok(token) => {
+                    (self.events)(&self.name, "demoted");
+                    if let Some(l) = &self.lease {
+                        let (l, tx) = (l.clone(), self.tx.clone());
+                        let (volume, peer) = (self.name.clone(), self.peer_name.clone());
+                        let epoch = self.engine.record().epoch;
+                        tokio::spawn(async move {
+                            if let Ok(crate::witness::ChangeOutcome::Done(r)) = l
+                                .witness
+                                .change(&volume, &peer, epoch, crate::witness::WitnessOp::Demote)
+                                .await
+                            {
+                                let _ = tx.send(Input::WitnessRecord(r));
+                            }
+                        });
+                    }
+                    self.wait_meta(token, reply)
+                }
                 Err(e) => {
                     let _ = reply.send(Err(e.into()));
                 }
             },
+            Input::WitnessRecord(record) => {
+                let view = self.view_of(&record);
+                self.engine.witness_record(view);
+            }
+            Input::WitnessChanged(record) => {
+                let view = record.map(|r| self.view_of(&r));
+                self.engine.witness_change_done(view);
+            }
+            Input::Tick => self.tick(),
             Input::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -509,6 +602,19 @@ impl Shell {
                 let _ = reply.send(self.engine.request_resync().map_err(VolumeError::from));
             }
             Input::VerifyDone { id, equal } => self.engine.verify_done(id, equal),
+            Input::DiscardLocal { reply } => match self.engine.discard_local() {
+                Ok(token) => {
+                    tracing::warn!(
+                        "volume {}: local changes discarded; a full resync from {} follows",
+                        self.name,
+                        self.peer_name
+                    );
+                    self.wait_meta(token, reply)
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
             Input::Detach { reply } => {
                 if self.engine.status().role == Role::Primary {
                     if let Err(e) = self.engine.demote() {
@@ -539,9 +645,86 @@ impl Shell {
                     primary: false,
                     attached: false,
                     pages: vec![],
+                    record: s.record,
                 });
                 self.meta_waiters.push((token, oneshot::channel().0));
                 self.detaching = Some(reply);
+            }
+        }
+    }
+
+    fn view_of(&self, record: &crate::quorum::Record) -> crate::quorum::RecordView {
+        crate::quorum::RecordView::of(record, &self.node, &self.peer_name)
+    }
+
+    fn promote(&mut self, force: bool, reply: oneshot::Sender<Result<(), VolumeError>>) {
+        let Some(lease) = self.lease.clone() else {
+            self.promote_now(force, reply);
+            return;
+        };
+        if let Err(e) = self.engine.promote_check(force) {
+            let _ = reply.send(Err(e.into()));
+            return;
+        }
+        if self.engine.status_role() == Role::Primary {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        let req = super::quorum::PromoteRequest {
+            volume: self.name.clone(),
+            peer: self.peer_name.clone(),
+            epoch: self.engine.record().epoch,
+            force,
+            peer_connected: self.conn.is_some(),
+            lease,
+            tx: self.tx.clone(),
+            reply,
+        };
+        tokio::spawn(req.run());
+    }
+
+    fn promote_now(&mut self, force: bool, reply: oneshot::Sender<Result<(), VolumeError>>) {
+        match self.engine.promote(force) {
+            Ok(token) => {
+                (self.events)(&self.name, "promoted");
+                self.wait_meta(token, reply)
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+            }
+        }
+    }
+
+    /// Periodic (with a witness): retries, and the lease check of rule 7.
+    fn tick(&mut self) {
+        self.engine.tick();
+        let Some(lease) = self.lease.clone() else {
+            return;
+        };
+        let primary = self.engine.status_role() == Role::Primary;
+        let valid = lease.valid();
+        if primary && !valid && !self.lease_lapsed {
+            self.lease_lapsed = true;
+            tracing::error!(
+                "volume {}: no lease from the witness or from {}: I/O {} until one answers",
+                self.name,
+                self.peer_name,
+                if lease.policy == crate::quorum::NoQuorumPolicy::IoError {
+                    "fails"
+                } else {
+                    "is suspended"
+                }
+            );
+            (self.events)(&self.name, "quorum-lost");
+        }
+        if (valid || !primary) && self.lease_lapsed {
+            self.lease_lapsed = false;
+            tracing::info!("volume {}: lease regained; I/O resumes", self.name);
+            (self.events)(&self.name, "quorum-regained");
+        }
+        if (valid || !primary) && !self.frozen.is_empty() {
+            for input in std::mem::take(&mut self.frozen) {
+                self.handle_input(input);
             }
         }
     }
@@ -586,6 +769,9 @@ impl Shell {
             disk_path: self.disk_path.clone(),
             chunk_bytes: self.chunk_bytes,
             resync_elapsed_s: self.resync_started.map(|t| t.elapsed().as_secs_f64()),
+            lease_valid: self.lease.as_ref().map(|l| l.valid()),
+            witness_reachable: self.lease.as_ref().map(|l| l.witness.reachable()),
+            frozen_requests: self.frozen.len(),
         }
     }
 
@@ -618,6 +804,7 @@ impl Shell {
                 primary,
                 pages,
                 activity_log,
+                record,
             } => {
                 let _ = self.meta_tx.send(MetaJob {
                     token,
@@ -627,8 +814,22 @@ impl Shell {
                     primary,
                     attached: true,
                     pages,
+                    record,
                 });
             }
+            Action::WitnessChange { op, expected_epoch } => match self.lease.clone() {
+                Some(l) => {
+                    tokio::spawn(super::quorum::change(
+                        l,
+                        self.name.clone(),
+                        self.peer_name.clone(),
+                        expected_epoch,
+                        op,
+                        self.tx.clone(),
+                    ));
+                }
+                None => self.engine.witness_change_done(None),
+            },
             Action::AnnounceState => self.announce(None),
             Action::SendSyncDone { generations } => self.announce(Some(generations)),
             Action::Export(on) => {
@@ -637,45 +838,86 @@ impl Shell {
                     (self.export)(&self.handle, on);
                 }
             }
-            Action::Notify(n) => match n {
-                Notice::LocalDiskFailed => tracing::error!(
-                    "volume {}: local disk failed; detached it, serving through the peer",
-                    self.name
-                ),
-                Notice::PeerOutdated => tracing::warn!(
-                    "volume {}: peer {} is outdated; writes continue on this node and are tracked in the bitmap",
-                    self.name,
-                    self.peer_name
-                ),
-                Notice::SplitBrain => tracing::error!(
-                    "volume {}: split brain: this node and {} wrote independently; not syncing",
-                    self.name,
-                    self.peer_name
-                ),
-                Notice::ResyncStarted => {
-                    tracing::info!("volume {}: resync to {} started", self.name, self.peer_name)
+            Action::Notify(n) => self.notify(n),
+        }
+    }
+
+    fn notify(&mut self, n: Notice) {
+        let event = match n {
+            Notice::LocalDiskFailed => Some("local-disk-failed"),
+            Notice::PeerOutdated => Some("peer-outdated"),
+            Notice::SplitBrain => Some("split-brain"),
+            Notice::ResyncStarted => Some("resync-started"),
+            Notice::ResyncDone => Some("resync-done"),
+            Notice::QuorumLost => Some("quorum-lost"),
+            Notice::QuorumRegained => Some("quorum-regained"),
+            Notice::Fenced => Some("demoted"),
+            Notice::PeerRefused(_) | Notice::VerifyDone | Notice::Outdated => None,
+        };
+        if let Some(e) = event {
+            (self.events)(&self.name, e);
+        }
+        match n {
+            Notice::LocalDiskFailed => tracing::error!(
+                "volume {}: local disk failed; detached it, serving through the peer",
+                self.name
+            ),
+            Notice::PeerOutdated => tracing::warn!(
+                "volume {}: peer {} is outdated; writes continue on this node and are tracked in the bitmap",
+                self.name,
+                self.peer_name
+            ),
+            Notice::SplitBrain => tracing::error!(
+                "volume {}: split brain: this node and {} wrote independently; not syncing",
+                self.name,
+                self.peer_name
+            ),
+            Notice::ResyncStarted => {
+                tracing::info!("volume {}: resync to {} started", self.name, self.peer_name)
+            }
+            Notice::ResyncDone => tracing::info!("volume {}: resync finished", self.name),
+            Notice::VerifyDone => {
+                let s = self.engine.status();
+                if let Some(v) = s.last_verify {
+                    tracing::info!(
+                        "volume {}: verify done: {} of {} chunks differ{}",
+                        self.name,
+                        v.mismatched_chunks,
+                        v.checked_chunks,
+                        if v.mismatched_chunks > 0 {
+                            " (marked out of sync; run `blkrep resync`)"
+                        } else {
+                            ""
+                        }
+                    );
                 }
-                Notice::ResyncDone => tracing::info!("volume {}: resync finished", self.name),
-                Notice::VerifyDone => {
-                    let s = self.engine.status();
-                    if let Some(v) = s.last_verify {
-                        tracing::info!(
-                            "volume {}: verify done: {} of {} chunks differ{}",
-                            self.name,
-                            v.mismatched_chunks,
-                            v.checked_chunks,
-                            if v.mismatched_chunks > 0 {
-                                " (marked out of sync; run `blkrep resync`)"
-                            } else {
-                                ""
-                            }
-                        );
-                    }
+            }
+            Notice::PeerRefused(why) => {
+                tracing::warn!("volume {}: peer refused: {why}", self.name)
+            }
+            Notice::QuorumLost => tracing::error!(
+                "volume {}: quorum lost: neither {} nor the witness confirms; writes {}",
+                self.name,
+                self.peer_name,
+                if self.engine.status().quorum_lost {
+                    "wait"
+                } else {
+                    "fail"
                 }
-                Notice::PeerRefused(why) => {
-                    tracing::warn!("volume {}: peer refused: {why}", self.name)
-                }
-            },
+            ),
+            Notice::QuorumRegained => {
+                tracing::info!("volume {}: quorum regained", self.name)
+            }
+            Notice::Fenced => tracing::error!(
+                "volume {}: the witness made {} primary; this node stopped serving",
+                self.name,
+                self.peer_name
+            ),
+            Notice::Outdated => tracing::warn!(
+                "volume {}: the witness lists this copy as outdated ({} wrote without it)",
+                self.name,
+                self.peer_name
+            ),
         }
     }
 

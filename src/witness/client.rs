@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::protocol::{
@@ -33,6 +33,7 @@ pub struct WitnessClient {
     conn: tokio::sync::Mutex<Option<quinn::Connection>>,
     timeout: Duration,
     reachable: AtomicBool,
+    lease_ms: AtomicU64,
 }
 
 impl WitnessClient {
@@ -61,12 +62,21 @@ impl WitnessClient {
             conn: tokio::sync::Mutex::new(None),
             timeout: Duration::from_millis(request_timeout_ms),
             reachable: AtomicBool::new(false),
+            lease_ms: AtomicU64::new(0),
         }))
     }
 
     /// The witness's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The lease length the witness grants (known after a heartbeat).
+    pub fn lease_ms(&self) -> Option<u64> {
+        match self.lease_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(ms),
+        }
     }
 
     /// Whether the last request got an answer.
@@ -137,11 +147,14 @@ impl WitnessClient {
     pub async fn heartbeat(&self, claims: Vec<Claim>) -> Result<HeartbeatReply, WitnessError> {
         let sent_ms = crate::quorum::clock::now_ms();
         match self.call(&WitnessRequest::Heartbeat { claims }).await? {
-            WitnessResponse::Heartbeat { lease_ms, volumes } => Ok(HeartbeatReply {
-                sent_ms,
-                lease_ms,
-                volumes,
-            }),
+            WitnessResponse::Heartbeat { lease_ms, volumes } => {
+                self.lease_ms.store(lease_ms, Ordering::Relaxed);
+                Ok(HeartbeatReply {
+                    sent_ms,
+                    lease_ms,
+                    volumes,
+                })
+            }
             WitnessResponse::Error(e) => Err(WitnessError::Protocol(e)),
             other => Err(WitnessError::Protocol(format!(
                 "unexpected answer to a heartbeat: {other:?}"
