@@ -1294,12 +1294,34 @@ impl Engine {
 
     fn renegotiate(&mut self) {
         let Some((view, old)) = self.peer else { return };
-        let new = negotiate(
+        let mut new = negotiate(
             &self.view(),
             &view,
             self.cfg.tie_winner,
             self.peer_dirty.is_some(),
         );
+        let rec = self.record;
+        if new == Relation::Diverged && self.cfg.quorum.is_some() && rec.epoch > 0 {
+            // Histories diverged, but the witness says which side holds the
+            // acknowledged writes: the other side never completed a write
+            // of its own (rule 2), so overwriting it loses nothing.
+            if !rec.me_up_to_date
+                && rec.peer_up_to_date
+                && view.disk == DiskState::UpToDate
+                && self.role == Role::Secondary
+            {
+                new = Relation::SyncTarget;
+            } else if rec.me_up_to_date
+                && !rec.peer_up_to_date
+                && self.disk == DiskState::UpToDate
+                && view.role == Role::Secondary
+            {
+                new = Relation::SyncSource {
+                    target_ready: false,
+                    full: true,
+                };
+            }
+        }
         let same = std::mem::discriminant(&new) == std::mem::discriminant(&old);
         if new == old || (same && !matches!(new, Relation::Refused(_))) {
             if let Relation::SyncSource {

@@ -28,6 +28,35 @@ pub struct ClusterOptions {
     pub fault_injection: bool,
     /// Resync bandwidth cap (0 = unlimited).
     pub resync_rate_max_bytes_per_s: u64,
+    /// Run a witness (a third process) and route every path (A-B, A-W,
+    /// B-W) through a fault proxy that `cut` can silence.
+    pub witness: bool,
+    /// Every event handler appends "EVENT VOLUME" to the node's events.log.
+    pub event_log: bool,
+}
+
+/// A network path between two of the three processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetPath {
+    /// alpha - beta (the replication link).
+    AlphaBeta,
+    /// alpha - witness.
+    AlphaWitness,
+    /// beta - witness.
+    BetaWitness,
+}
+
+/// The witness's files.
+#[derive(Clone, Debug)]
+pub struct WitnessFiles {
+    /// Config file.
+    pub config: PathBuf,
+    /// State directory (its records).
+    pub state_dir: PathBuf,
+    /// Its address.
+    pub address: SocketAddr,
+    /// Its log.
+    pub log: PathBuf,
 }
 
 impl Default for ClusterOptions {
@@ -39,6 +68,8 @@ impl Default for ClusterOptions {
             peer_timeout_ms: 2000,
             fault_injection: false,
             resync_rate_max_bytes_per_s: 0,
+            witness: false,
+            event_log: false,
         }
     }
 }
@@ -103,6 +134,10 @@ pub struct LocalCluster {
     children: [Option<Child>; 2],
     /// Keep the directory on drop.
     pub keep: bool,
+    /// The witness, when `opts.witness`.
+    pub witness: Option<WitnessFiles>,
+    witness_child: Option<Child>,
+    proxies: Vec<(NetPath, super::proxy::UdpProxy)>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
@@ -149,8 +184,44 @@ impl LocalCluster {
             disk.set_len(opts.disk_bytes)
                 .map_err(io("sizing disk file"))?;
         }
-        for f in &files {
-            let text = config_text(f, &files, &tls, &opts);
+        let mut proxies = Vec::new();
+        let mut witness = None;
+        let mut routes = Routes::default();
+        if opts.witness {
+            crate::cert::issue("witness", &tls, &tls, 30)?;
+            let wd = dir.join("witness");
+            std::fs::create_dir_all(&wd).map_err(io("creating witness dir"))?;
+            let w = WitnessFiles {
+                config: wd.join("witness.toml"),
+                state_dir: wd.join("state"),
+                address: free_udp_port([127, 0, 0, 3])?,
+                log: wd.join("witness.log"),
+            };
+            let text = format!(
+                "node = \"witness\"\nlisten = \"{}\"\nstate_dir = \"{}\"\nnodes = [\"alpha\", \"beta\"]\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                w.address,
+                w.state_dir.display(),
+                tls.join("ca.pem").display(),
+                tls.join("witness.pem").display(),
+                tls.join("witness.key").display(),
+            );
+            std::fs::write(&w.config, text).map_err(io("writing witness config"))?;
+            let proxy = |ip, target, path| {
+                super::proxy::UdpProxy::start(ip, target)
+                    .map(|p| (path, p))
+                    .map_err(io("starting a fault proxy"))
+            };
+            proxies.push(proxy([127, 0, 0, 1], files[1].address, NetPath::AlphaBeta)?);
+            proxies.push(proxy([127, 0, 0, 1], w.address, NetPath::AlphaWitness)?);
+            proxies.push(proxy([127, 0, 0, 2], w.address, NetPath::BetaWitness)?);
+            routes = Routes {
+                alpha_to_beta: Some(proxies[0].1.listen),
+                witness_for: [Some(proxies[1].1.listen), Some(proxies[2].1.listen)],
+            };
+            witness = Some(w);
+        }
+        for (i, f) in files.iter().enumerate() {
+            let text = config_text(f, &files, &tls, &opts, &routes, i);
             std::fs::write(&f.config, text).map_err(io("writing config"))?;
             crate::volume::create_metadata(
                 &f.disk,
@@ -170,7 +241,85 @@ impl LocalCluster {
             opts,
             children: [None, None],
             keep: false,
+            witness,
+            witness_child: None,
+            proxies,
         })
+    }
+
+    /// Starts the witness process and waits until it listens.
+    pub async fn start_witness(&mut self) -> Result<(), ClusterError> {
+        let Some(w) = &self.witness else {
+            return Err(ClusterError::Timeout("this cluster has no witness".into()));
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&w.log)
+            .map_err(io("opening witness log"))?;
+        let child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&w.config)
+            .arg("witness")
+            .env(
+                "BLKREP_LOG",
+                std::env::var("BLKREP_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(io(format!("starting {} witness", self.bin.display())))?;
+        self.witness_child = Some(child);
+        // It is up once its port is taken.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while UdpSocket::bind(w.address).is_ok() {
+            if Instant::now() > deadline {
+                return Err(ClusterError::Timeout("witness did not start".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Kills the witness with SIGKILL.
+    pub fn kill_witness(&mut self) {
+        if let Some(mut c) = self.witness_child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Deletes the witness's records (a witness whose disk was lost).
+    pub fn wipe_witness_state(&self) -> Result<(), ClusterError> {
+        if let Some(w) = &self.witness {
+            match std::fs::remove_dir_all(&w.state_dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ClusterError::Io("wiping witness state".into(), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Silences (true) or restores (false) a network path.
+    pub fn cut(&self, path: NetPath, cut: bool) {
+        for (p, proxy) in &self.proxies {
+            if *p == path {
+                proxy.set_cut(cut);
+            }
+        }
+    }
+
+    /// The events node `i`'s handlers logged (with `opts.event_log`).
+    pub fn events(&self, i: usize) -> Vec<String> {
+        std::fs::read_to_string(self.events_log(i))
+            .map(|t| t.lines().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    fn events_log(&self, i: usize) -> PathBuf {
+        self.nodes[i].run_dir.with_file_name("events.log")
     }
 
     /// Starts node `i`'s daemon and waits until its control socket answers.
@@ -325,6 +474,9 @@ impl LocalCluster {
     /// first primary (forced: fresh metadata has no data history) and waits
     /// for the initial sync.
     pub async fn bring_up(&mut self) -> Result<(), ClusterError> {
+        if self.witness.is_some() && self.witness_child.is_none() {
+            self.start_witness().await?;
+        }
         for i in 0..2 {
             self.start(i).await?;
         }
@@ -366,13 +518,29 @@ impl Drop for LocalCluster {
         for i in 0..2 {
             self.kill(i);
         }
+        self.kill_witness();
         if !self.keep {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }
 
-fn config_text(me: &NodeFiles, all: &[NodeFiles], tls: &Path, opts: &ClusterOptions) -> String {
+/// Where each node reaches the others (proxies when the cluster has a
+/// witness).
+#[derive(Default)]
+struct Routes {
+    alpha_to_beta: Option<SocketAddr>,
+    witness_for: [Option<SocketAddr>; 2],
+}
+
+fn config_text(
+    me: &NodeFiles,
+    all: &[NodeFiles],
+    tls: &Path,
+    opts: &ClusterOptions,
+    routes: &Routes,
+    index: usize,
+) -> String {
     let mut t = format!(
         "node = \"{}\"\ncontrol_socket = \"{}\"\nrun_dir = \"{}\"\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[link]\npeer_timeout_ms = {}\nkeepalive_interval_ms = {}\nreconnect_backoff_max_ms = 500\n\n[debug]\nfault_injection = {}\n\n",
         me.name,
@@ -385,11 +553,28 @@ fn config_text(me: &NodeFiles, all: &[NodeFiles], tls: &Path, opts: &ClusterOpti
         (opts.peer_timeout_ms / 4).max(50),
         opts.fault_injection,
     );
-    for n in all {
+    if let Some(w) = routes.witness_for[index] {
         t.push_str(&format!(
-            "[nodes.{}]\naddress = \"{}\"\n",
-            n.name, n.address
+            "[witness]\nname = \"witness\"\naddress = \"{w}\"\n\n"
         ));
+    }
+    if opts.event_log {
+        let log = me.run_dir.with_file_name("events.log");
+        t.push_str("[handlers]\n");
+        for e in crate::config::EVENTS {
+            t.push_str(&format!(
+                "\"{e}\" = \"echo \\\"$BLKREP_EVENT $BLKREP_VOLUME\\\" >> {}\"\n",
+                log.display()
+            ));
+        }
+        t.push('\n');
+    }
+    for n in all {
+        let address = match routes.alpha_to_beta {
+            Some(a) if index == 0 && n.name == "beta" => a,
+            _ => n.address,
+        };
+        t.push_str(&format!("[nodes.{}]\naddress = \"{}\"\n", n.name, address));
     }
     t.push_str(&format!(
         "\n[[volume]]\nname = \"{}\"\nchunk_bytes = {}\nresync_rate_max_bytes_per_s = {}\n",

@@ -3,4 +3,5 @@
 
 pub mod cluster;
 pub mod nbd_client;
+pub mod proxy;
 pub mod rng;

@@ -144,6 +144,11 @@ pub(crate) enum Input {
         id: u64,
         equal: Option<bool>,
     },
+    PromoteRetry {
+        force: bool,
+        until_ms: u64,
+        reply: oneshot::Sender<Result<(), VolumeError>>,
+    },
     PromoteGranted {
         force: bool,
         record: crate::quorum::Record,

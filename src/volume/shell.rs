@@ -544,7 +544,17 @@ impl Shell {
                     self.connection_ready(conn);
                 }
             }
-            Input::Promote { force, reply } => self.promote(force, reply),
+            Input::Promote { force, reply } => {
+                let until_ms = self.lease.as_ref().map_or(0, |l| {
+                    crate::quorum::clock::now_ms() + 2 * l.peer_settings.lease_ms
+                });
+                self.promote(force, until_ms, reply)
+            }
+            Input::PromoteRetry {
+                force,
+                until_ms,
+                reply,
+            } => self.promote(force, until_ms, reply),
             Input::PromoteGranted {
                 force,
                 record,
@@ -657,14 +667,39 @@ impl Shell {
         crate::quorum::RecordView::of(record, &self.node, &self.peer_name)
     }
 
-    fn promote(&mut self, force: bool, reply: oneshot::Sender<Result<(), VolumeError>>) {
+    fn promote(
+        &mut self,
+        force: bool,
+        until_ms: u64,
+        reply: oneshot::Sender<Result<(), VolumeError>>,
+    ) {
         let Some(lease) = self.lease.clone() else {
             self.promote_now(force, reply);
             return;
         };
-        if let Err(e) = self.engine.promote_check(force) {
-            let _ = reply.send(Err(e.into()));
-            return;
+        match self.engine.promote_check(force) {
+            Err(crate::engine::PromoteError::PeerPrimary)
+                if crate::quorum::clock::now_ms() < until_ms =>
+            {
+                // The cluster manager calls this when it believes the
+                // primary is dead; the link may not have noticed yet. Wait
+                // (bounded) for it to notice, then decide.
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    let _ = tx.send(Input::PromoteRetry {
+                        force,
+                        until_ms,
+                        reply,
+                    });
+                });
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+            Ok(()) => {}
         }
         if self.engine.status_role() == Role::Primary {
             let _ = reply.send(Ok(()));

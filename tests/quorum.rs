@@ -1,0 +1,352 @@
+//! The DRBD tiebreaker scenarios with real daemons and a real witness on
+//! loopback; every path (alpha-beta, alpha-witness, beta-witness) runs
+//! through a fault proxy that drops packets silently when cut. A primary
+//! alpha, B secondary beta, W the witness. Each test ends with the same
+//! check: every acknowledged write is present, and the replicas are equal
+//! after the heal.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use blkrep::control::Request;
+use blkrep::testkit::cluster::{ClusterOptions, LocalCluster, NetPath};
+use blkrep::testkit::nbd_client::NbdClient;
+use common::*;
+
+const VOL: &str = "demo";
+const BLOCK: u64 = 4096;
+
+fn opts() -> ClusterOptions {
+    ClusterOptions {
+        witness: true,
+        event_log: true,
+        ..small()
+    }
+}
+
+/// Brings the cluster up and waits until the witness lists both nodes.
+async fn up_with_witness(tag: &str) -> LocalCluster {
+    let c = up(tag, opts()).await;
+    for i in 0..2 {
+        if let Err(e) = c
+            .wait_for(i, "both up to date at the witness", WAIT, |s| {
+                s.quorum
+                    .as_ref()
+                    .is_some_and(|q| q.up_to_date && q.peer_up_to_date && q.witness_reachable)
+            })
+            .await
+        {
+            dump_all(&c);
+            panic!("{e}");
+        }
+    }
+    c
+}
+
+fn dump_all(c: &LocalCluster) {
+    dump_logs(c);
+    if let Some(w) = &c.witness {
+        eprintln!("===== witness log =====");
+        eprintln!("{}", std::fs::read_to_string(&w.log).unwrap_or_default());
+    }
+}
+
+/// What the test knows was acknowledged: block -> byte.
+type Acked = BTreeMap<u64, u8>;
+
+/// Writes `byte` over block `block` on node `i`; true when acknowledged
+/// within `within`.
+async fn write(c: &LocalCluster, i: usize, block: u64, byte: u8, within: Duration) -> bool {
+    let sock = c.nbd_socket(i);
+    let op = async {
+        let mut n = NbdClient::connect(&sock).await.ok()?;
+        n.write(block * BLOCK, &[byte; BLOCK as usize], true)
+            .await
+            .ok()?;
+        Some(())
+    };
+    matches!(tokio::time::timeout(within, op).await, Ok(Some(())))
+}
+
+/// Reads block `block` on node `i`; None when no answer within `within`.
+async fn read(c: &LocalCluster, i: usize, block: u64, within: Duration) -> Option<u8> {
+    let sock = c.nbd_socket(i);
+    let op = async {
+        let mut n = NbdClient::connect(&sock).await.ok()?;
+        let b = n.read(block * BLOCK, BLOCK as u32).await.ok()?;
+        Some(b[0])
+    };
+    tokio::time::timeout(within, op).await.ok().flatten()
+}
+
+async fn must_write(c: &LocalCluster, i: usize, block: u64, byte: u8, acked: &mut Acked) {
+    if !write(c, i, block, byte, WAIT).await {
+        dump_all(c);
+        panic!("write of block {block} on node {i} was not acknowledged");
+    }
+    acked.insert(block, byte);
+}
+
+/// Every acknowledged write is on node `i`'s disk.
+fn assert_acked_on(c: &LocalCluster, i: usize, acked: &Acked) {
+    let size = 16 << 20;
+    let data = c.read_data(i, size).expect("read disk");
+    for (&block, &byte) in acked {
+        let at = (block * BLOCK) as usize;
+        assert!(
+            data[at..at + BLOCK as usize].iter().all(|&x| x == byte),
+            "node {i} lacks acknowledged write {byte:#x} at block {block}"
+        );
+    }
+}
+
+fn exit_code(c: &LocalCluster, i: usize, args: &[&str]) -> (i32, String) {
+    let out = cli(c, i, args);
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+async fn heal_and_check(c: &LocalCluster, primary: usize, acked: &Acked) {
+    for p in [
+        NetPath::AlphaBeta,
+        NetPath::AlphaWitness,
+        NetPath::BetaWitness,
+    ] {
+        c.cut(p, false);
+    }
+    if let Err(e) = c.wait_in_sync(Duration::from_secs(60)).await {
+        dump_all(c);
+        panic!("{e}");
+    }
+    c.wait_for(primary, "the witness lists both again", WAIT, |s| {
+        s.quorum
+            .as_ref()
+            .is_some_and(|q| q.up_to_date && q.peer_up_to_date)
+    })
+    .await
+    .expect("restore");
+    assert_acked_on(c, 0, acked);
+    assert_acked_on(c, 1, acked);
+    assert_replicas_equal(c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn witness_records_both_nodes_and_refuses_a_second_primary() {
+    let c = up_with_witness("q-basic").await;
+    let a = c.status(0).await.expect("status");
+    let q = a.quorum.expect("quorum report");
+    assert_eq!(q.primary.as_deref(), Some("me"));
+    let mut acked = Acked::new();
+    must_write(&c, 0, 1, 0x11, &mut acked).await;
+    // beta, connected to a primary, refuses (rule 3): exit 6.
+    let (code, text) = exit_code(&c, 1, &["promote", VOL]);
+    assert_eq!(code, 6, "{text}");
+    // A planned switchover: demote alpha, promote beta (no lease wait).
+    let t = Instant::now();
+    c.ok(0, Request::Secondary { volume: VOL.into() })
+        .await
+        .expect("demote");
+    let (code, text) = exit_code(&c, 1, &["promote", VOL]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "switchover took {:?}",
+        t.elapsed()
+    );
+    must_write(&c, 1, 2, 0x22, &mut acked).await;
+    heal_and_check(&c, 1, &acked).await;
+    let events = c.events(1);
+    assert!(events.iter().any(|e| e == "promoted demo"), "{events:?}");
+    assert!(c.events(0).iter().any(|e| e == "demoted demo"));
+}
+
+/// (1) cut A-B while both see W: A keeps writing, B becomes outdated and
+/// refuses promotion. (5) W switches sides: B stays outdated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_1_and_5_cut_replication_link() {
+    let c = up_with_witness("q-s1").await;
+    let mut acked = Acked::new();
+    must_write(&c, 0, 3, 0x31, &mut acked).await;
+    c.cut(NetPath::AlphaBeta, true);
+    // A completes writes once W outdated B (rule 2).
+    must_write(&c, 0, 4, 0x41, &mut acked).await;
+    let s = c.status(0).await.expect("status");
+    assert!(!s.quorum.expect("q").peer_up_to_date);
+    c.wait_for(1, "beta outdated", WAIT, |s| {
+        s.disk.as_deref() == Some("Outdated")
+    })
+    .await
+    .expect("beta learns it is outdated from the witness");
+    let (code, text) = exit_code(&c, 1, &["promote", VOL]);
+    assert_eq!(code, 4, "an outdated node refuses: {text}");
+    // (5) W now only reachable from B: B still outdated; A loses both and
+    // freezes (checked in scenario 3), B gains nothing.
+    c.cut(NetPath::AlphaWitness, true);
+    let (code, text) = exit_code(&c, 1, &["promote", VOL]);
+    assert_eq!(code, 4, "still outdated after W switched sides: {text}");
+    assert!(c.events(0).iter().any(|e| e == "peer-outdated demo"));
+    heal_and_check(&c, 0, &acked).await;
+}
+
+/// (2) isolate B: A keeps writing; B regains nothing by reaching W alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_2_isolated_secondary() {
+    let c = up_with_witness("q-s2").await;
+    let mut acked = Acked::new();
+    c.cut(NetPath::AlphaBeta, true);
+    c.cut(NetPath::BetaWitness, true);
+    must_write(&c, 0, 5, 0x52, &mut acked).await;
+    c.cut(NetPath::BetaWitness, false);
+    c.wait_for(1, "beta outdated", WAIT, |s| {
+        s.disk.as_deref() == Some("Outdated")
+    })
+    .await
+    .expect("outdated");
+    let (code, text) = exit_code(&c, 1, &["promote", VOL]);
+    assert_eq!(code, 4, "{text}");
+    heal_and_check(&c, 0, &acked).await;
+}
+
+/// (3) isolate A: A freezes and stops serving reads, B promotes after the
+/// lease, A later rejoins as resync target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_3_isolated_primary_freezes_and_survivor_takes_over() {
+    let c = up_with_witness("q-s3").await;
+    let mut acked = Acked::new();
+    must_write(&c, 0, 6, 0x63, &mut acked).await;
+    c.cut(NetPath::AlphaBeta, true);
+    c.cut(NetPath::AlphaWitness, true);
+    let cut_at = Instant::now();
+    // A's write cannot complete: neither peer nor witness confirms.
+    assert!(!write(&c, 0, 7, 0x73, Duration::from_secs(3)).await);
+    // After its lease, A serves no reads either (rule 7).
+    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(cut_at.elapsed())).await;
+    assert_eq!(read(&c, 0, 6, Duration::from_secs(2)).await, None);
+    // B promotes (the cluster manager's hook); the witness consents once
+    // A's lease ran out.
+    let (code, text) = exit_code(&c, 1, &["promote", VOL]);
+    assert_eq!(code, 0, "{text}");
+    let promoted = cut_at.elapsed();
+    assert!(
+        promoted >= Duration::from_millis(2000),
+        "promoted after {promoted:?}"
+    );
+    must_write(&c, 1, 8, 0x83, &mut acked).await;
+    assert_eq!(read(&c, 1, 6, WAIT).await, Some(0x63));
+    // Heal: A learns it was fenced and rejoins as the resync target.
+    heal_and_check(&c, 1, &acked).await;
+    let a = c.status(0).await.expect("status");
+    assert_eq!(a.role.as_deref(), Some("Secondary"));
+    eprintln!("scenario 3: promote completed {promoted:?} after the primary was cut off");
+}
+
+/// (4) W lost, then A-B cut: both freeze, nothing is lost, both resume when
+/// anything heals; a W restarted empty relearns the record from A and B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_4_witness_lost_then_link_cut() {
+    let mut c = up_with_witness("q-s4").await;
+    let mut acked = Acked::new();
+    c.kill_witness();
+    // Still fine with the peer.
+    must_write(&c, 0, 9, 0x94, &mut acked).await;
+    c.cut(NetPath::AlphaBeta, true);
+    assert!(!write(&c, 0, 10, 0xa4, Duration::from_secs(3)).await);
+    let (code, text) = exit_code(&c, 1, &["promote", VOL]);
+    assert_eq!(code, 5, "no quorum: {text}");
+    // The link heals first: A resumes with B.
+    c.cut(NetPath::AlphaBeta, false);
+    must_write(&c, 0, 11, 0xb4, &mut acked).await;
+    // W comes back with an empty disk; it learns the record from A and B.
+    c.wipe_witness_state().expect("wipe");
+    c.start_witness().await.expect("witness restart");
+    for i in 0..2 {
+        c.wait_for(i, "witness relearned", WAIT, |s| {
+            s.quorum
+                .as_ref()
+                .is_some_and(|q| q.witness_reachable && q.epoch > 0)
+        })
+        .await
+        .expect("relearn");
+    }
+    // And it arbitrates again: cut A-B, A continues after outdating B.
+    c.cut(NetPath::AlphaBeta, true);
+    must_write(&c, 0, 12, 0xc4, &mut acked).await;
+    heal_and_check(&c, 0, &acked).await;
+}
+
+/// (6) both data nodes crash and only B returns with W: B promotes if and
+/// only if the witness lists it as up to date.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_6_double_crash() {
+    let mut c = up_with_witness("q-s6").await;
+    let mut acked = Acked::new();
+    must_write(&c, 0, 13, 0xd6, &mut acked).await;
+    c.kill(0);
+    c.kill(1);
+    c.start(1).await.expect("restart beta");
+    c.ok(1, Request::Attach { volume: VOL.into() })
+        .await
+        .expect("attach");
+    let (code, text) = exit_code(&c, 1, &["promote", VOL]);
+    assert_eq!(code, 0, "the witness lists beta as up to date: {text}");
+    assert_eq!(read(&c, 1, 13, WAIT).await, Some(0xd6));
+    // Now beta writes alone (outdating alpha), then both crash again and
+    // only alpha returns: it must refuse.
+    must_write(&c, 1, 14, 0xe6, &mut acked).await;
+    c.kill(1);
+    c.start(0).await.expect("restart alpha");
+    c.ok(0, Request::Attach { volume: VOL.into() })
+        .await
+        .expect("attach");
+    let (code, text) = exit_code(&c, 0, &["promote", VOL]);
+    assert_eq!(code, 4, "alpha was outdated by beta: {text}");
+    c.start(1).await.expect("restart beta");
+    c.ok(1, Request::Attach { volume: VOL.into() })
+        .await
+        .expect("attach");
+    c.ok(
+        1,
+        Request::Primary {
+            volume: VOL.into(),
+            force: false,
+        },
+    )
+    .await
+    .expect("beta primary again");
+    heal_and_check(&c, 1, &acked).await;
+}
+
+/// (7) A loses W first (keeps writing with B), then A-B is cut: A stops
+/// serving at once, B promotes only after A's peer lease ran out, and no
+/// read on A returns data older than B's first write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_7_witness_first_then_peer() {
+    let c = up_with_witness("q-s7").await;
+    let mut acked = Acked::new();
+    c.cut(NetPath::AlphaWitness, true);
+    must_write(&c, 0, 15, 0xf7, &mut acked).await;
+    assert_eq!(read(&c, 0, 15, WAIT).await, Some(0xf7));
+    c.cut(NetPath::AlphaBeta, true);
+    let cut_at = Instant::now();
+    let (code, text) = exit_code(&c, 1, &["promote", VOL]);
+    assert_eq!(code, 0, "{text}");
+    let promoted = cut_at.elapsed();
+    // B waited for the lease it had granted A (2 s plus drift margin).
+    assert!(
+        promoted >= Duration::from_millis(2000),
+        "promoted after {promoted:?}"
+    );
+    must_write(&c, 1, 15, 0x77, &mut acked).await;
+    // A, without any lease, serves nothing: no stale 0xf7.
+    assert_eq!(read(&c, 0, 15, Duration::from_secs(2)).await, None);
+    heal_and_check(&c, 1, &acked).await;
+    eprintln!("scenario 7: promote completed {promoted:?} after the link was cut");
+}
