@@ -350,3 +350,68 @@ async fn scenario_7_witness_first_then_peer() {
     heal_and_check(&c, 1, &acked).await;
     eprintln!("scenario 7: promote completed {promoted:?} after the link was cut");
 }
+
+fn tool(c: &LocalCluster, i: usize, script: &str, args: &[&str]) -> i32 {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tools")
+        .join(script);
+    let guests = c.dir.join("guests");
+    std::fs::create_dir_all(&guests).expect("guests dir");
+    std::fs::write(guests.join("101"), format!("{VOL}\n")).expect("guest list");
+    let out = std::process::Command::new(path)
+        .args(args)
+        .env("OCF_RESKEY_volume", VOL)
+        .env("OCF_RESKEY_config", &c.nodes[i].config)
+        .env("OCF_RESKEY_blkrep", bin())
+        .env("BLKREP", bin())
+        .env("BLKREP_CONFIG", &c.nodes[i].config)
+        .env("BLKREP_GUESTS", &guests)
+        .output()
+        .expect("run tool");
+    eprintln!(
+        "{script} {args:?} on {i}: {:?} {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.status.code().unwrap_or(-1)
+}
+
+/// The Pacemaker agent and the Proxmox hookscript drive the real CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ocf_agent_and_proxmox_hookscript_move_the_primary() {
+    let c = up_with_witness("q-ocf").await;
+    assert_eq!(tool(&c, 0, "ocf-blkrep", &["meta-data"]), 0);
+    assert_eq!(
+        tool(&c, 0, "ocf-blkrep", &["monitor"]),
+        8,
+        "alpha is promoted"
+    );
+    assert_eq!(
+        tool(&c, 1, "ocf-blkrep", &["monitor"]),
+        0,
+        "beta is unpromoted"
+    );
+    assert_eq!(
+        tool(&c, 1, "ocf-blkrep", &["promote"]),
+        1,
+        "beta cannot promote while alpha is primary"
+    );
+    assert_eq!(tool(&c, 0, "ocf-blkrep", &["demote"]), 0);
+    assert_eq!(tool(&c, 0, "ocf-blkrep", &["monitor"]), 0);
+    assert_eq!(tool(&c, 1, "ocf-blkrep", &["promote"]), 0);
+    assert_eq!(tool(&c, 1, "ocf-blkrep", &["monitor"]), 8);
+    assert_eq!(tool(&c, 0, "ocf-blkrep", &["stop"]), 0);
+    assert_eq!(tool(&c, 0, "ocf-blkrep", &["monitor"]), 7, "stopped");
+    assert_eq!(tool(&c, 0, "ocf-blkrep", &["start"]), 0);
+    assert_eq!(tool(&c, 0, "ocf-blkrep", &["monitor"]), 0);
+    c.wait_in_sync(WAIT).await.expect("in sync after restart");
+    // Proxmox: the guest stops on beta and starts on alpha.
+    assert_eq!(tool(&c, 1, "proxmox-hookscript", &["101", "post-stop"]), 0);
+    assert_eq!(tool(&c, 0, "proxmox-hookscript", &["101", "pre-start"]), 0);
+    assert_eq!(tool(&c, 0, "ocf-blkrep", &["monitor"]), 8);
+    // A guest start on beta now is refused (alpha is primary).
+    assert_eq!(tool(&c, 1, "proxmox-hookscript", &["101", "pre-start"]), 1);
+    let mut acked = Acked::new();
+    must_write(&c, 0, 20, 0x20, &mut acked).await;
+    heal_and_check(&c, 0, &acked).await;
+}
