@@ -16,6 +16,35 @@ const CHUNK: u64 = 16384;
 const DATA_BYTES: u64 = 64 * BLOCK;
 
 use crate::testkit::rng::SplitMix64 as Rng;
+use crate::witness::{Arbiter, ChangeOutcome, Claim, record_key};
+
+const NAMES: [&str; 2] = ["a", "b"];
+
+/// The witness in the simulation: the real arbiter, a queue of change
+/// requests, per-node reachability, and virtual time.
+struct WitnessSim {
+    arb: Arbiter,
+    reach: [bool; 2],
+    queue: VecDeque<(usize, WitnessOp, u64)>,
+    now_ms: u64,
+    /// The newest record the witness ever held (it survives a lost disk in
+    /// the nodes' superblocks).
+    latest: Option<crate::quorum::Record>,
+}
+
+impl WitnessSim {
+    fn note(&mut self) {
+        if let Some(r) = self.arb.record(&key())
+            && self.latest.as_ref().is_none_or(|l| r.epoch >= l.epoch)
+        {
+            self.latest = Some(r.clone());
+        }
+    }
+}
+
+fn key() -> String {
+    record_key("v", NAMES[0], NAMES[1])
+}
 
 /// Version number per block on one node's disk.
 type Disk = BTreeMap<u64, u64>;
@@ -59,9 +88,11 @@ struct Persisted {
     primary: bool,
     bitmap_pages: BTreeMap<u32, Box<[u8; crate::meta::bitmap::BITMAP_PAGE_BYTES]>>,
     al: Option<crate::meta::activity_log::AlSnapshot>,
+    record: RecordView,
 }
 
 struct MetaWrite {
+    record: RecordView,
     token: u64,
     disk: DiskState,
     gens: Generations,
@@ -93,25 +124,26 @@ struct Sim {
     acked: BTreeMap<u64, u64>,
     seed: u64,
     crashes: bool,
+    witness: Option<WitnessSim>,
 }
 
 /// A small activity log so that eviction and waiting are exercised.
 const AL_EXTENT: u64 = 2 * CHUNK;
 const AL_CAPACITY: usize = 6;
 
-fn config(tie: bool) -> EngineConfig {
+fn config(tie: bool, quorum: bool) -> EngineConfig {
     EngineConfig {
+        quorum: quorum.then_some(NoQuorumPolicy::Suspend),
         data_bytes: DATA_BYTES,
         chunk_bytes: CHUNK,
         tie_winner: tie,
         al_extent_bytes: AL_EXTENT,
         al_extents: AL_CAPACITY,
-        quorum: None,
     }
 }
 
-fn new_node(seed: u64, tie: bool) -> Node {
-    let cfg = config(tie);
+fn new_node(seed: u64, tie: bool, quorum: bool) -> Node {
+    let cfg = config(tie, quorum);
     let gens = Generations {
         current: 77,
         ..Default::default()
@@ -133,6 +165,7 @@ fn new_node(seed: u64, tie: bool) -> Node {
             primary: false,
             bitmap_pages: BTreeMap::new(),
             al: None,
+            record: RecordView::default(),
         },
         payload: BTreeMap::new(),
         inbox: VecDeque::new(),
@@ -141,9 +174,23 @@ fn new_node(seed: u64, tie: bool) -> Node {
 
 impl Sim {
     fn new(seed: u64) -> Self {
+        Self::with_witness(seed, false)
+    }
+
+    fn with_witness(seed: u64, witness: bool) -> Self {
         let mut s = Sim {
+            witness: witness.then(|| WitnessSim {
+                arb: Arbiter::new(Default::default(), 1, BTreeMap::new()),
+                reach: [true, true],
+                queue: VecDeque::new(),
+                now_ms: 1,
+                latest: None,
+            }),
             rng: Rng(seed),
-            nodes: [new_node(seed, true), new_node(seed ^ 1, false)],
+            nodes: [
+                new_node(seed, true, witness),
+                new_node(seed ^ 1, false, witness),
+            ],
             connected: false,
             next_id: 1,
             next_version: 1,
@@ -155,6 +202,23 @@ impl Sim {
         };
         s.heal();
         s.run_until_quiet();
+        if let Some(w) = &mut s.witness {
+            let (o, _) = w.arb.change(
+                NAMES[0],
+                w.now_ms,
+                "v",
+                NAMES[1],
+                0,
+                WitnessOp::Promote { force: true },
+            );
+            w.note();
+            let ChangeOutcome::Done(r) = o else {
+                panic!("first promotion refused: {o:?}")
+            };
+            s.nodes[0]
+                .eng
+                .witness_record(RecordView::of(&r, NAMES[0], NAMES[1]));
+        }
         s.nodes[0].eng.promote(false).expect("promote A");
         s.drain(0);
         s.run_until_quiet();
@@ -280,8 +344,9 @@ impl Sim {
                     primary,
                     pages,
                     activity_log,
-                    ..
+                    record,
                 } => self.nodes[n].meta.push_back(MetaWrite {
+                    record,
                     token,
                     disk,
                     gens: generations,
@@ -313,7 +378,11 @@ impl Sim {
                     );
                     self.nodes[n].eng.verify_done(id, equal);
                 }
-                Action::Export(_) | Action::Notify(_) | Action::WitnessChange { .. } => {}
+                Action::WitnessChange { op, expected_epoch } => match &mut self.witness {
+                    Some(w) => w.queue.push_back((n, op, expected_epoch)),
+                    None => self.nodes[n].eng.witness_change_done(None),
+                },
+                Action::Export(_) | Action::Notify(_) => {}
             }
         }
     }
@@ -332,8 +401,15 @@ impl Sim {
             );
             let covered = w.eng.bitmap.get(b * BLOCK / CHUNK);
             let on_peer = p.disk.get(&b).copied().unwrap_or(0) == v;
+            // With a witness, completing without the peer needs the record
+            // to have dropped the peer from up_to_date first (rule 2).
+            let peer_listed = self.witness.as_ref().is_some_and(|ws| {
+                ws.latest
+                    .as_ref()
+                    .is_none_or(|r| r.up_to_date.contains(NAMES[1 - n]))
+            });
             assert!(
-                on_peer || covered,
+                on_peer || (covered && !peer_listed),
                 "rule 1: block {b} v{v} neither on peer nor in bitmap; log {:?}",
                 self.log
             );
@@ -394,6 +470,7 @@ impl Sim {
             p.disk = w.disk;
             p.gens = w.gens;
             p.primary = w.primary;
+            p.record = w.record;
             for (page, bytes) in w.pages {
                 p.bitmap_pages.insert(page, bytes);
             }
@@ -439,7 +516,9 @@ impl Sim {
         }
         bitmap.load(&bytes);
         let seed = self.seed.wrapping_add(self.next_id).wrapping_mul(31);
-        node.eng = Engine::new(config(n == 0), p.disk, p.gens, bitmap, seed);
+        let quorum = self.witness.is_some();
+        node.eng = Engine::new(config(n == 0, quorum), p.disk, p.gens, bitmap, seed);
+        node.eng.set_record(p.record);
         if p.primary
             && let Some(al) = &p.al
         {
@@ -447,6 +526,17 @@ impl Sim {
                 .recover_activity_log(&al.extents, u64::from(al.extent_bytes), al.seq);
         }
         self.drain(n);
+        if self.witness.is_some() {
+            // Leases run out; whoever the witness lets promote takes over:
+            // first the survivor, else the restarted node.
+            if let Some(w) = &mut self.witness {
+                w.now_ms += 10_000;
+            }
+            if self.nodes[1 - n].eng.role != Role::Primary && !self.witness_promote(1 - n) {
+                self.witness_promote(n);
+            }
+            return;
+        }
         // Someone takes over: the survivor if it was connected (then it holds
         // every acknowledged write), else the restarted node. Promoting a
         // survivor that was already cut off is a split brain the witness
@@ -461,6 +551,127 @@ impl Sim {
             };
             self.log.push(format!("promote {who}"));
             self.drain(who);
+        }
+    }
+
+    /// Promotion through the witness (rule 3); true when it happened.
+    fn witness_promote(&mut self, n: usize) -> bool {
+        let reachable = self.witness.as_ref().is_some_and(|w| w.reach[n]);
+        if !reachable || self.nodes[n].eng.promote_check(false).is_err() {
+            return false;
+        }
+        let mut epoch = self.nodes[n].eng.record().epoch;
+        for _ in 0..2 {
+            let Some(w) = &mut self.witness else {
+                return false;
+            };
+            let (o, _) = w.arb.change(
+                NAMES[n],
+                w.now_ms,
+                "v",
+                NAMES[1 - n],
+                epoch,
+                WitnessOp::Promote { force: false },
+            );
+            w.note();
+            match o {
+                ChangeOutcome::Done(r) => {
+                    let view = RecordView::of(&r, NAMES[n], NAMES[1 - n]);
+                    self.nodes[n].eng.witness_record(view);
+                    if self.nodes[n].eng.promote(false).is_ok() {
+                        self.log.push(format!("witness promote {n}"));
+                        self.drain(n);
+                        return true;
+                    }
+                    self.drain(n);
+                    return false;
+                }
+                ChangeOutcome::Conflict(r) => {
+                    epoch = r.epoch;
+                    let view = RecordView::of(&r, NAMES[n], NAMES[1 - n]);
+                    self.nodes[n].eng.witness_record(view);
+                    self.drain(n);
+                }
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    /// One witness event: a queued change, a heartbeat, a retry tick, a
+    /// reachability change, a restart or (rarely) a lost witness disk.
+    fn witness_event(&mut self) {
+        let pick = self.rng.below(40);
+        let n = self.rng.below(2) as usize;
+        let Some(w) = &mut self.witness else { return };
+        w.now_ms += self.rng.below(50);
+        match pick {
+            0..=15 => self.witness_deliver(),
+            16..=25 => self.heartbeat(n),
+            26..=31 => {
+                self.nodes[n].eng.tick();
+                self.drain(n);
+            }
+            32..=35 => {
+                w.reach[n] = !w.reach[n];
+                self.log.push(format!("witness reach {n} {}", w.reach[n]));
+            }
+            36..=37 => {
+                let records = w.arb.records().clone();
+                w.arb = Arbiter::new(Default::default(), w.now_ms, records);
+                self.log.push("witness restart".into());
+            }
+            38 if self.rng.below(8) == 0 => {
+                w.arb = Arbiter::new(Default::default(), w.now_ms, BTreeMap::new());
+                self.log.push("witness disk lost".into());
+            }
+            _ => w.now_ms += 500,
+        }
+    }
+
+    fn witness_deliver(&mut self) {
+        let Some(w) = &mut self.witness else { return };
+        let Some((n, op, epoch)) = w.queue.pop_front() else {
+            return;
+        };
+        let view = if w.reach[n] {
+            let (o, _) = w
+                .arb
+                .change(NAMES[n], w.now_ms, "v", NAMES[1 - n], epoch, op);
+            w.note();
+            match o {
+                ChangeOutcome::Done(r) | ChangeOutcome::Conflict(r) => {
+                    Some(RecordView::of(&r, NAMES[n], NAMES[1 - n]))
+                }
+                _ => None,
+            }
+        } else {
+            None
+        };
+        self.log.push(format!("witness {op:?} from {n}: {view:?}"));
+        self.nodes[n].eng.witness_change_done(view);
+        self.drain(n);
+    }
+
+    fn heartbeat(&mut self, n: usize) {
+        let Some(w) = &mut self.witness else { return };
+        if !w.reach[n] {
+            return;
+        }
+        let (view, primary_now) = self.nodes[n].eng.claim();
+        let claim = Claim {
+            volume: "v".into(),
+            peer: NAMES[1 - n].into(),
+            view,
+            primary_now,
+        };
+        let (answers, _) = w.arb.heartbeat(NAMES[n], w.now_ms, &[claim]);
+        w.note();
+        if let Some(r) = answers.first().and_then(|a| a.record.clone()) {
+            self.nodes[n]
+                .eng
+                .witness_record(RecordView::of(&r, NAMES[n], NAMES[1 - n]));
+            self.drain(n);
         }
     }
 
@@ -506,6 +717,10 @@ impl Sim {
     }
 
     fn step(&mut self) {
+        if self.witness.is_some() && self.rng.below(4) == 0 {
+            self.witness_event();
+            return;
+        }
         match self.rng.below(100) {
             0..=24 => self.submit_write(),
             25..=44 => self.deliver(0),
@@ -540,6 +755,7 @@ impl Sim {
         self.nodes
             .iter()
             .all(|n| n.inbox.is_empty() && n.pending.is_empty() && n.meta.is_empty())
+            && self.witness.as_ref().is_none_or(|w| w.queue.is_empty())
     }
 
     fn run_until_quiet(&mut self) {
@@ -552,6 +768,7 @@ impl Sim {
                 self.complete_local(n);
                 self.persist_meta(n);
             }
+            self.witness_deliver();
         }
         panic!("simulation did not settle; log {:?}", self.log);
     }
@@ -588,14 +805,25 @@ fn norm(d: &Disk) -> Vec<(u64, u64)> {
         .collect()
 }
 
-fn run_seed(seed: u64, steps: usize, crashes: bool) {
-    let mut sim = Sim::new(seed);
+fn run_seed(seed: u64, steps: usize, crashes: bool, witness: bool) {
+    let mut sim = Sim::with_witness(seed, witness);
     sim.crashes = crashes;
     for _ in 0..steps {
         sim.step();
     }
     sim.heal();
     sim.run_until_quiet();
+    if let Some(w) = &mut sim.witness {
+        w.reach = [true, true];
+        for _ in 0..20 {
+            for n in 0..2 {
+                sim.heartbeat(n);
+                sim.nodes[n].eng.tick();
+                sim.drain(n);
+            }
+            sim.run_until_quiet();
+        }
+    }
     let (a, b) = (&sim.nodes[0], &sim.nodes[1]);
     assert_eq!(
         a.eng.status().relation,
@@ -631,12 +859,16 @@ fn run_seed(seed: u64, steps: usize, crashes: bool) {
 }
 
 fn run_seeds(crashes: bool) {
+    run_seeds_with(crashes, false)
+}
+
+fn run_seeds_with(crashes: bool, witness: bool) {
     let seeds: Vec<u64> = match std::env::var("BLKREP_SIM_SEED") {
         Ok(s) => vec![s.parse().expect("BLKREP_SIM_SEED must be a number")],
         Err(_) => (1..=2000).collect(),
     };
     for seed in seeds {
-        let r = std::panic::catch_unwind(|| run_seed(seed, 400, crashes));
+        let r = std::panic::catch_unwind(|| run_seed(seed, 400, crashes, witness));
         if r.is_err() {
             panic!("simulation failed for seed {seed}; replay with BLKREP_SIM_SEED={seed}");
         }
@@ -651,6 +883,11 @@ fn seeded_crashes_never_lose_acknowledged_writes_and_converge() {
 #[test]
 fn seeded_schedules_keep_the_rules_and_converge() {
     run_seeds(false);
+}
+
+#[test]
+fn seeded_witness_schedules_keep_rule_2_and_converge() {
+    run_seeds_with(false, true);
 }
 
 #[test]
