@@ -144,6 +144,11 @@ pub fn negotiate(
             (UpToDate, Inconsistent) => source(false),
             (Inconsistent, UpToDate) => target(),
             (Inconsistent, Inconsistent) => Relation::Refused("neither copy is consistent"),
+            // The witness outdated one copy: the other is the source, for
+            // the union of both bitmaps (the outdated one may carry
+            // activity-log extents of a crash).
+            (Outdated, UpToDate) => target(),
+            (UpToDate, Outdated) => source(peer.dirty_chunks > 0 && !peer_dirty_known),
             _ => match (me.dirty_chunks > 0, peer.dirty_chunks > 0) {
                 (false, false) => Relation::InSync,
                 (true, false) => source(false),
