@@ -415,3 +415,47 @@ async fn ocf_agent_and_proxmox_hookscript_move_the_primary() {
     must_write(&c, 0, 20, 0x20, &mut acked).await;
     heal_and_check(&c, 0, &acked).await;
 }
+
+/// Pacemaker's own checker (`ocf-tester` from Debian's resource-agents)
+/// accepts the agent: start/stop/monitor/promote/demote against the real CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ocf_tester_accepts_the_agent() {
+    let c = up_with_witness("q-ocft").await;
+    // Leave alpha stopped and nobody primary: ocf-tester starts from there.
+    c.ok(0, Request::Secondary { volume: VOL.into() })
+        .await
+        .expect("demote");
+    c.ok(0, Request::Detach { volume: VOL.into() })
+        .await
+        .expect("detach");
+    // ocf-tester runs the agent as `nobody` too: give it a world-readable copy.
+    let agent = c.dir.join("ocf-blkrep");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/ocf-blkrep"),
+        &agent,
+    )
+    .expect("copy agent");
+    let out = std::process::Command::new("timeout")
+        .arg("120")
+        .arg("ocf-tester")
+        .arg("-v")
+        .arg("-n")
+        .arg("vol")
+        .arg("-o")
+        .arg(format!("volume={VOL}"))
+        .arg("-o")
+        .arg(format!("config={}", c.nodes[0].config.display()))
+        .arg("-o")
+        .arg(format!("blkrep={}", bin().display()))
+        .arg(&agent)
+        .output()
+        .expect("run ocf-tester (install resource-agents)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    assert!(out.status.success(), "ocf-tester failed: {text}");
+    assert!(text.contains("passed all tests"), "{text}");
+}

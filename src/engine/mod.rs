@@ -494,6 +494,11 @@ impl Engine {
         }
     }
 
+    /// Whether metadata up to `token` is already durable.
+    pub fn meta_durable(&self, token: u64) -> bool {
+        token <= self.meta_persisted
+    }
+
     /// The role (cheap; for per-request checks).
     pub fn status_role(&self) -> Role {
         self.role

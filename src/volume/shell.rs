@@ -569,29 +569,38 @@ impl Shell {
                 }
                 self.promote_now(force, reply);
             }
-            Input::Demote { reply } => match self.engine.demote() {
-                Ok(token) => {
-                    (self.events)(&self.name, "demoted");
-                    if let Some(l) = &self.lease {
-                        let (l, tx) = (l.clone(), self.tx.clone());
-                        let (volume, peer) = (self.name.clone(), self.peer_name.clone());
-                        let epoch = self.engine.record().epoch;
-                        tokio::spawn(async move {
-                            if let Ok(crate::witness::ChangeOutcome::Done(r)) = l
-                                .witness
-                                .change(&volume, &peer, epoch, crate::witness::WitnessOp::Demote)
-                                .await
-                            {
-                                let _ = tx.send(Input::WitnessRecord(r));
-                            }
-                        });
+            Input::Demote { reply } => {
+                let was_primary = self.engine.status_role() == Role::Primary;
+                match self.engine.demote() {
+                    Ok(token) if !was_primary => self.wait_meta(token, reply),
+                    Ok(token) => {
+                        (self.events)(&self.name, "demoted");
+                        if let Some(l) = &self.lease {
+                            let (l, tx) = (l.clone(), self.tx.clone());
+                            let (volume, peer) = (self.name.clone(), self.peer_name.clone());
+                            let epoch = self.engine.record().epoch;
+                            tokio::spawn(async move {
+                                if let Ok(crate::witness::ChangeOutcome::Done(r)) = l
+                                    .witness
+                                    .change(
+                                        &volume,
+                                        &peer,
+                                        epoch,
+                                        crate::witness::WitnessOp::Demote,
+                                    )
+                                    .await
+                                {
+                                    let _ = tx.send(Input::WitnessRecord(r));
+                                }
+                            });
+                        }
+                        self.wait_meta(token, reply)
                     }
-                    self.wait_meta(token, reply)
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
                 }
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
-                }
-            },
+            }
             Input::WitnessRecord(record) => {
                 let view = self.view_of(&record);
                 self.engine.witness_record(view);
@@ -719,9 +728,12 @@ impl Shell {
     }
 
     fn promote_now(&mut self, force: bool, reply: oneshot::Sender<Result<(), VolumeError>>) {
+        let was_primary = self.engine.status_role() == Role::Primary;
         match self.engine.promote(force) {
             Ok(token) => {
-                (self.events)(&self.name, "promoted");
+                if !was_primary {
+                    (self.events)(&self.name, "promoted");
+                }
                 self.wait_meta(token, reply)
             }
             Err(e) => {
@@ -770,6 +782,11 @@ impl Shell {
     }
 
     fn wait_meta(&mut self, token: u64, reply: oneshot::Sender<Result<(), VolumeError>>) {
+        if self.engine.meta_durable(token) {
+            // Nothing new to persist (e.g. demoting a secondary).
+            let _ = reply.send(Ok(()));
+            return;
+        }
         self.meta_waiters.push((token, reply));
     }
 
