@@ -8,9 +8,11 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use blkrep::control::Request;
+use blkrep::control::{self, Request, Response};
 use blkrep::testkit::cluster::{ClusterOptions, LocalCluster, NetPath};
 use blkrep::testkit::nbd_client::NbdClient;
 use common::*;
@@ -43,6 +45,74 @@ async fn up_with_witness(tag: &str) -> LocalCluster {
         }
     }
     c
+}
+
+/// Watches both nodes for the whole run and records forbidden events: two
+/// nodes serving as primary at the same moment (both primary with a valid
+/// lease, polled together), or two nodes each seeing itself as the primary
+/// of the same witness epoch.
+struct Forbidden {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Forbidden {
+    fn watch(c: &LocalCluster) -> Self {
+        let sockets = [c.nodes[0].control.clone(), c.nodes[1].control.clone()];
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let status = |p: std::path::PathBuf| async move {
+                match control::call(
+                    &p,
+                    &Request::Status {
+                        volume: Some(VOL.into()),
+                    },
+                )
+                .await
+                {
+                    Ok(Response::Status(mut s)) if !s.volumes.is_empty() => {
+                        Some(s.volumes.remove(0))
+                    }
+                    _ => None,
+                }
+            };
+            while !flag.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let (a, b) = tokio::join!(status(sockets[0].clone()), status(sockets[1].clone()));
+                // Only polls answered close together say "at the same moment"
+                // (a promotion waits out the old lease plus 100 ms or more).
+                if t.elapsed() < Duration::from_millis(50)
+                    && let (Some(a), Some(b)) = (a, b)
+                {
+                    let serving = |s: &blkrep::control::VolumeStatusReport| {
+                        s.role.as_deref() == Some("Primary")
+                            && s.quorum.as_ref().is_some_and(|q| q.lease_valid)
+                    };
+                    if serving(&a) && serving(&b) {
+                        seen.push(format!("two serving primaries: {a:?} / {b:?}"));
+                    }
+                    if let (Some(qa), Some(qb)) = (&a.quorum, &b.quorum)
+                        && qa.epoch == qb.epoch
+                        && qa.primary.as_deref() == Some("me")
+                        && qb.primary.as_deref() == Some("me")
+                    {
+                        seen.push(format!("two primaries in epoch {}", qa.epoch));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            seen
+        });
+        Forbidden { stop, task }
+    }
+
+    async fn assert_none(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let seen = self.task.await.expect("monitor");
+        assert!(seen.is_empty(), "forbidden events: {seen:?}");
+    }
 }
 
 fn dump_all(c: &LocalCluster) {
@@ -141,6 +211,7 @@ async fn heal_and_check(c: &LocalCluster, primary: usize, acked: &Acked) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn witness_records_both_nodes_and_refuses_a_second_primary() {
     let c = up_with_witness("q-basic").await;
+    let forbidden = Forbidden::watch(&c);
     let a = c.status(0).await.expect("status");
     let q = a.quorum.expect("quorum report");
     assert_eq!(q.primary.as_deref(), Some("me"));
@@ -163,6 +234,7 @@ async fn witness_records_both_nodes_and_refuses_a_second_primary() {
     );
     must_write(&c, 1, 2, 0x22, &mut acked).await;
     heal_and_check(&c, 1, &acked).await;
+    forbidden.assert_none().await;
     let events = c.events(1);
     assert!(events.iter().any(|e| e == "promoted demo"), "{events:?}");
     assert!(c.events(0).iter().any(|e| e == "demoted demo"));
@@ -173,6 +245,7 @@ async fn witness_records_both_nodes_and_refuses_a_second_primary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenario_1_and_5_cut_replication_link() {
     let c = up_with_witness("q-s1").await;
+    let forbidden = Forbidden::watch(&c);
     let mut acked = Acked::new();
     must_write(&c, 0, 3, 0x31, &mut acked).await;
     c.cut(NetPath::AlphaBeta, true);
@@ -194,12 +267,14 @@ async fn scenario_1_and_5_cut_replication_link() {
     assert_eq!(code, 4, "still outdated after W switched sides: {text}");
     assert!(c.events(0).iter().any(|e| e == "peer-outdated demo"));
     heal_and_check(&c, 0, &acked).await;
+    forbidden.assert_none().await;
 }
 
 /// (2) isolate B: A keeps writing; B regains nothing by reaching W alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenario_2_isolated_secondary() {
     let c = up_with_witness("q-s2").await;
+    let forbidden = Forbidden::watch(&c);
     let mut acked = Acked::new();
     c.cut(NetPath::AlphaBeta, true);
     c.cut(NetPath::BetaWitness, true);
@@ -213,6 +288,7 @@ async fn scenario_2_isolated_secondary() {
     let (code, text) = exit_code(&c, 1, &["promote", VOL]);
     assert_eq!(code, 4, "{text}");
     heal_and_check(&c, 0, &acked).await;
+    forbidden.assert_none().await;
 }
 
 /// (3) isolate A: A freezes and stops serving reads, B promotes after the
@@ -220,6 +296,7 @@ async fn scenario_2_isolated_secondary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenario_3_isolated_primary_freezes_and_survivor_takes_over() {
     let c = up_with_witness("q-s3").await;
+    let forbidden = Forbidden::watch(&c);
     let mut acked = Acked::new();
     must_write(&c, 0, 6, 0x63, &mut acked).await;
     c.cut(NetPath::AlphaBeta, true);
@@ -243,6 +320,7 @@ async fn scenario_3_isolated_primary_freezes_and_survivor_takes_over() {
     assert_eq!(read(&c, 1, 6, WAIT).await, Some(0x63));
     // Heal: A learns it was fenced and rejoins as the resync target.
     heal_and_check(&c, 1, &acked).await;
+    forbidden.assert_none().await;
     let a = c.status(0).await.expect("status");
     assert_eq!(a.role.as_deref(), Some("Secondary"));
     eprintln!("scenario 3: promote completed {promoted:?} after the primary was cut off");
@@ -253,6 +331,7 @@ async fn scenario_3_isolated_primary_freezes_and_survivor_takes_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenario_4_witness_lost_then_link_cut() {
     let mut c = up_with_witness("q-s4").await;
+    let forbidden = Forbidden::watch(&c);
     let mut acked = Acked::new();
     c.kill_witness();
     // Still fine with the peer.
@@ -280,6 +359,7 @@ async fn scenario_4_witness_lost_then_link_cut() {
     c.cut(NetPath::AlphaBeta, true);
     must_write(&c, 0, 12, 0xc4, &mut acked).await;
     heal_and_check(&c, 0, &acked).await;
+    forbidden.assert_none().await;
 }
 
 /// (6) both data nodes crash and only B returns with W: B promotes if and
@@ -287,6 +367,7 @@ async fn scenario_4_witness_lost_then_link_cut() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenario_6_double_crash() {
     let mut c = up_with_witness("q-s6").await;
+    let forbidden = Forbidden::watch(&c);
     let mut acked = Acked::new();
     must_write(&c, 0, 13, 0xd6, &mut acked).await;
     c.kill(0);
@@ -322,6 +403,7 @@ async fn scenario_6_double_crash() {
     .await
     .expect("beta primary again");
     heal_and_check(&c, 1, &acked).await;
+    forbidden.assert_none().await;
 }
 
 /// (7) A loses W first (keeps writing with B), then A-B is cut: A stops
@@ -330,6 +412,7 @@ async fn scenario_6_double_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenario_7_witness_first_then_peer() {
     let c = up_with_witness("q-s7").await;
+    let forbidden = Forbidden::watch(&c);
     let mut acked = Acked::new();
     c.cut(NetPath::AlphaWitness, true);
     must_write(&c, 0, 15, 0xf7, &mut acked).await;
@@ -348,6 +431,7 @@ async fn scenario_7_witness_first_then_peer() {
     // A, without any lease, serves nothing: no stale 0xf7.
     assert_eq!(read(&c, 0, 15, Duration::from_secs(2)).await, None);
     heal_and_check(&c, 1, &acked).await;
+    forbidden.assert_none().await;
     eprintln!("scenario 7: promote completed {promoted:?} after the link was cut");
 }
 
