@@ -1,8 +1,10 @@
-//! `blkrep demo`: a throw-away two-node cluster on loopback that shows the
-//! promise end to end: writes acknowledged through NBD are on both disks;
-//! after the primary is killed with SIGKILL the survivor is promoted and holds
-//! every acknowledged write; the dead node comes back, resyncs, and both
-//! copies are byte-for-byte equal.
+//! `blkrep demo`: a throw-away two-node cluster with a witness on loopback
+//! that shows the promise end to end: writes acknowledged through NBD are on
+//! both disks; after the primary is killed with SIGKILL the survivor is
+//! promoted through the failover hook (`blkrep promote`, as a cluster manager
+//! calls it; the witness consents once the dead primary's lease ran out) and
+//! holds every acknowledged write; the dead node comes back, resyncs, and
+//! both copies are byte-for-byte equal.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -45,6 +47,9 @@ pub enum DemoError {
     /// The current executable cannot be found.
     #[error("cannot find the blkrep executable: {0}")]
     Exe(std::io::Error),
+    /// The failover hook failed.
+    #[error("failover hook: {0}")]
+    Hook(String),
 }
 
 /// What the demo measured.
@@ -82,6 +87,7 @@ pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
     };
     let opts = ClusterOptions {
         disk_bytes: args.size_mib << 20,
+        witness: true,
         ..Default::default()
     };
     let mut c = LocalCluster::create(&bin, &dir, opts)?;
@@ -93,9 +99,20 @@ pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
         c.nodes[1].address
     ));
     c.bring_up().await?;
+    c.wait_for(
+        0,
+        "both up to date at the witness",
+        Duration::from_secs(30),
+        |s| {
+            s.quorum
+                .as_ref()
+                .is_some_and(|q| q.up_to_date && q.peer_up_to_date)
+        },
+    )
+    .await?;
     let size = c.status(0).await?.size_bytes.unwrap_or(0);
     say(&format!(
-        "volume {} ({} MiB) is primary on alpha, in sync with beta",
+        "volume {} ({} MiB) is primary on alpha, in sync with beta; the witness lists both as up to date",
         c.opts.volume,
         size >> 20
     ));
@@ -126,6 +143,25 @@ pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
         acked_writes: acked.len() as u64,
         ..Default::default()
     };
+    // The cluster manager calls the hook right away; it returns once the
+    // witness consents (alpha's leases have run out).
+    let hook = {
+        let (bin, config, volume) = (
+            bin.clone(),
+            c.nodes[1].config.clone(),
+            c.opts.volume.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let out = std::process::Command::new(bin)
+                .arg("--config")
+                .arg(config)
+                .arg("promote")
+                .arg(volume)
+                .output();
+            (t.elapsed(), out)
+        })
+    };
     c.wait_for(1, "peer loss", Duration::from_secs(30), |s| {
         s.peer.connection == "Disconnected"
     })
@@ -135,17 +171,18 @@ pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
         "T+{}ms  beta detected the loss of alpha",
         report.detected_ms
     ));
-    c.ok(
-        1,
-        Request::Primary {
-            volume: c.opts.volume.clone(),
-            force: false,
-        },
-    )
-    .await?;
+    let (_, out) = hook.await.map_err(|e| DemoError::Hook(e.to_string()))?;
+    let out = out.map_err(|e| DemoError::Hook(e.to_string()))?;
+    if !out.status.success() {
+        return Err(DemoError::Hook(format!(
+            "`blkrep promote` on beta failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
     report.promoted_ms = t0.elapsed().as_millis() as u64;
     say(&format!(
-        "T+{}ms  beta promoted (`blkrep primary`)",
+        "T+{}ms  beta promoted (`blkrep promote`, called at T+0; the witness consented after alpha's lease ran out)",
         report.promoted_ms
     ));
 

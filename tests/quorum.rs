@@ -435,10 +435,15 @@ async fn scenario_7_witness_first_then_peer() {
     eprintln!("scenario 7: promote completed {promoted:?} after the link was cut");
 }
 
-fn tool(c: &LocalCluster, i: usize, script: &str, args: &[&str]) -> i32 {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+/// A script in tools/.
+fn tool_path(script: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tools")
-        .join(script);
+        .join(script)
+}
+
+fn tool(c: &LocalCluster, i: usize, script: &str, args: &[&str]) -> i32 {
+    let path = tool_path(script);
     let guests = c.dir.join("guests");
     std::fs::create_dir_all(&guests).expect("guests dir");
     std::fs::write(guests.join("101"), format!("{VOL}\n")).expect("guest list");
@@ -514,11 +519,7 @@ async fn ocf_tester_accepts_the_agent() {
         .expect("detach");
     // ocf-tester runs the agent as `nobody` too: give it a world-readable copy.
     let agent = c.dir.join("ocf-blkrep");
-    std::fs::copy(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/ocf-blkrep"),
-        &agent,
-    )
-    .expect("copy agent");
+    std::fs::copy(tool_path("ocf-blkrep"), &agent).expect("copy agent");
     let out = std::process::Command::new("timeout")
         .arg("120")
         .arg("ocf-tester")
@@ -542,4 +543,140 @@ async fn ocf_tester_accepts_the_agent() {
     eprintln!("{text}");
     assert!(out.status.success(), "ocf-tester failed: {text}");
     assert!(text.contains("passed all tests"), "{text}");
+}
+
+/// Rule 4: histories that diverged (two nodes wrote independently, here
+/// without a witness) are never synced silently: both refuse, `status` says
+/// SplitBrain, the split-brain handler runs, and `resolve --discard-local`
+/// on the victim makes it a full-sync target of the survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_is_reported_and_resolved_explicitly() {
+    let mut c = up(
+        "q-sb",
+        ClusterOptions {
+            event_log: true,
+            ..small()
+        },
+    )
+    .await;
+    let mut acked = Acked::new();
+    must_write(&c, 0, 30, 0x30, &mut acked).await;
+    // beta goes away; alpha writes alone.
+    c.kill(1);
+    assert!(write(&c, 0, 31, 0xa1, WAIT).await);
+    // alpha goes away; beta comes back alone and the operator forces it.
+    c.kill(0);
+    c.start(1).await.expect("restart beta");
+    c.ok(1, Request::Attach { volume: VOL.into() })
+        .await
+        .expect("attach");
+    let (code, text) = exit_code(&c, 1, &["promote", VOL, "--force"]);
+    assert_eq!(code, 0, "{text}");
+    must_write(&c, 1, 32, 0xb2, &mut acked).await;
+    // alpha returns: diverged histories.
+    c.start(0).await.expect("restart alpha");
+    c.ok(0, Request::Attach { volume: VOL.into() })
+        .await
+        .expect("attach");
+    for i in 0..2 {
+        c.wait_for(i, "split brain reported", WAIT, |s| {
+            s.peer.relation.as_deref() == Some("SplitBrain")
+        })
+        .await
+        .expect("split brain");
+    }
+    let out = cli(&c, 0, &["status", VOL]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SplitBrain"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        c.events(0).iter().any(|e| e == "split-brain demo"),
+        "{:?}",
+        c.events(0)
+    );
+    // Nothing was synced: alpha still has its own write.
+    let a = c.read_data(0, 16 << 20).expect("alpha");
+    assert_eq!(a[31 * BLOCK as usize], 0xa1);
+    // The operator discards alpha's changes (refused on the primary).
+    let (code, _) = exit_code(&c, 1, &["resolve", VOL, "--discard-local"]);
+    assert_ne!(code, 0, "the primary's data is never discarded");
+    let (code, text) = exit_code(&c, 0, &["resolve", VOL, "--discard-local"]);
+    assert_eq!(code, 0, "{text}");
+    c.wait_in_sync(Duration::from_secs(60))
+        .await
+        .expect("full resync");
+    assert_acked_on(&c, 0, &acked);
+    assert_replicas_equal(&c).await;
+    let a = c.read_data(0, 16 << 20).expect("alpha");
+    assert_eq!(a[31 * BLOCK as usize], 0, "alpha's discarded write is gone");
+}
+
+/// `on_no_quorum = "io-error"`: a primary cut off from peer and witness
+/// fails writes with EIO instead of suspending them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_error_policy_fails_writes_without_quorum() {
+    let mut c = cluster("q-eio", opts());
+    for n in &c.nodes {
+        let cfg = std::fs::read_to_string(&n.config).expect("config");
+        let cfg = cfg.replace("[witness]\n", "[witness]\non_no_quorum = \"io-error\"\n");
+        std::fs::write(&n.config, cfg).expect("config");
+    }
+    if let Err(e) = c.bring_up().await {
+        dump_all(&c);
+        panic!("{e}");
+    }
+    c.wait_for(0, "both up to date", WAIT, |s| {
+        s.quorum
+            .as_ref()
+            .is_some_and(|q| q.up_to_date && q.peer_up_to_date)
+    })
+    .await
+    .expect("quorum");
+    c.cut(NetPath::AlphaBeta, true);
+    c.cut(NetPath::AlphaWitness, true);
+    let sock = c.nbd_socket(0);
+    let result = tokio::time::timeout(WAIT, async {
+        let mut n = NbdClient::connect(&sock).await.expect("connect");
+        n.write(0, &[0x55; BLOCK as usize], true).await
+    })
+    .await
+    .expect("the write is answered, not suspended");
+    assert!(result.is_err(), "a write without quorum must fail");
+    let s = c.status(0).await.expect("status");
+    assert_eq!(s.quorum.expect("q").waiting_writes, 0);
+    c.cut(NetPath::AlphaBeta, false);
+    c.cut(NetPath::AlphaWitness, false);
+    // Until a lease is back, writes keep failing (not waiting).
+    c.wait_for(0, "lease regained", WAIT, |s| {
+        s.quorum.as_ref().is_some_and(|q| q.lease_valid)
+    })
+    .await
+    .expect("lease");
+    let mut acked = Acked::new();
+    must_write(&c, 0, 1, 0x01, &mut acked).await;
+    heal_and_check(&c, 0, &acked).await;
+}
+
+/// keepalived's notify script: MASTER promotes, BACKUP demotes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalived_notify_moves_the_primary() {
+    let c = up_with_witness("q-ka").await;
+    let list = c.dir.join("keepalived-volumes");
+    std::fs::write(&list, format!("{VOL}\n")).expect("list");
+    let run = |i: usize, state: &str| {
+        std::process::Command::new(tool_path("keepalived-notify"))
+            .args(["INSTANCE", "VI_1", state, "100"])
+            .env("BLKREP", bin())
+            .env("BLKREP_CONFIG", &c.nodes[i].config)
+            .env("BLKREP_VOLUMES", &list)
+            .status()
+            .expect("run notify")
+            .code()
+    };
+    assert_eq!(run(0, "BACKUP"), Some(0));
+    assert_eq!(run(1, "MASTER"), Some(0));
+    let s = c.status(1).await.expect("status");
+    assert_eq!(s.role.as_deref(), Some("Primary"));
+    let mut acked = Acked::new();
+    must_write(&c, 1, 2, 0x02, &mut acked).await;
+    heal_and_check(&c, 1, &acked).await;
 }
