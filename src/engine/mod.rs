@@ -382,6 +382,66 @@ impl Engine {
         }
     }
 
+    /// When the witness record says exactly one side holds every
+    /// acknowledged write, that side is the resync source, whatever the
+    /// generations say: the other side never completed a write of its own
+    /// (rule 2), so overwriting its extra data loses nothing acknowledged.
+    /// Bitmap-based when the generations allow it, else a full sync.
+    fn witness_direction(&self, view: &NodeView, negotiated: Relation) -> Option<Relation> {
+        let rec = self.record;
+        if self.cfg.quorum.is_none() || rec.epoch == 0 || rec.me_up_to_date == rec.peer_up_to_date {
+            return None;
+        }
+        // Never the target of a copy the witness outdated, never the source
+        // when outdated (its disk state may just not say so yet).
+        // Exception: a copy left Inconsistent by an interrupted resync from
+        // the other one is finished from it (it never completed a write of
+        // its own since, or its generations would have refused the resync).
+        if rec.me_up_to_date
+            && negotiated == Relation::SyncTarget
+            && self.disk != DiskState::Inconsistent
+        {
+            return Some(Relation::Refused(
+                "the peer is outdated at the witness; waiting for it to learn that",
+            ));
+        }
+        if !rec.me_up_to_date
+            && matches!(negotiated, Relation::SyncSource { .. })
+            && view.disk != DiskState::Inconsistent
+        {
+            return Some(Relation::Refused("this node is outdated at the witness"));
+        }
+        if !rec.me_up_to_date
+            && view.disk == DiskState::UpToDate
+            && self.disk != DiskState::UpToDate
+            && self.disk != DiskState::Diskless
+            && self.role == Role::Secondary
+        {
+            return (negotiated != Relation::SyncTarget).then_some(Relation::SyncTarget);
+        }
+        if rec.me_up_to_date
+            && self.disk == DiskState::UpToDate
+            && view.disk != DiskState::UpToDate
+            && view.disk != DiskState::Diskless
+            && view.role == Role::Secondary
+        {
+            if matches!(negotiated, Relation::SyncSource { .. }) {
+                return None;
+            }
+            let bitmap_ok = matches!(
+                self.gens.compare(&view.generations),
+                crate::meta::SyncDecision::LocalAheadBitmap
+                    | crate::meta::SyncDecision::PeerAheadBitmap
+                    | crate::meta::SyncDecision::InSync
+            ) && (self.peer_dirty.is_some() || view.dirty_chunks == 0);
+            return Some(Relation::SyncSource {
+                target_ready: false,
+                full: !bitmap_ok,
+            });
+        }
+        None
+    }
+
     /// Sets the witness record persisted in the superblock (at attach).
     pub fn set_record(&mut self, record: RecordView) {
         self.record = record;
@@ -462,8 +522,11 @@ impl Engine {
             generations: self.gens,
             data_bytes: self.cfg.data_bytes,
             dirty_chunks: self.bitmap.set_count(),
+            // Ready only once its own client writes (of a fenced primary)
+            // have landed: none may land after resync data.
             sync_target: matches!(self.peer, Some((_, Relation::SyncTarget)))
-                && self.announce_after.is_none(),
+                && self.announce_after.is_none()
+                && !self.has_client_requests(),
             record: self.record,
         }
     }
@@ -492,6 +555,11 @@ impl Engine {
             quorum_waiting: self.quorum_waiters.len(),
             quorum_lost: self.quorum_lost,
         }
+    }
+
+    /// The connected peer's announced view (cheap).
+    pub fn peer_view(&self) -> Option<NodeView> {
+        self.peer.map(|(v, _)| v)
     }
 
     /// Whether metadata up to `token` is already durable.
@@ -972,6 +1040,21 @@ impl Engine {
                 self.start(waiting);
             }
         }
+        if id < INTERNAL_ID_BASE
+            && matches!(self.peer, Some((_, Relation::SyncTarget)))
+            && !self.has_client_requests()
+        {
+            // Now ready to receive the resync (see `view`).
+            self.actions.push_back(Action::AnnounceState);
+        }
+    }
+
+    fn has_client_requests(&self) -> bool {
+        self.table
+            .requests
+            .keys()
+            .next()
+            .is_some_and(|id| *id < INTERNAL_ID_BASE)
     }
 
     /// The local leg of `id` finished.
@@ -1285,16 +1368,46 @@ impl Engine {
         } = rel
             && view.sync_target
         {
-            self.peer = Some((
-                view,
-                Relation::SyncSource {
-                    target_ready: true,
-                    full,
-                },
-            ));
-            self.pump_resync();
+            self.target_ready(view, full);
         }
         self.after_event();
+    }
+
+    /// The sync target persisted its state and has no writes of its own in
+    /// flight: add what it marked meanwhile (a fenced primary's last writes)
+    /// to the copy, then start sending.
+    fn target_ready(&mut self, view: NodeView, full: bool) {
+        if !full && view.dirty_chunks > 0 {
+            let pages = match self.peer_dirty.take() {
+                Some(ranges) => {
+                    let mut pages = Vec::new();
+                    for (first, count) in ranges {
+                        pages.extend(self.bitmap.set_range(
+                            first.saturating_mul(self.cfg.chunk_bytes),
+                            count.saturating_mul(self.cfg.chunk_bytes),
+                        ));
+                    }
+                    pages
+                }
+                // Too many runs to name: copy everything.
+                None => self.bitmap.set_all(),
+            };
+            if !pages.is_empty() {
+                self.pages_to_persist.extend(pages);
+                self.persist();
+                if let Some(r) = &mut self.resync {
+                    r.total_chunks = r.done_chunks + self.bitmap.set_count();
+                }
+            }
+        }
+        self.peer = Some((
+            view,
+            Relation::SyncSource {
+                target_ready: true,
+                full,
+            },
+        ));
+        self.pump_resync();
     }
 
     fn renegotiate(&mut self) {
@@ -1305,27 +1418,8 @@ impl Engine {
             self.cfg.tie_winner,
             self.peer_dirty.is_some(),
         );
-        let rec = self.record;
-        if new == Relation::Diverged && self.cfg.quorum.is_some() && rec.epoch > 0 {
-            // Histories diverged, but the witness says which side holds the
-            // acknowledged writes: the other side never completed a write
-            // of its own (rule 2), so overwriting it loses nothing.
-            if !rec.me_up_to_date
-                && rec.peer_up_to_date
-                && view.disk == DiskState::UpToDate
-                && self.role == Role::Secondary
-            {
-                new = Relation::SyncTarget;
-            } else if rec.me_up_to_date
-                && !rec.peer_up_to_date
-                && self.disk == DiskState::UpToDate
-                && view.role == Role::Secondary
-            {
-                new = Relation::SyncSource {
-                    target_ready: false,
-                    full: true,
-                };
-            }
+        if let Some(forced) = self.witness_direction(&view, new) {
+            new = forced;
         }
         let same = std::mem::discriminant(&new) == std::mem::discriminant(&old);
         if new == old || (same && !matches!(new, Relation::Refused(_))) {
@@ -1335,14 +1429,7 @@ impl Engine {
             } = old
                 && view.sync_target
             {
-                self.peer = Some((
-                    view,
-                    Relation::SyncSource {
-                        target_ready: true,
-                        full,
-                    },
-                ));
-                self.pump_resync();
+                self.target_ready(view, full);
             }
             return;
         }

@@ -111,7 +111,9 @@ pub fn negotiate(
         _ => {}
     }
     let source = |full| {
-        if me.disk != UpToDate {
+        // An Outdated copy (the witness's word) may still finish a resync
+        // it started into an Inconsistent peer.
+        if me.disk != UpToDate && !(me.disk == Outdated && peer.disk == Inconsistent) {
             Relation::Refused("this node has newer data but is not up to date")
         } else if peer.role == Role::Primary {
             Relation::Refused("the peer is primary but has older data")
@@ -123,7 +125,7 @@ pub fn negotiate(
         }
     };
     let target = || {
-        if peer.disk != UpToDate {
+        if peer.disk != UpToDate && !(peer.disk == Outdated && me.disk == Inconsistent) {
             Relation::Refused("the peer has newer data but is not up to date")
         } else if me.role == Role::Primary {
             Relation::Refused("this node is primary but the peer has newer data; demote it")

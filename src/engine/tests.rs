@@ -33,7 +33,19 @@ struct WitnessSim {
     /// The newest record the witness ever held (it survives a lost disk in
     /// the nodes' superblocks).
     latest: Option<crate::quorum::Record>,
+    /// Per node: the primary lease from the witness runs until then.
+    witness_until: [u64; 2],
+    /// Per node: the lease from the peer runs until then.
+    peer_until: [u64; 2],
+    /// Per node: when it last granted its peer a lease.
+    granted: [u64; 2],
 }
+
+const LEASE: crate::quorum::LeaseSettings = crate::quorum::LeaseSettings {
+    lease_ms: 2000,
+    drift_permille: 50,
+    margin_ms: 100,
+};
 
 impl WitnessSim {
     fn note(&mut self) {
@@ -188,6 +200,9 @@ impl Sim {
                 queue: VecDeque::new(),
                 now_ms: 1,
                 latest: None,
+                witness_until: [0; 2],
+                peer_until: [0; 2],
+                granted: [0; 2],
             }),
             rng: Rng(seed),
             nodes: [
@@ -250,6 +265,7 @@ impl Sim {
         }
         self.connected = true;
         self.log.push("heal".into());
+        self.trace("heal");
         for n in 0..2 {
             let v = self.nodes[n].eng.view();
             let runs = self.nodes[n].eng.dirty_runs(DIRTY_RUNS_MAX);
@@ -425,8 +441,18 @@ impl Sim {
         };
         match m {
             Msg::State(v, runs) => {
+                let before = self.nodes[to].eng.status().relation;
                 self.nodes[to].eng.peer_dirty_runs(runs);
-                self.nodes[to].eng.peer_state(v)
+                self.nodes[to].eng.peer_state(v);
+                let after = self.nodes[to].eng.status().relation;
+                if before != after {
+                    self.trace(&format!("{to}: {after:?}"));
+                    let d = [
+                        self.nodes[0].eng.bitmap.set_count(),
+                        self.nodes[1].eng.bitmap.set_count(),
+                    ];
+                    self.log.push(format!("{to}: {after:?} dirty {d:?}"));
+                }
             }
             Msg::SyncDone(g) => self.nodes[to].eng.peer_sync_done(g),
             Msg::Ack { id, ok } => self.nodes[to].eng.peer_done(id, ok),
@@ -490,6 +516,7 @@ impl Sim {
     /// landed completely, partly or not at all.
     fn crash(&mut self, n: usize) {
         self.log.push(format!("crash {n}"));
+        self.trace(&format!("before crash {n}"));
         // The survivor holds every acknowledged write only if it was
         // receiving the primary's writes when the primary died.
         let was_connected = self.nodes[n].eng.replicating()
@@ -529,6 +556,12 @@ impl Sim {
                 .recover_activity_log(&al.extents, u64::from(al.extent_bytes), al.seq);
         }
         self.drain(n);
+        if let Some(w) = &mut self.witness {
+            // A restarted process counts its grants from its start.
+            w.granted[n] = w.now_ms;
+            w.peer_until[n] = 0;
+            w.witness_until[n] = 0;
+        }
         if self.witness.is_some() {
             // Leases run out; whoever the witness lets promote takes over:
             // first the survivor, else the restarted node.
@@ -545,6 +578,9 @@ impl Sim {
         // survivor that was already cut off is a split brain the witness
         // exists to prevent; with quorum off the engine detects it instead.
         if self.nodes[1 - n].eng.role != Role::Primary {
+            // The shell lets in-flight replica writes land before promoting.
+            self.land_replicas(1 - n);
+            self.land_replicas(n);
             let who = if was_connected && self.nodes[1 - n].eng.promote(false).is_ok() {
                 1 - n
             } else if self.nodes[n].eng.promote(false).is_ok() {
@@ -554,6 +590,23 @@ impl Sim {
             };
             self.log.push(format!("promote {who}"));
             self.drain(who);
+        }
+    }
+
+    /// Replica writes still in flight on node `n` land (the shell waits for
+    /// them before it promotes: none may land after the node's own writes).
+    fn land_replicas(&mut self, n: usize) {
+        let pending = std::mem::take(&mut self.nodes[n].pending);
+        for p in pending {
+            match p {
+                Pending::Replica { id, data } => {
+                    for (b, v) in data {
+                        self.nodes[n].disk.insert(b, v);
+                    }
+                    self.send(1 - n, Msg::Ack { id, ok: true });
+                }
+                local => self.nodes[n].pending.push(local),
+            }
         }
     }
 
@@ -581,6 +634,7 @@ impl Sim {
                 ChangeOutcome::Done(r) => {
                     let view = RecordView::of(&r, NAMES[n], NAMES[1 - n]);
                     self.nodes[n].eng.witness_record(view);
+                    self.land_replicas(n);
                     if self.nodes[n].eng.promote(false).is_ok() {
                         self.log.push(format!("witness promote {n}"));
                         self.drain(n);
@@ -611,10 +665,16 @@ impl Sim {
         match pick {
             0..=15 => self.witness_deliver(),
             16..=25 => self.heartbeat(n),
+            26..=31 if self.connected && pick % 2 == 0 => {
+                // A lease ping round trip on the link (rule 7).
+                w.peer_until[n] = LEASE.holder_until_ms(w.now_ms);
+                w.granted[1 - n] = w.now_ms;
+            }
             26..=31 => {
                 self.nodes[n].eng.tick();
                 self.drain(n);
             }
+            32..=33 if pick == 32 => self.failover(n),
             32..=35 => {
                 w.reach[n] = !w.reach[n];
                 self.log.push(format!("witness reach {n} {}", w.reach[n]));
@@ -670,6 +730,9 @@ impl Sim {
         };
         let (answers, _) = w.arb.heartbeat(NAMES[n], w.now_ms, &[claim]);
         w.note();
+        if answers.first().is_some_and(|a| a.lease) {
+            w.witness_until[n] = LEASE.holder_until_ms(w.now_ms);
+        }
         if let Some(r) = answers.first().and_then(|a| a.record.clone()) {
             self.nodes[n]
                 .eng
@@ -678,12 +741,60 @@ impl Sim {
         }
     }
 
+    /// Rule 7: node `n` may serve I/O (primary with a fresh lease). Without
+    /// a witness every primary serves.
+    fn serving(&self, n: usize) -> bool {
+        // The peer's lease counts only while connected to it as a secondary
+        // (a peer that became primary grants nothing).
+        let peer_secondary = self.nodes[n]
+            .eng
+            .peer_view()
+            .is_some_and(|v| v.role == Role::Secondary);
+        self.nodes[n].eng.role == Role::Primary
+            && self.witness.as_ref().is_none_or(|w| {
+                w.witness_until[n] > w.now_ms || (peer_secondary && w.peer_until[n] > w.now_ms)
+            })
+    }
+
+    /// A cluster manager tries to fail over to node `n`: it waits out the
+    /// lease it granted its peer (rule 7), then asks the witness (rule 3).
+    fn failover(&mut self, n: usize) {
+        let Some(w) = &self.witness else { return };
+        if self.nodes[n].eng.role == Role::Primary
+            || w.now_ms < LEASE.grantor_bound_ms(w.granted[n])
+        {
+            return;
+        }
+        self.witness_promote(n);
+    }
+
+    /// Rule 7: a read served by a node returns nothing older than the last
+    /// acknowledged write.
+    fn read_check(&mut self) {
+        let n = self.rng.below(2) as usize;
+        if !self.serving(n) || self.nodes[n].eng.disk != DiskState::UpToDate {
+            return;
+        }
+        let block = self.rng.below(DATA_BYTES / BLOCK);
+        let have = self.nodes[n].disk.get(&block).copied().unwrap_or(0) & !ZERO_FLAG;
+        let acked = self.acked.get(&block).copied().unwrap_or(0);
+        assert!(
+            have >= acked,
+            "rule 7: node {n} served block {block} at v{have}, older than acknowledged v{acked}; log {:?}",
+            self.log
+        );
+    }
+
     fn submit_write(&mut self) {
-        let n = if self.nodes[0].eng.role == Role::Primary {
-            0
+        let first = self.rng.below(2) as usize;
+        let n = if self.serving(first) {
+            first
         } else {
-            1
+            1 - first
         };
+        if !self.serving(n) {
+            return;
+        }
         if self.nodes[n].eng.role != Role::Primary || self.nodes[n].payload.len() > 16 {
             return;
         }
@@ -719,10 +830,39 @@ impl Sim {
         self.drain(n);
     }
 
+    fn trace(&self, what: &str) {
+        if std::env::var("BLKREP_SIM_TRACE").is_ok() {
+            let st = |n: usize| {
+                let e = &self.nodes[n].eng;
+                format!(
+                    "role {:?} disk {:?} gens {:x}/{:x} dirty {:?} rec {:?} data {:?}",
+                    e.role,
+                    e.disk,
+                    e.gens.current,
+                    e.gens.bitmap,
+                    (0..DATA_BYTES / CHUNK)
+                        .filter(|c| e.bitmap.get(*c))
+                        .collect::<Vec<_>>(),
+                    e.record,
+                    norm(&self.nodes[n].disk)
+                )
+            };
+            eprintln!("{what}\n  a {}\n  b {}", st(0), st(1));
+        }
+    }
+
     fn step(&mut self) {
-        if self.witness.is_some() && self.rng.below(4) == 0 {
-            self.witness_event();
-            return;
+        if self.witness.is_some() {
+            assert!(
+                !(self.serving(0) && self.serving(1)),
+                "rule 7: two nodes serve as primary at once; log {:?}",
+                self.log
+            );
+            match self.rng.below(8) {
+                0 | 1 => return self.witness_event(),
+                2 => return self.read_check(),
+                _ => {}
+            }
         }
         match self.rng.below(100) {
             0..=24 => self.submit_write(),

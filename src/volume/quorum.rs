@@ -40,6 +40,9 @@ pub struct VolumeLease {
     pub peer_settings: LeaseSettings,
     /// What to do without a lease.
     pub policy: NoQuorumPolicy,
+    /// The peer is connected for this volume and secondary: only then does
+    /// its lease count (a peer that became primary grants nothing).
+    pub peer_counts: std::sync::atomic::AtomicBool,
     /// The witness session.
     pub witness: Arc<WitnessClient>,
     claim: Mutex<(RecordView, bool)>,
@@ -53,6 +56,7 @@ impl VolumeLease {
             peer: q.peer_lease.clone(),
             peer_settings: q.peer_lease_settings,
             policy: q.policy,
+            peer_counts: std::sync::atomic::AtomicBool::new(false),
             witness: q.witness.clone(),
             claim: Mutex::new((RecordView::default(), false)),
         })
@@ -62,7 +66,8 @@ impl VolumeLease {
     pub fn valid(&self) -> bool {
         let now = clock::now_ms();
         self.witness_until_ms.load(Ordering::Acquire) > now
-            || self.peer.held_until_ms.load(Ordering::Acquire) > now
+            || (self.peer_counts.load(Ordering::Acquire)
+                && self.peer.held_until_ms.load(Ordering::Acquire) > now)
     }
 
     /// Extends the witness lease (a grant for a request sent at `sent_ms`).

@@ -254,6 +254,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         frozen: std::collections::VecDeque::new(),
         lease_lapsed: false,
         events: opts.events,
+        promote_after_replicas: None,
     };
     tokio::spawn(shell.run(rx));
     Ok(handle)
@@ -375,6 +376,7 @@ struct Shell {
     frozen: std::collections::VecDeque<Input>,
     lease_lapsed: bool,
     events: super::EventHook,
+    promote_after_replicas: Option<(bool, oneshot::Sender<Result<(), VolumeError>>)>,
 }
 
 impl Shell {
@@ -384,6 +386,12 @@ impl Shell {
             self.drain_actions();
             if let Some(l) = &self.lease {
                 l.set_claim(self.engine.claim());
+                let peer_secondary = self.conn.is_some()
+                    && self
+                        .engine
+                        .peer_view()
+                        .is_some_and(|v| v.role == Role::Secondary);
+                l.peer_counts.store(peer_secondary, Ordering::Release);
             }
             self.read_path
                 .store(encode_read_path(self.engine.read_path()), Ordering::Release);
@@ -538,6 +546,11 @@ impl Shell {
             Input::Replica(conn, req) => self.replica(conn, req),
             Input::ReplicaDone => {
                 self.replica_inflight -= 1;
+                if self.replica_inflight == 0
+                    && let Some((force, reply)) = self.promote_after_replicas.take()
+                {
+                    self.promote_now(force, reply);
+                }
                 if self.replica_inflight == 0
                     && let Some(conn) = self.readying.take()
                 {
@@ -728,6 +741,12 @@ impl Shell {
     }
 
     fn promote_now(&mut self, force: bool, reply: oneshot::Sender<Result<(), VolumeError>>) {
+        if self.replica_inflight > 0 {
+            // Replica writes of the old primary still in flight land first:
+            // none may land after this node's own writes.
+            self.promote_after_replicas = Some((force, reply));
+            return;
+        }
         let was_primary = self.engine.status_role() == Role::Primary;
         match self.engine.promote(force) {
             Ok(token) => {
