@@ -1400,6 +1400,11 @@ impl Engine {
                 }
             }
         }
+        self.start_sending(view, full);
+    }
+
+    /// The target is ready: resync chunks (and application writes) flow.
+    fn start_sending(&mut self, view: NodeView, full: bool) {
         self.peer = Some((
             view,
             Relation::SyncSource {
@@ -1463,14 +1468,7 @@ impl Engine {
                 self.actions
                     .push_back(Action::Notify(Notice::ResyncStarted));
                 if view.sync_target {
-                    self.peer = Some((
-                        view,
-                        Relation::SyncSource {
-                            target_ready: true,
-                            full,
-                        },
-                    ));
-                    self.pump_resync();
+                    self.start_sending(view, full);
                 }
             }
             Relation::SyncTarget => {
