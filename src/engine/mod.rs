@@ -389,7 +389,54 @@ impl Engine {
     /// Bitmap-based when the generations allow it, else a full sync.
     fn witness_direction(&self, view: &NodeView, negotiated: Relation) -> Option<Relation> {
         let rec = self.record;
-        if self.cfg.quorum.is_none() || rec.epoch == 0 || rec.me_up_to_date == rec.peer_up_to_date {
+        if self.cfg.quorum.is_none() || rec.epoch == 0 {
+            return None;
+        }
+        // A copy left Inconsistent by an interrupted resync is finished
+        // from the only consistent copy (it had no writes of its own since,
+        // or the resync into it would not have started).
+        if matches!(negotiated, Relation::Diverged | Relation::Refused(_)) {
+            let consistent = |d: DiskState| matches!(d, DiskState::UpToDate | DiskState::Outdated);
+            if consistent(self.disk)
+                && view.disk == DiskState::Inconsistent
+                && view.role == Role::Secondary
+            {
+                return Some(Relation::SyncSource {
+                    target_ready: false,
+                    full: true,
+                });
+            }
+            if consistent(view.disk)
+                && self.disk == DiskState::Inconsistent
+                && self.role == Role::Secondary
+            {
+                return Some(Relation::SyncTarget);
+            }
+        }
+        if negotiated == Relation::Diverged
+            && rec.me_up_to_date
+            && rec.peer_up_to_date
+            && self.disk == DiskState::UpToDate
+            && view.disk == DiskState::UpToDate
+        {
+            // Both hold every acknowledged write (neither outdated the
+            // other, so neither completed a write alone): the histories
+            // differ only in unacknowledged writes. Either copy will do.
+            let me_wins = match (self.role, view.role) {
+                (Role::Primary, _) => true,
+                (_, Role::Primary) => false,
+                _ => self.cfg.tie_winner,
+            };
+            if !me_wins {
+                return (self.role == Role::Secondary).then_some(Relation::SyncTarget);
+            }
+            let same_base = self.gens.bitmap != 0 && self.gens.bitmap == view.generations.bitmap;
+            return Some(Relation::SyncSource {
+                target_ready: false,
+                full: !(same_base && (self.peer_dirty.is_some() || view.dirty_chunks == 0)),
+            });
+        }
+        if rec.me_up_to_date == rec.peer_up_to_date {
             return None;
         }
         // Never the target of a copy the witness outdated, never the source
@@ -949,7 +996,17 @@ impl Engine {
         }
         if view != self.record {
             self.record = view;
-            self.persist();
+            let token = self.persist();
+            // Writes released by this record complete only once it is on
+            // disk: after a crash this node still knows the peer missed them.
+            for id in &self.quorum_waiters {
+                if let Some(r) = self.table.requests.get_mut(id) {
+                    r.meta_token = r.meta_token.max(token);
+                }
+            }
+            // The peer adopts a newer record from our view: both then claim
+            // the same record (a re-initialised witness needs that).
+            self.actions.push_back(Action::AnnounceState);
         }
         if self.role == Role::Primary && view.primary == Holder::Peer {
             self.fence();
