@@ -320,6 +320,7 @@ pub struct Engine {
     resync: Option<ResyncProgress>,
     next_internal: RequestId,
     announce_after: Option<u64>,
+    export_after: Option<u64>,
     sync_done_after: Option<u64>,
     replicating: bool,
     al: ActivityLog,
@@ -364,6 +365,7 @@ impl Engine {
             resync: None,
             next_internal: INTERNAL_ID_BASE,
             announce_after: None,
+            export_after: None,
             sync_done_after: None,
             replicating: false,
             al: ActivityLog::new(cfg_al.0, cfg_al.1),
@@ -1038,6 +1040,7 @@ impl Engine {
     /// The witness made the peer primary: stop being primary at once.
     fn fence(&mut self) {
         self.role = Role::Secondary;
+        self.export_after = None;
         self.actions.push_back(Action::Export(false));
         self.actions.push_back(Action::Notify(Notice::Fenced));
         for id in std::mem::take(&mut self.quorum_waiters) {
@@ -1216,6 +1219,7 @@ impl Engine {
             }
             self.try_complete(id);
         }
+        self.release_export();
         if self
             .announce_after
             .is_some_and(|t| t <= self.meta_persisted)
@@ -1238,6 +1242,7 @@ impl Engine {
     /// Persisting metadata failed: the local disk is unusable.
     pub fn meta_failed(&mut self) {
         self.local_disk_failed();
+        self.release_export();
         // Requests that waited for the metadata can only finish through the peer.
         let waiting: Vec<RequestId> = self
             .table
@@ -1362,8 +1367,33 @@ impl Engine {
         self.replicating = self.replicating();
         let token = self.persist();
         self.actions.push_back(Action::AnnounceState);
-        self.actions.push_back(Action::Export(true));
+        // Applications see the volume only once this node's primary state
+        // (up to date, new generation) is on disk: a crash before that must
+        // not leave acknowledged writes on a copy whose metadata says
+        // otherwise.
+        if self.meta_durable(token) {
+            self.actions.push_back(Action::Export(true));
+        } else {
+            self.export_after = Some(token);
+        }
         Ok(token)
+    }
+
+    fn release_export(&mut self) {
+        if let Some(t) = self.export_after
+            && t <= self.meta_persisted
+        {
+            self.export_after = None;
+            if self.role == Role::Primary {
+                self.actions.push_back(Action::Export(true));
+            }
+        }
+    }
+
+    /// Whether applications may use the volume on this node now (primary
+    /// and its primary state is durable).
+    pub fn exported(&self) -> bool {
+        self.role == Role::Primary && self.export_after.is_none()
     }
 
     /// Makes this node secondary.
@@ -1376,6 +1406,7 @@ impl Engine {
             return Err(DemoteError::Busy(busy));
         }
         self.role = Role::Secondary;
+        self.export_after = None;
         self.actions.push_back(Action::Export(false));
         let token = self.persist();
         self.actions.push_back(Action::AnnounceState);

@@ -792,7 +792,8 @@ impl Sim {
         } else {
             1 - first
         };
-        if !self.serving(n) {
+        // Clients reach a primary only once it exports the volume.
+        if !self.serving(n) || !self.nodes[n].eng.exported() {
             return;
         }
         if self.nodes[n].eng.role != Role::Primary || self.nodes[n].payload.len() > 16 {
