@@ -372,10 +372,7 @@ async fn scenario_6_double_crash() {
     must_write(&c, 0, 13, 0xd6, &mut acked).await;
     c.kill(0);
     c.kill(1);
-    c.start(1).await.expect("restart beta");
-    c.ok(1, Request::Attach { volume: VOL.into() })
-        .await
-        .expect("attach");
+    c.restart(1).await.expect("restart beta");
     let (code, text) = exit_code(&c, 1, &["promote", VOL]);
     assert_eq!(code, 0, "the witness lists beta as up to date: {text}");
     assert_eq!(read(&c, 1, 13, WAIT).await, Some(0xd6));
@@ -383,25 +380,11 @@ async fn scenario_6_double_crash() {
     // only alpha returns: it must refuse.
     must_write(&c, 1, 14, 0xe6, &mut acked).await;
     c.kill(1);
-    c.start(0).await.expect("restart alpha");
-    c.ok(0, Request::Attach { volume: VOL.into() })
-        .await
-        .expect("attach");
+    c.restart(0).await.expect("restart alpha");
     let (code, text) = exit_code(&c, 0, &["promote", VOL]);
     assert_eq!(code, 4, "alpha was outdated by beta: {text}");
-    c.start(1).await.expect("restart beta");
-    c.ok(1, Request::Attach { volume: VOL.into() })
-        .await
-        .expect("attach");
-    c.ok(
-        1,
-        Request::Primary {
-            volume: VOL.into(),
-            force: false,
-        },
-    )
-    .await
-    .expect("beta primary again");
+    c.restart(1).await.expect("restart beta");
+    c.promote(1).await.expect("beta primary again");
     heal_and_check(&c, 1, &acked).await;
     forbidden.assert_none().await;
 }
@@ -566,18 +549,12 @@ async fn split_brain_is_reported_and_resolved_explicitly() {
     assert!(write(&c, 0, 31, 0xa1, WAIT).await);
     // alpha goes away; beta comes back alone and the operator forces it.
     c.kill(0);
-    c.start(1).await.expect("restart beta");
-    c.ok(1, Request::Attach { volume: VOL.into() })
-        .await
-        .expect("attach");
+    c.restart(1).await.expect("restart beta");
     let (code, text) = exit_code(&c, 1, &["promote", VOL, "--force"]);
     assert_eq!(code, 0, "{text}");
     must_write(&c, 1, 32, 0xb2, &mut acked).await;
     // alpha returns: diverged histories.
-    c.start(0).await.expect("restart alpha");
-    c.ok(0, Request::Attach { volume: VOL.into() })
-        .await
-        .expect("attach");
+    c.restart(0).await.expect("restart alpha");
     for i in 0..2 {
         c.wait_for(i, "split brain reported", WAIT, |s| {
             s.peer.relation.as_deref() == Some("SplitBrain")

@@ -311,6 +311,24 @@ impl LocalCluster {
         }
     }
 
+    /// Drops a share of the packets on a path (per mille; 0 = none).
+    pub fn set_loss(&self, path: NetPath, permille: u64) {
+        for (p, proxy) in &self.proxies {
+            if *p == path {
+                proxy.set_loss_permille(permille);
+            }
+        }
+    }
+
+    /// Delays every packet on a path (each direction).
+    pub fn set_delay(&self, path: NetPath, delay: Duration) {
+        for (p, proxy) in &self.proxies {
+            if *p == path {
+                proxy.set_delay(delay);
+            }
+        }
+    }
+
     /// The events node `i`'s handlers logged (with `opts.event_log`).
     pub fn events(&self, i: usize) -> Vec<String> {
         std::fs::read_to_string(self.events_log(i))
@@ -369,6 +387,32 @@ impl LocalCluster {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Starts node `i`'s daemon again and attaches the volume (as secondary).
+    pub async fn restart(&mut self, i: usize) -> Result<(), ClusterError> {
+        self.start(i).await?;
+        self.ok(
+            i,
+            Request::Attach {
+                volume: self.opts.volume.clone(),
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Makes node `i` primary (without force: it must be up to date).
+    pub async fn promote(&self, i: usize) -> Result<(), ClusterError> {
+        self.ok(
+            i,
+            Request::Primary {
+                volume: self.opts.volume.clone(),
+                force: false,
+            },
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Kills node `i`'s daemon with SIGKILL (a crash).

@@ -1,19 +1,74 @@
-//! A UDP forwarder that can silently drop everything: a partition of one
-//! network path without root (the realistic kind: packets vanish, nothing
-//! reports an error). One client per proxy, which is how the cluster uses
-//! it (one dialing endpoint per path).
+//! A UDP forwarder that can silently drop everything, drop a share of the
+//! packets, or delay them: a partition, a lossy or a slow network path
+//! without root (the realistic kind: packets vanish or arrive late, nothing
+//! reports an error). One client per proxy, which is how the cluster uses it
+//! (one dialing endpoint per path).
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use super::rng::SplitMix64;
+
+/// What the path does to packets right now.
+#[derive(Default)]
+struct Faults {
+    cut: AtomicBool,
+    loss_permille: AtomicU64,
+    delay_us: AtomicU64,
+}
 
 /// A running forwarder.
 pub struct UdpProxy {
     /// Where clients send to.
     pub listen: SocketAddr,
-    cut: Arc<AtomicBool>,
+    faults: Arc<Faults>,
     stop: Arc<AtomicBool>,
+}
+
+/// One direction: receives on `from`, sends with `out` to `to()`, through a
+/// delay line.
+fn pump(
+    from: UdpSocket,
+    out: UdpSocket,
+    to: impl Fn(SocketAddr) -> Option<SocketAddr> + Send + 'static,
+    faults: Arc<Faults>,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+) {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>, SocketAddr)>();
+    let stop2 = stop.clone();
+    std::thread::spawn(move || {
+        while !stop2.load(Ordering::Relaxed) {
+            let Ok((at, bytes, dest)) = rx.recv_timeout(Duration::from_millis(100)) else {
+                continue;
+            };
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            let _ = out.send_to(&bytes, dest);
+        }
+    });
+    std::thread::spawn(move || {
+        let mut rng = SplitMix64(seed);
+        let mut buf = vec![0u8; 65536];
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((n, src)) = from.recv_from(&mut buf) else {
+                continue;
+            };
+            let Some(dest) = to(src) else { continue };
+            if faults.cut.load(Ordering::Relaxed)
+                || rng.next_u64() % 1000 < faults.loss_permille.load(Ordering::Relaxed)
+            {
+                continue;
+            }
+            let delay = Duration::from_micros(faults.delay_us.load(Ordering::Relaxed));
+            let _ = tx.send((Instant::now() + delay, buf[..n].to_vec(), dest));
+        }
+    });
 }
 
 impl UdpProxy {
@@ -26,51 +81,60 @@ impl UdpProxy {
             s.set_read_timeout(Some(Duration::from_millis(100)))?;
         }
         let listen = front.local_addr()?;
-        let cut = Arc::new(AtomicBool::new(false));
+        let faults = Arc::new(Faults::default());
         let stop = Arc::new(AtomicBool::new(false));
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
-        let (front2, back2) = (front.try_clone()?, back.try_clone()?);
-        {
-            let (cut, stop, client) = (cut.clone(), stop.clone(), client.clone());
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, from)) = front.recv_from(&mut buf) {
-                        if let Ok(mut c) = client.lock() {
-                            *c = Some(from);
-                        }
-                        if !cut.load(Ordering::Relaxed) {
-                            let _ = back.send_to(&buf[..n], target);
-                        }
-                    }
+        let seen = client.clone();
+        pump(
+            front.try_clone()?,
+            back.try_clone()?,
+            move |src| {
+                if let Ok(mut c) = seen.lock() {
+                    *c = Some(src);
                 }
-            });
-        }
-        {
-            let (cut, stop) = (cut.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, _)) = back2.recv_from(&mut buf)
-                        && !cut.load(Ordering::Relaxed)
-                        && let Some(to) = client.lock().ok().and_then(|c| *c)
-                    {
-                        let _ = front2.send_to(&buf[..n], to);
-                    }
-                }
-            });
-        }
-        Ok(UdpProxy { listen, cut, stop })
+                Some(target)
+            },
+            faults.clone(),
+            stop.clone(),
+            u64::from(listen.port()),
+        );
+        pump(
+            back,
+            front,
+            move |_| client.lock().ok().and_then(|c| *c),
+            faults.clone(),
+            stop.clone(),
+            u64::from(listen.port()) << 16,
+        );
+        Ok(UdpProxy {
+            listen,
+            faults,
+            stop,
+        })
     }
 
     /// Drops (true) or forwards (false) everything from now on.
     pub fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, Ordering::Relaxed);
+        self.faults.cut.store(cut, Ordering::Relaxed);
     }
 
     /// Whether the path is cut.
     pub fn is_cut(&self) -> bool {
-        self.cut.load(Ordering::Relaxed)
+        self.faults.cut.load(Ordering::Relaxed)
+    }
+
+    /// Drops this share of the packets (per mille), in both directions.
+    pub fn set_loss_permille(&self, permille: u64) {
+        self.faults
+            .loss_permille
+            .store(permille.min(1000), Ordering::Relaxed);
+    }
+
+    /// Delays every packet by this much, in both directions.
+    pub fn set_delay(&self, delay: Duration) {
+        self.faults
+            .delay_us
+            .store(delay.as_micros() as u64, Ordering::Relaxed);
     }
 }
 
