@@ -321,6 +321,10 @@ pub struct Engine {
     next_internal: RequestId,
     announce_after: Option<u64>,
     export_after: Option<u64>,
+    /// Disk state and generations as last made durable: what the peer is
+    /// told (it must never act on a state this node could forget in a crash).
+    durable: (DiskState, Generations),
+    pending_durable: VecDeque<(u64, DiskState, Generations)>,
     sync_done_after: Option<u64>,
     replicating: bool,
     al: ActivityLog,
@@ -366,6 +370,8 @@ impl Engine {
             next_internal: INTERNAL_ID_BASE,
             announce_after: None,
             export_after: None,
+            durable: (disk, gens),
+            pending_durable: VecDeque::new(),
             sync_done_after: None,
             replicating: false,
             al: ActivityLog::new(cfg_al.0, cfg_al.1),
@@ -563,7 +569,29 @@ impl Engine {
         self.actions.pop_front()
     }
 
-    /// This node's view, as announced to the peer.
+    /// This node's view as the peer is told: disk state and generations
+    /// as durable on disk (announced again whenever that changes).
+    pub fn announced_view(&self) -> NodeView {
+        let mut v = self.view();
+        if self.disk != DiskState::Diskless {
+            // The less trusted of live and durable disk state: a copy is
+            // announced up to date only when that survives a crash, and a
+            // copy becoming a sync target says so at once.
+            let rank = |d: DiskState| match d {
+                DiskState::UpToDate => 3,
+                DiskState::Outdated => 2,
+                DiskState::Inconsistent => 1,
+                DiskState::Diskless => 0,
+            };
+            if rank(self.durable.0) < rank(self.disk) {
+                v.disk = self.durable.0;
+            }
+            v.generations = self.durable.1;
+        }
+        v
+    }
+
+    /// This node's live view (what it negotiates with).
     pub fn view(&self) -> NodeView {
         NodeView {
             role: self.role,
@@ -693,8 +721,12 @@ impl Engine {
             self.pages_to_persist.clear();
             self.al_to_persist = None;
             self.meta_persisted = self.meta_issued;
+            self.pending_durable.clear();
+            self.durable = (self.disk, self.gens);
             return self.meta_issued;
         }
+        self.pending_durable
+            .push_back((self.meta_issued, self.disk, self.gens));
         let pages = std::mem::take(&mut self.pages_to_persist)
             .into_iter()
             .map(|p| (p, Box::new(self.bitmap.page_bytes(p))))
@@ -1010,7 +1042,12 @@ impl Engine {
             // the same record (a re-initialised witness needs that).
             self.actions.push_back(Action::AnnounceState);
         }
-        if self.role == Role::Primary && view.primary == Holder::Peer {
+        // The witness made the peer primary, or outdated this node (it may
+        // have missed the records in between): it is no primary any more.
+        if self.role == Role::Primary
+            && view.epoch > 0
+            && (view.primary == Holder::Peer || !view.me_up_to_date)
+        {
             self.fence();
         }
         let in_sync = matches!(self.peer, Some((_, Relation::InSync)));
@@ -1180,6 +1217,16 @@ impl Engine {
     /// Metadata up to `token` is durable.
     pub fn meta_persisted(&mut self, token: u64) {
         self.meta_persisted = self.meta_persisted.max(token);
+        let before = self.durable;
+        while let Some(&(t, disk, gens)) = self.pending_durable.front()
+            && t <= self.meta_persisted
+        {
+            self.durable = (disk, gens);
+            self.pending_durable.pop_front();
+        }
+        if self.durable != before {
+            self.actions.push_back(Action::AnnounceState);
+        }
         let ready: Vec<RequestId> = self
             .table
             .requests
@@ -1276,6 +1323,8 @@ impl Engine {
         }
         self.disk = DiskState::Diskless;
         self.meta_persisted = self.meta_issued; // nothing more can be persisted
+        self.pending_durable.clear();
+        self.durable = (DiskState::Diskless, self.gens);
         self.actions
             .push_back(Action::Notify(Notice::LocalDiskFailed));
         self.actions.push_back(Action::AnnounceState);
@@ -1433,7 +1482,9 @@ impl Engine {
                 rel,
                 Relation::NoData | Relation::Refused(_) | Relation::Diverged
             )
-            || old.is_some_and(|(v, _)| v.disk != view.disk || v.role != view.role)
+            || old.is_some_and(|(v, _)| {
+                v.disk != view.disk || v.role != view.role || v.generations != view.generations
+            })
             // The peer marked chunks out of sync (verify) and asks to resync.
             || (rel == Relation::InSync
                 && view.dirty_chunks > 0

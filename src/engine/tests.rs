@@ -206,8 +206,10 @@ impl Sim {
             }),
             rng: Rng(seed),
             nodes: [
-                new_node(seed, true, witness),
-                new_node(seed ^ 1, false, witness),
+                // Generation ids come from a counter per engine: spread the
+                // seeds so that two engines never hand out the same id.
+                new_node(Rng(seed).next_u64(), true, witness),
+                new_node(Rng(!seed).next_u64(), false, witness),
             ],
             connected: false,
             next_id: 1,
@@ -267,7 +269,7 @@ impl Sim {
         self.log.push("heal".into());
         self.trace("heal");
         for n in 0..2 {
-            let v = self.nodes[n].eng.view();
+            let v = self.nodes[n].eng.announced_view();
             let runs = self.nodes[n].eng.dirty_runs(DIRTY_RUNS_MAX);
             self.nodes[1 - n].inbox.push_back(Msg::State(v, runs));
         }
@@ -374,7 +376,7 @@ impl Sim {
                     al: activity_log,
                 }),
                 Action::AnnounceState => {
-                    let v = self.nodes[n].eng.view();
+                    let v = self.nodes[n].eng.announced_view();
                     let runs = self.nodes[n].eng.dirty_runs(DIRTY_RUNS_MAX);
                     self.send(1 - n, Msg::State(v, runs));
                 }
@@ -545,7 +547,7 @@ impl Sim {
             bytes[at..at + b.len()].copy_from_slice(&b[..]);
         }
         bitmap.load(&bytes);
-        let seed = self.seed.wrapping_add(self.next_id).wrapping_mul(31);
+        let seed = Rng(self.seed ^ self.next_id.rotate_left(32) ^ n as u64).next_u64();
         let quorum = self.witness.is_some();
         node.eng = Engine::new(config(n == 0, quorum), p.disk, p.gens, bitmap, seed);
         node.eng.set_record(p.record);

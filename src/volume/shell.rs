@@ -822,7 +822,7 @@ impl Shell {
             let msg = VolumeStateMsg {
                 volume: self.name.clone(),
                 index: self.index,
-                view: Some(self.engine.view()),
+                view: Some(self.engine.announced_view()),
                 sync_done,
                 dirty_runs: self.engine.dirty_runs(DIRTY_RUNS_MAX),
             };
