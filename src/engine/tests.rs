@@ -559,17 +559,16 @@ impl Sim {
         }
         self.drain(n);
         if let Some(w) = &mut self.witness {
-            // A restarted process counts its grants from its start.
-            w.granted[n] = w.now_ms;
+            // The node is down for 10 s and was restarted 5 s ago: a
+            // restarted process counts its grants from its start.
+            w.now_ms += 10_000;
+            w.granted[n] = w.now_ms - 5_000;
             w.peer_until[n] = 0;
             w.witness_until[n] = 0;
         }
         if self.witness.is_some() {
             // Leases run out; whoever the witness lets promote takes over:
             // first the survivor, else the restarted node.
-            if let Some(w) = &mut self.witness {
-                w.now_ms += 10_000;
-            }
             if self.nodes[1 - n].eng.role != Role::Primary && !self.witness_promote(1 - n) {
                 self.witness_promote(n);
             }
@@ -615,7 +614,9 @@ impl Sim {
     /// Promotion through the witness (rule 3); true when it happened.
     fn witness_promote(&mut self, n: usize) -> bool {
         let reachable = self.witness.as_ref().is_some_and(|w| w.reach[n]);
-        if !reachable || self.nodes[n].eng.promote_check(false).is_err() {
+        // Connected but the peer's role not known yet: the shell waits.
+        let peer_unknown = self.connected && self.nodes[n].eng.peer_view().is_none();
+        if !reachable || peer_unknown || self.nodes[n].eng.promote_check(false).is_err() {
             return false;
         }
         let mut epoch = self.nodes[n].eng.record().epoch;

@@ -699,7 +699,15 @@ impl Shell {
             self.promote_now(force, reply);
             return;
         };
-        match self.engine.promote_check(force) {
+        // Connected, but the peer has not said yet whether it is primary:
+        // wait for that like for a peer that is still primary.
+        let check = match self.engine.promote_check(force) {
+            Ok(()) if self.conn.is_some() && self.engine.peer_view().is_none() => {
+                Err(crate::engine::PromoteError::PeerPrimary)
+            }
+            other => other,
+        };
+        match check {
             Err(crate::engine::PromoteError::PeerPrimary)
                 if crate::quorum::clock::now_ms() < until_ms =>
             {
