@@ -219,22 +219,31 @@ fn default_lease_ms() -> u64 {
     2000
 }
 
+/// Reads a config file (errors name it).
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Parses TOML (errors name the file, key and line).
+fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string().trim_end().to_string(),
+    })
+}
+
 impl WitnessConfig {
     /// Reads and validates a witness config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&read_text(path)?, path)
     }
 
     /// Parses and validates witness config text.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let mut cfg: WitnessConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.display().to_string(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let mut cfg: WitnessConfig = parse_toml(text, path)?;
         cfg.path = path.to_path_buf();
         let invalid = |key: &str, problem: &str| ConfigError::Invalid {
             path: path.display().to_string(),
@@ -405,19 +414,12 @@ pub fn valid_volume_name(name: &str) -> bool {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&read_text(path)?, path)
     }
 
     /// Parses and validates config text (`path` is used in messages).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.display().to_string(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let mut cfg: Config = parse_toml(text, path)?;
         cfg.path = path.to_path_buf();
         cfg.validate()?;
         Ok(cfg)

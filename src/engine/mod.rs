@@ -1003,13 +1003,7 @@ impl Engine {
                     self.actions.push_back(Action::Notify(Notice::QuorumLost));
                 }
                 if self.cfg.quorum == Some(NoQuorumPolicy::IoError) {
-                    for id in std::mem::take(&mut self.quorum_waiters) {
-                        self.actions.push_back(Action::Complete {
-                            id,
-                            result: Err(IoFailure::NoQuorum),
-                        });
-                        self.finish(id);
-                    }
+                    self.fail_quorum_waiters();
                 }
                 self.after_event();
             }
@@ -1074,12 +1068,8 @@ impl Engine {
         self.after_event();
     }
 
-    /// The witness made the peer primary: stop being primary at once.
-    fn fence(&mut self) {
-        self.role = Role::Secondary;
-        self.export_after = None;
-        self.actions.push_back(Action::Export(false));
-        self.actions.push_back(Action::Notify(Notice::Fenced));
+    /// Fails every write waiting for quorum with EIO.
+    fn fail_quorum_waiters(&mut self) {
         for id in std::mem::take(&mut self.quorum_waiters) {
             self.actions.push_back(Action::Complete {
                 id,
@@ -1087,6 +1077,15 @@ impl Engine {
             });
             self.finish(id);
         }
+    }
+
+    /// The witness made the peer primary: stop being primary at once.
+    fn fence(&mut self) {
+        self.role = Role::Secondary;
+        self.export_after = None;
+        self.actions.push_back(Action::Export(false));
+        self.actions.push_back(Action::Notify(Notice::Fenced));
+        self.fail_quorum_waiters();
         self.persist();
         self.actions.push_back(Action::AnnounceState);
     }
@@ -1382,27 +1381,12 @@ impl Engine {
         if self.role == Role::Primary {
             return Ok(self.meta_issued);
         }
-        if let Some((p, rel)) = &self.peer {
-            if p.role == Role::Primary {
-                return Err(PromoteError::PeerPrimary);
-            }
-            if *rel == Relation::SyncTarget && !force {
-                return Err(PromoteError::SyncTarget);
-            }
-        }
-        match self.disk {
-            DiskState::Diskless => {
-                if !matches!(self.peer, Some((_, Relation::DisklessClient))) {
-                    return Err(PromoteError::Diskless);
-                }
-            }
-            DiskState::UpToDate => {}
-            other if !force => return Err(PromoteError::NotUpToDate(other)),
-            _ => {
-                let id = self.fresh_id();
-                self.gens.start_new_history(id);
-                self.disk = DiskState::UpToDate;
-            }
+        self.promote_check(force)?;
+        if matches!(self.disk, DiskState::Outdated | DiskState::Inconsistent) {
+            // Forced: this copy starts a new data history.
+            let id = self.fresh_id();
+            self.gens.start_new_history(id);
+            self.disk = DiskState::UpToDate;
         }
         self.role = Role::Primary;
         if self.peer.is_some() {

@@ -145,6 +145,28 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
     move |e| ClusterError::Io(w, e)
 }
 
+/// Runs `bin --config CONFIG COMMAND` with its stderr appended to `log`.
+fn spawn(bin: &Path, config: &Path, command: &str, log: &Path) -> Result<Child, ClusterError> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io(format!("opening {}", log.display())))?;
+    Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .arg(command)
+        .env(
+            "BLKREP_LOG",
+            std::env::var("BLKREP_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(io(format!("starting {} {command}", bin.display())))
+}
+
 fn free_udp_port(ip: [u8; 4]) -> Result<SocketAddr, ClusterError> {
     let s = UdpSocket::bind(SocketAddr::from((ip, 0))).map_err(io("finding a free UDP port"))?;
     s.local_addr().map_err(io("finding a free UDP port"))
@@ -252,24 +274,7 @@ impl LocalCluster {
         let Some(w) = &self.witness else {
             return Err(ClusterError::Timeout("this cluster has no witness".into()));
         };
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&w.log)
-            .map_err(io("opening witness log"))?;
-        let child = Command::new(&self.bin)
-            .arg("--config")
-            .arg(&w.config)
-            .arg("witness")
-            .env(
-                "BLKREP_LOG",
-                std::env::var("BLKREP_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(io(format!("starting {} witness", self.bin.display())))?;
+        let child = spawn(&self.bin, &w.config, "witness", &w.log)?;
         self.witness_child = Some(child);
         // It is up once its port is taken.
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -343,24 +348,7 @@ impl LocalCluster {
     /// Starts node `i`'s daemon and waits until its control socket answers.
     pub async fn start(&mut self, i: usize) -> Result<(), ClusterError> {
         let n = &self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&n.log)
-            .map_err(io("opening daemon log"))?;
-        let child = Command::new(&self.bin)
-            .arg("--config")
-            .arg(&n.config)
-            .arg("daemon")
-            .env(
-                "BLKREP_LOG",
-                std::env::var("BLKREP_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(io(format!("starting {}", self.bin.display())))?;
+        let child = spawn(&self.bin, &n.config, "daemon", &n.log)?;
         self.children[i] = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {

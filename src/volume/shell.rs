@@ -385,7 +385,6 @@ impl Shell {
             self.handle_input(input);
             self.drain_actions();
             if let Some(l) = &self.lease {
-                l.set_claim(self.engine.claim());
                 let peer_secondary = self.conn.is_some()
                     && self
                         .engine
@@ -775,6 +774,9 @@ impl Shell {
         let Some(lease) = self.lease.clone() else {
             return;
         };
+        // What the next heartbeat tells the witness (at most one tick old:
+        // a stale claim carries an older epoch, which the witness ignores).
+        lease.set_claim(self.engine.claim());
         let primary = self.engine.status_role() == Role::Primary;
         let valid = lease.valid();
         if primary && !valid && !self.lease_lapsed {
