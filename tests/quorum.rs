@@ -657,3 +657,47 @@ async fn keepalived_notify_moves_the_primary() {
     must_write(&c, 1, 2, 0x02, &mut acked).await;
     heal_and_check(&c, 1, &acked).await;
 }
+
+/// Rule 8 at the witness: a certificate for a node it does not serve, or
+/// from another CA, gets no answer and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn witness_refuses_unknown_nodes_and_foreign_certificates() {
+    use blkrep::link::tls::TlsMaterial;
+    use blkrep::witness::{WitnessClient, WitnessOp};
+    let c = up_with_witness("q-wtls").await;
+    let w = c.witness.as_ref().expect("witness");
+    let tls = c.dir.join("tls");
+    let foreign = c.dir.join("foreign");
+    blkrep::cert::create_ca(&foreign).expect("foreign CA");
+    blkrep::cert::issue("mallory", &tls, &tls, 30).expect("mallory cert");
+    blkrep::cert::issue("alpha", &foreign, &foreign, 30).expect("foreign alpha cert");
+    let identities = [
+        (
+            tls.join("ca.pem"),
+            tls.join("mallory.pem"),
+            tls.join("mallory.key"),
+        ),
+        (
+            tls.join("ca.pem"),
+            foreign.join("alpha.pem"),
+            foreign.join("alpha.key"),
+        ),
+    ];
+    let before = std::fs::read_dir(&w.state_dir).expect("state").count();
+    for (ca, cert, key) in identities {
+        let m = TlsMaterial::load(&ca, &cert, &key).expect("tls material");
+        let client = WitnessClient::new("witness", w.address, &m, 1000).expect("client");
+        let r = client
+            .change(VOL, "beta", 0, WitnessOp::Promote { force: true })
+            .await;
+        assert!(r.is_err(), "{} got an answer: {r:?}", cert.display());
+    }
+    assert_eq!(
+        std::fs::read_dir(&w.state_dir).expect("state").count(),
+        before
+    );
+    // The record is untouched: alpha is still primary and both up to date.
+    let s = c.status(0).await.expect("status");
+    let q = s.quorum.expect("quorum");
+    assert!(q.primary.as_deref() == Some("me") && q.up_to_date && q.peer_up_to_date);
+}
