@@ -1,12 +1,11 @@
 //! `blkrep demo`: a throw-away two-node cluster with a witness on loopback
-//! that shows the promise end to end: writes acknowledged through NBD are on
-//! both disks; after the primary is killed with SIGKILL the survivor is
+//! that shows the promise end to end: a write storm runs through NBD on the
+//! primary, which is killed with SIGKILL in the middle of it; the survivor is
 //! promoted through the failover hook (`blkrep promote`, as a cluster manager
 //! calls it; the witness consents once the dead primary's lease ran out) and
 //! holds every acknowledged write; the dead node comes back, resyncs, and
 //! both copies are byte-for-byte equal.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -14,17 +13,26 @@ use crate::control::Request;
 use crate::testkit::cluster::{ClusterError, ClusterOptions, LocalCluster, scratch_dir};
 use crate::testkit::nbd_client::{NbdClient, NbdClientError};
 use crate::testkit::rng::SplitMix64;
+use crate::testkit::storm::{STORM_BLOCK_BYTES, Storm};
+use crate::units::{parse_duration_ms, parse_size_bytes};
+
+/// The smallest disk the demo accepts.
+const MIN_SIZE_BYTES: u64 = 16 << 20;
 
 /// Options of `blkrep demo`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Size of each node's disk in MiB.
-    #[arg(long, default_value_t = 64)]
-    pub size_mib: u64,
-    /// Number of 4 KiB writes before the primary is killed.
-    #[arg(long, default_value_t = 2000)]
-    pub writes: u64,
-    /// Leave the cluster's files in place and print where they are.
+    /// Size of each node's disk (e.g. 64M, 1G; at least 16M).
+    #[arg(long = "size", default_value = "64M", value_parser = parse_size_bytes)]
+    pub size_bytes: u64,
+    /// How long the write storm runs before the primary is killed
+    /// (e.g. 3s, 500ms, 1m).
+    #[arg(long = "duration", default_value = "3s", value_parser = parse_duration_ms)]
+    pub duration_ms: u64,
+    /// Concurrent writers in the storm (one NBD connection each).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub writers: u64,
+    /// Leave the cluster running at the end and print how to poke at it.
     #[arg(long)]
     pub keep: bool,
     /// Print one JSON object instead of the timeline.
@@ -50,17 +58,30 @@ pub enum DemoError {
     /// The failover hook failed.
     #[error("failover hook: {0}")]
     Hook(String),
+    /// Bad options.
+    #[error("{0}")]
+    Options(String),
+    /// Interrupted (Ctrl-C); the cluster was torn down.
+    #[error("interrupted; the demo cluster was stopped and removed")]
+    Interrupted,
 }
 
 /// What the demo measured.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct DemoReport {
-    /// Writes acknowledged to the client before the kill.
+    /// Writes acknowledged to the clients before the kill.
     pub acked_writes: u64,
+    /// Distinct blocks whose last acknowledged write was checked.
+    pub blocks_checked: u64,
+    /// Writes in flight (sent, never acknowledged) at the kill: each may
+    /// or may not be on disk afterwards.
+    pub unacked_in_flight: u64,
     /// Acknowledged writes missing or wrong on the new primary.
     pub acked_writes_lost: u64,
     /// Both backing data areas equal at the end.
     pub replicas_equal: bool,
+    /// Milliseconds the storm ran before the kill.
+    pub storm_ms: u64,
     /// Milliseconds from the kill until the survivor saw the peer gone.
     pub detected_ms: u64,
     /// Milliseconds from the kill until `primary` succeeded on the survivor.
@@ -77,7 +98,61 @@ pub struct DemoReport {
 }
 
 /// Runs the demo; true when nothing was lost and the replicas are equal.
+/// Ctrl-C (SIGINT) stops it and removes the cluster (unless `--keep`).
 pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
+    if args.size_bytes < MIN_SIZE_BYTES || args.size_bytes % STORM_BLOCK_BYTES != 0 {
+        return Err(DemoError::Options(format!(
+            "--size must be at least 16M and a multiple of 4K (got {} bytes)",
+            args.size_bytes
+        )));
+    }
+    let keep = args.keep;
+    let (ok, cluster) = tokio::select! {
+        r = run_demo(args) => r?,
+        _ = tokio::signal::ctrl_c() => return Err(DemoError::Interrupted),
+    };
+    if keep {
+        eprintln!("{}", poke_help(&cluster));
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("stopping the demo cluster");
+    }
+    drop(cluster);
+    Ok(ok)
+}
+
+/// How to look at a kept cluster.
+fn poke_help(c: &LocalCluster) -> String {
+    let bin = c.bin.display();
+    let vol = &c.opts.volume;
+    let mut s = format!(
+        "the cluster stays up until Ctrl-C (files in {}); try:\n",
+        c.dir.display()
+    );
+    for (i, n) in c.nodes.iter().enumerate() {
+        s += &format!(
+            "  {bin} --config {} status {vol}{}\n",
+            n.config.display(),
+            if i == 1 { " --json" } else { "" }
+        );
+    }
+    s += &format!(
+        "  nbdinfo 'nbd+unix:///{vol}?socket={}'   (beta's export; it is primary now)\n",
+        c.nbd_socket(1).display()
+    );
+    s += &format!(
+        "  {bin} --config {} demote {vol} && {bin} --config {} promote {vol}   (switch over)\n",
+        c.nodes[1].config.display(),
+        c.nodes[0].config.display()
+    );
+    s += &format!(
+        "  logs: {} and {}",
+        c.nodes[0].log.display(),
+        c.nodes[1].log.display()
+    );
+    s
+}
+
+async fn run_demo(args: DemoArgs) -> Result<(bool, LocalCluster), DemoError> {
     let bin = std::env::current_exe().map_err(DemoError::Exe)?;
     let dir = args.dir.clone().unwrap_or_else(|| scratch_dir("demo"));
     let say = |s: &str| {
@@ -86,14 +161,13 @@ pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
         }
     };
     let opts = ClusterOptions {
-        disk_bytes: args.size_mib << 20,
+        disk_bytes: args.size_bytes,
         witness: true,
         ..Default::default()
     };
     let mut c = LocalCluster::create(&bin, &dir, opts)?;
-    c.keep = args.keep;
     say(&format!(
-        "cluster in {}: alpha on {}, beta on {}",
+        "cluster in {}: alpha on {}, beta on {}, witness on loopback",
         dir.display(),
         c.nodes[0].address,
         c.nodes[1].address
@@ -117,30 +191,35 @@ pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
         size >> 20
     ));
 
-    // Write through NBD on alpha, remembering every acknowledged write.
-    let mut client = NbdClient::connect(&c.nbd_socket(0)).await?;
-    let blocks = size / 4096;
-    let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut rng = SplitMix64(0x5eed);
-    let mut buf = vec![0u8; 4096];
-    for i in 0..args.writes {
-        let block = rng.next_u64() % blocks;
-        let tag = rng.next_u64();
-        SplitMix64::fill(&mut buf, tag);
-        client.write(block * 4096, &buf, i % 8 == 0).await?;
-        acked.insert(block, tag);
-    }
-    client.flush().await?;
+    // The storm: writers on alpha's NBD export, each recording what it got
+    // acknowledged; alpha is killed in the middle of it. The last block is
+    // left for the first write on the new primary.
+    let storm = Storm::start(
+        c.nbd_socket(0),
+        args.writers,
+        size / STORM_BLOCK_BYTES - 1,
+        0x5eed,
+    );
     say(&format!(
-        "{} writes acknowledged by alpha (each on both disks)",
-        acked.len()
+        "write storm: {} writers on alpha for {} ms, then alpha is killed mid-storm",
+        args.writers, args.duration_ms
     ));
-
+    let storm_start = Instant::now();
+    tokio::time::sleep(Duration::from_millis(args.duration_ms)).await;
     let t0 = Instant::now();
     c.kill(0);
-    say("T+0      alpha killed with SIGKILL");
+    let storm_ms = storm_start.elapsed().as_millis() as u64;
+    let ledger = storm.stop().await;
+    say(&format!(
+        "T+0      alpha killed with SIGKILL after {} acknowledged writes ({} more were in flight)",
+        ledger.acked_writes(),
+        ledger.unacknowledged()
+    ));
     let mut report = DemoReport {
-        acked_writes: acked.len() as u64,
+        acked_writes: ledger.acked_writes(),
+        blocks_checked: ledger.blocks().count() as u64,
+        unacked_in_flight: ledger.unacknowledged() as u64,
+        storm_ms,
         ..Default::default()
     };
     // The cluster manager calls the hook right away; it returns once the
@@ -187,21 +266,27 @@ pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
     ));
 
     let mut client = NbdClient::connect(&c.nbd_socket(1)).await?;
+    let mut buf = vec![0u8; STORM_BLOCK_BYTES as usize];
+    SplitMix64::fill(&mut buf, 42);
+    client.write(size - STORM_BLOCK_BYTES, &buf, true).await?;
+    report.first_write_ms = t0.elapsed().as_millis() as u64;
+    say(&format!(
+        "T+{}ms  first write on beta",
+        report.first_write_ms
+    ));
     let mut lost = 0;
-    for (&block, &tag) in &acked {
-        SplitMix64::fill(&mut buf, tag);
-        if client.read(block * 4096, 4096).await? != buf {
+    for block in ledger.blocks() {
+        let found = client
+            .read(block * STORM_BLOCK_BYTES, STORM_BLOCK_BYTES as u32)
+            .await?;
+        if !ledger.holds(block, &found) {
             lost += 1;
         }
     }
     report.acked_writes_lost = lost;
-    SplitMix64::fill(&mut buf, 42);
-    client.write(0, &buf, true).await?;
-    acked.insert(0, 42);
-    report.first_write_ms = t0.elapsed().as_millis() as u64;
     say(&format!(
-        "T+{}ms  first write on beta; {lost} of {} acknowledged writes lost",
-        report.first_write_ms, report.acked_writes
+        "         checked on beta: {lost} of {} acknowledged blocks lost",
+        report.blocks_checked
     ));
     client.disconnect().await?;
 
@@ -239,18 +324,6 @@ pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
             report.acked_writes_lost,
             report.replicas_equal
         );
-        if args.keep {
-            println!(
-                "cluster left running in {}; configs: {} and {}",
-                dir.display(),
-                c.nodes[0].config.display(),
-                c.nodes[1].config.display()
-            );
-        }
     }
-    if args.keep {
-        // Leave the daemons running for inspection.
-        std::mem::forget(c);
-    }
-    Ok(ok)
+    Ok((ok, c))
 }

@@ -29,5 +29,6 @@ pub mod quorum;
 pub mod resync;
 pub mod store;
 pub mod testkit;
+pub mod units;
 pub mod volume;
 pub mod witness;

@@ -255,14 +255,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Debug(DebugCommand::FailDisk { volume }) => {
             request(&cli.config, Request::FailDisk { volume }, false)
         }
-        Command::Demo(args) => {
-            let ok = runtime()?.block_on(blkrep::demo::run(args))?;
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
-        }
+        Command::Demo(args) => match runtime()?.block_on(blkrep::demo::run(args)) {
+            Ok(true) => Ok(ExitCode::SUCCESS),
+            Ok(false) => Ok(ExitCode::from(1)),
+            Err(e @ blkrep::demo::DemoError::Interrupted) => {
+                eprintln!("{e}");
+                Ok(ExitCode::from(130))
+            }
+            Err(e) => Err(e.into()),
+        },
         Command::Bench(args) => {
             runtime()?.block_on(blkrep::bench::run(args))?;
             Ok(ExitCode::SUCCESS)

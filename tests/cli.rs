@@ -312,10 +312,10 @@ fn demo_json_reports_no_loss_and_a_timeline() {
         .args([
             "demo",
             "--json",
-            "--size-mib",
-            "16",
-            "--writes",
-            "300",
+            "--size",
+            "16M",
+            "--duration",
+            "1s",
             "--dir",
         ])
         .arg(&dir)
@@ -327,6 +327,7 @@ fn demo_json_reports_no_loss_and_a_timeline() {
     assert_eq!(report["acked_writes_lost"], 0, "{report}");
     assert_eq!(report["replicas_equal"], true, "{report}");
     assert!(report["acked_writes"].as_u64().unwrap_or(0) > 0, "{report}");
+    assert!(report["storm_ms"].as_u64().unwrap_or(0) >= 1000, "{report}");
     let ms = |k: &str| report[k].as_u64().unwrap_or(0);
     assert!(
         0 < ms("detected_ms")
@@ -336,4 +337,54 @@ fn demo_json_reports_no_loss_and_a_timeline() {
         "{report}"
     );
     assert!(!dir.exists(), "the demo cleans up after itself");
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+#[test]
+fn demo_interrupted_with_ctrl_c_stops_its_processes_and_removes_its_files() {
+    let dir = blkrep::testkit::cluster::scratch_dir("demo-int");
+    let mut child = Command::new(bin())
+        .args(["demo", "--size", "16M", "--duration", "60s", "--dir"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run demo");
+    // Interrupt once the storm runs (the daemons and the witness are up).
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let storm = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("write storm"));
+    assert!(storm.is_some(), "the demo did not reach its storm");
+    let needle = dir.to_string_lossy().into_owned();
+    assert!(
+        processes_mentioning(&needle).len() >= 4,
+        "the demo, the witness and both daemons run from the demo's directory"
+    );
+    // SAFETY: kill(2) on the PID of our own child process.
+    let r = unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(r, 0, "SIGINT delivered");
+    let o = child.wait_with_output().expect("demo exits");
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stderr(&o).contains("interrupted"), "{}", stderr(&o));
+    assert!(!dir.exists(), "the demo removed its files");
+    assert!(
+        processes_mentioning(&needle).is_empty(),
+        "the demo stopped every process it started"
+    );
 }

@@ -5,20 +5,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blkrep::testkit::cluster::{ClusterOptions, LocalCluster, NetPath};
-use blkrep::testkit::nbd_client::NbdClient;
-use blkrep::testkit::rng::SplitMix64;
+use blkrep::testkit::storm::{Ledger, Storm};
 use common::*;
 
-const BLOCK: u64 = 4096;
 const BLOCKS: u64 = 2048; // the storm writes the first 8 MiB
-
-type Acked = Arc<Mutex<BTreeMap<u64, u64>>>;
+const WRITERS: u64 = 2;
 
 async fn up_with_witness(tag: &str) -> LocalCluster {
     let c = up(
@@ -39,78 +33,37 @@ async fn up_with_witness(tag: &str) -> LocalCluster {
     c
 }
 
-/// A write storm on node `i`: QD1 writes of tagged blocks until `stop`;
-/// records what was acknowledged. Ends early when the node goes away.
-struct Storm {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<u64>,
-    acked: Acked,
+/// A write storm on node `i` (two QD1 writers), seeded with `seed`.
+fn storm(c: &LocalCluster, i: usize, seed: u64) -> Storm {
+    Storm::start(c.nbd_socket(i), WRITERS, BLOCKS, seed)
 }
 
-impl Storm {
-    fn start(c: &LocalCluster, i: usize, seed: u64, acked: Acked) -> Self {
-        let sock = c.nbd_socket(i);
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let record = acked.clone();
-        let task = tokio::spawn(async move {
-            let Ok(mut n) = NbdClient::connect(&sock).await else {
-                return 0;
-            };
-            let mut rng = SplitMix64(seed);
-            let mut buf = vec![0u8; BLOCK as usize];
-            let mut done = 0;
-            while !flag.load(Ordering::Relaxed) {
-                let block = rng.next_u64() % BLOCKS;
-                let tag = rng.next_u64();
-                SplitMix64::fill(&mut buf, tag);
-                let w = n.write(block * BLOCK, &buf, done % 16 == 0);
-                match tokio::time::timeout(Duration::from_secs(20), w).await {
-                    Ok(Ok(())) => {
-                        if let Ok(mut a) = record.lock() {
-                            a.insert(block, tag);
-                        }
-                        done += 1;
-                    }
-                    _ => break,
-                }
-            }
-            done
-        });
-        Storm { stop, task, acked }
-    }
-
-    async fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        let n = self.task.await.unwrap_or(0);
-        assert!(
-            !self.acked.lock().expect("acked").is_empty(),
-            "the storm got no write acknowledged"
-        );
-        n
-    }
+/// Stops the storm and checks that it got writes acknowledged.
+async fn stop(storm: Storm) -> Ledger {
+    let ledger = storm.stop().await;
+    assert!(
+        ledger.acked_writes() > 0,
+        "the storm got no write acknowledged"
+    );
+    ledger
 }
 
 /// Waits for both copies to be in sync, then checks every acknowledged
 /// write on both disks and the copies byte for byte.
-async fn assert_nothing_lost(c: &LocalCluster, acked: &Acked) {
+async fn assert_nothing_lost(c: &LocalCluster, ledger: &Ledger) {
     if let Err(e) = c.wait_in_sync(Duration::from_secs(90)).await {
         dump_logs(c);
         panic!("{e}");
     }
     let size = c.status(0).await.expect("status").size_bytes.expect("size");
-    let acked = acked.lock().expect("acked").clone();
-    let mut buf = vec![0u8; BLOCK as usize];
     for i in 0..2 {
         let data = c.read_data(i, size).expect("read disk");
-        for (&block, &tag) in &acked {
-            SplitMix64::fill(&mut buf, tag);
-            let at = (block * BLOCK) as usize;
-            assert!(
-                data[at..at + BLOCK as usize] == buf[..],
-                "node {i} lost acknowledged write to block {block}"
-            );
-        }
+        let lost = ledger.lost_in(&data);
+        assert!(
+            lost.is_empty(),
+            "node {i} lost acknowledged writes to blocks {lost:?} ({} unacknowledged writes were in flight)",
+            ledger.unacknowledged()
+        );
     }
     assert_replicas_equal(c).await;
 }
@@ -118,67 +71,59 @@ async fn assert_nothing_lost(c: &LocalCluster, acked: &Acked) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secondary_killed_during_writes() {
     let mut c = up_with_witness("d-kill-b").await;
-    let acked = Acked::default();
-    let storm = Storm::start(&c, 0, 1, acked.clone());
+    let storm = storm(&c, 0, 1);
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.kill(1);
     // The primary goes on once the witness outdated beta.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let before = acked.lock().expect("acked").len();
+    let before = storm.acked_writes();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(
-        acked.lock().expect("acked").len() > before,
-        "writes go on without beta"
-    );
+    assert!(storm.acked_writes() > before, "writes go on without beta");
     c.restart(1).await.expect("restart beta");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    storm.stop().await;
-    assert_nothing_lost(&c, &acked).await;
+    let ledger = stop(storm).await;
+    assert_nothing_lost(&c, &ledger).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flapping_replication_link_during_writes() {
     let c = up_with_witness("d-flap").await;
-    let acked = Acked::default();
-    let storm = Storm::start(&c, 0, 2, acked.clone());
+    let storm = storm(&c, 0, 2);
     for round in 0..10 {
         c.cut(NetPath::AlphaBeta, round % 2 == 0);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     c.cut(NetPath::AlphaBeta, false);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    storm.stop().await;
-    assert_nothing_lost(&c, &acked).await;
+    let ledger = stop(storm).await;
+    assert_nothing_lost(&c, &ledger).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lossy_and_slow_replication_link_during_writes() {
     let c = up_with_witness("d-lossy").await;
-    let acked = Acked::default();
-    let storm = Storm::start(&c, 0, 3, acked.clone());
+    let storm = storm(&c, 0, 3);
     c.set_loss(NetPath::AlphaBeta, 200);
     tokio::time::sleep(Duration::from_secs(3)).await;
     c.set_loss(NetPath::AlphaBeta, 0);
     c.set_delay(NetPath::AlphaBeta, Duration::from_millis(5));
     tokio::time::sleep(Duration::from_secs(2)).await;
     c.set_delay(NetPath::AlphaBeta, Duration::ZERO);
-    let n = storm.stop().await;
-    assert!(n > 0);
-    assert_nothing_lost(&c, &acked).await;
+    let ledger = stop(storm).await;
+    assert_nothing_lost(&c, &ledger).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn witness_killed_and_restarted_during_writes() {
     let mut c = up_with_witness("d-witness").await;
-    let acked = Acked::default();
-    let storm = Storm::start(&c, 0, 4, acked.clone());
+    let storm = storm(&c, 0, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.kill_witness();
     // With the peer connected nothing needs the witness.
-    let before = acked.lock().expect("acked").len();
+    let before = storm.acked_writes();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
-        acked.lock().expect("acked").len() > before,
+        storm.acked_writes() > before,
         "writes go on without the witness"
     );
     c.start_witness().await.expect("witness restart");
@@ -187,23 +132,22 @@ async fn witness_killed_and_restarted_during_writes() {
     })
     .await
     .expect("reachable");
-    storm.stop().await;
-    assert_nothing_lost(&c, &acked).await;
+    let ledger = stop(storm).await;
+    assert_nothing_lost(&c, &ledger).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_data_nodes_killed_and_restarted() {
     let mut c = up_with_witness("d-both").await;
-    let acked = Acked::default();
-    let storm = Storm::start(&c, 0, 5, acked.clone());
+    let storm = storm(&c, 0, 5);
     tokio::time::sleep(Duration::from_secs(1)).await;
     c.kill(0);
     c.kill(1);
-    storm.stop().await;
+    let ledger = stop(storm).await;
     for i in 0..2 {
         c.restart(i).await.expect("restart");
     }
     // The witness still lists alpha as primary and both as up to date.
     c.promote(0).await.expect("alpha primary again");
-    assert_nothing_lost(&c, &acked).await;
+    assert_nothing_lost(&c, &ledger).await;
 }

@@ -5,3 +5,4 @@ pub mod cluster;
 pub mod nbd_client;
 pub mod proxy;
 pub mod rng;
+pub mod storm;
