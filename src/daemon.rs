@@ -56,6 +56,9 @@ struct Attached {
     faults: Arc<FaultPlan>,
 }
 
+/// How long `promote` waits for the new primary's export to come up.
+const EXPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// The running agent.
 pub struct Daemon {
     cfg: Config,
@@ -63,6 +66,10 @@ pub struct Daemon {
     link: Mutex<Option<Arc<Link>>>,
     volumes: Mutex<HashMap<String, Attached>>,
     exports: Mutex<HashMap<String, Export>>,
+    /// Why the last export of a volume could not start.
+    export_failures: Mutex<HashMap<String, String>>,
+    /// Woken whenever an export started, failed or stopped.
+    export_changed: tokio::sync::Notify,
     witness: Option<Arc<WitnessClient>>,
     me: Weak<Daemon>,
 }
@@ -100,6 +107,8 @@ impl Daemon {
             link: Mutex::new(None),
             volumes: Mutex::new(HashMap::new()),
             exports: Mutex::new(HashMap::new()),
+            export_failures: Mutex::new(HashMap::new()),
+            export_changed: tokio::sync::Notify::new(),
             me: me.clone(),
         });
         let peers: Vec<(String, std::net::SocketAddr)> = cfg
@@ -167,6 +176,39 @@ impl Daemon {
             .map(|a| a.handle.clone())
     }
 
+    /// Waits (bounded) until the export of a volume that just became
+    /// primary is up; its endpoint, or why it is not.
+    async fn exported(&self, volume: &str) -> Result<String, String> {
+        let deadline = tokio::time::Instant::now() + EXPORT_WAIT;
+        loop {
+            let changed = self.export_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(e) = self
+                .exports
+                .lock()
+                .ok()
+                .and_then(|x| x.get(volume).map(Export::endpoint))
+            {
+                return Ok(e);
+            }
+            if let Some(why) = self
+                .export_failures
+                .lock()
+                .ok()
+                .and_then(|f| f.get(volume).cloned())
+            {
+                return Err(format!("its export failed: {why}"));
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(format!(
+                    "its export is not up after {} s (see the daemon log)",
+                    EXPORT_WAIT.as_secs()
+                ));
+            }
+        }
+    }
+
     fn export_hook(&self) -> volume::ExportHook {
         let me = self.me.clone();
         Arc::new(move |handle: &VolumeHandle, on: bool| {
@@ -183,6 +225,9 @@ impl Daemon {
                     .and_then(|mut e| e.remove(handle.name()));
                 if let Some(mut old) = old {
                     old.stop();
+                }
+                if let Ok(mut f) = d.export_failures.lock() {
+                    f.remove(handle.name());
                 }
                 if !on {
                     // Another node may be primary now: a device this node's
@@ -207,8 +252,14 @@ impl Daemon {
                             x.insert(handle.name().to_string(), e);
                         }
                     }
-                    Err(e) => tracing::error!("volume {}: cannot start export: {e}", handle.name()),
+                    Err(e) => {
+                        tracing::error!("volume {}: cannot start export: {e}", handle.name());
+                        if let Ok(mut f) = d.export_failures.lock() {
+                            f.insert(handle.name().to_string(), e.to_string());
+                        }
+                    }
                 }
+                d.export_changed.notify_waiters();
             });
         })
     }
@@ -443,9 +494,19 @@ impl ControlHandler for Daemon {
                 Request::Attach { volume } => self.attach(&volume),
                 Request::Detach { volume } => self.detach(&volume).await,
                 Request::Primary { volume, force } => match self.volume(&volume) {
+                    // The hook returns once applications can use the device.
                     Some(h) => match h.promote(force).await {
-                        Ok(()) => Response::Ok {
-                            message: format!("{volume} is primary on {}", self.cfg.node),
+                        Ok(()) => match self.exported(&volume).await {
+                            Ok(endpoint) => Response::Ok {
+                                message: format!(
+                                    "{volume} is primary on {}, exported at {endpoint}",
+                                    self.cfg.node
+                                ),
+                            },
+                            Err(why) => err(
+                                ErrorCode::Failed,
+                                format!("{volume} is primary on {}, but {why}", self.cfg.node),
+                            ),
                         },
                         Err(e) => volume_err(e),
                     },

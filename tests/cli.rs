@@ -40,6 +40,13 @@ async fn exit_codes_are_stable() {
     assert!(stderr(&o).contains("--force"));
     let o = cli(&c, 0, &["primary", "demo", "--force"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The hook returns once the device is there for applications.
+    assert!(
+        c.nbd_socket(0).exists(),
+        "promote returned before the export was up"
+    );
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("exported at nbd+unix://"), "{said}");
     // JSON status parses and says what happened.
     let o = cli(&c, 0, &["status", "demo", "--json"]);
     assert!(o.status.success());

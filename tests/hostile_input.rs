@@ -380,3 +380,95 @@ async fn a_peer_volume_of_another_size_is_refused() {
     let s = c.status(0).await.expect("status");
     assert_eq!(s.peer.relation.as_deref(), Some("Refused"));
 }
+
+/// Flips one byte of node `i`'s backing file at `at`.
+fn flip_byte(c: &blkrep::testkit::cluster::LocalCluster, i: usize, at: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&c.nodes[i].disk)
+        .expect("open disk");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read byte");
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, at).expect("write byte");
+    f.sync_all().expect("sync");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_metadata_is_detected_recovered_or_refused() {
+    let c = up("corrupt-md", small()).await;
+    qemu_io(
+        &c,
+        0,
+        &["write -P 0x61 0 1M", "write -P 0x62 8M 64k", "flush"],
+    );
+    c.wait_in_sync(WAIT).await.expect("in sync");
+    let disk_bytes = std::fs::metadata(&c.nodes[1].disk).expect("disk").len();
+    let layout =
+        blkrep::meta::MetaLayout::internal(disk_bytes, c.opts.chunk_bytes).expect("layout");
+    let vol = || "demo".to_string();
+    let detach = || Request::Detach { volume: vol() };
+    let attach = || Request::Attach { volume: vol() };
+
+    // One superblock copy damaged: the other is used, with a warning.
+    c.ok(1, detach()).await.expect("detach beta");
+    flip_byte(&c, 1, layout.superblock_offset(0) + 40);
+    flip_byte(&c, 1, layout.superblock_offset(1) + 40);
+    let log = std::fs::read_to_string(&c.nodes[1].log).unwrap_or_default();
+    let before = std::fs::read(&c.nodes[1].disk).expect("disk");
+    // Both damaged: attach refuses, explains, and writes nothing.
+    let e = c.ok(1, attach()).await.expect_err("attach must refuse");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("both superblock copies are damaged") && msg.contains("create-md"),
+        "{msg}"
+    );
+    assert!(
+        std::fs::read(&c.nodes[1].disk).expect("disk") == before,
+        "a refused attach wrote to the disk"
+    );
+    // Repair one copy (flip it back): attach works on the other one.
+    flip_byte(&c, 1, layout.superblock_offset(1) + 40);
+    c.ok(1, attach()).await.expect("attach with one good copy");
+    assert!(
+        wait_log(&c.nodes[1].log, "one superblock copy is damaged").await,
+        "no warning about the damaged copy"
+    );
+    c.wait_in_sync(WAIT).await.expect("in sync again");
+    assert!(
+        log.len()
+            < std::fs::read_to_string(&c.nodes[1].log)
+                .unwrap_or_default()
+                .len()
+    );
+
+    // A damaged bitmap page: its chunks count as out of sync and are
+    // copied again; the page is rewritten intact.
+    c.ok(1, detach()).await.expect("detach beta");
+    flip_byte(&c, 1, layout.bitmap_page_offset(0) + 3);
+    // Beta's data differs in a chunk its (intact) bitmap did not mark:
+    // only the conservative reading of the damaged page repairs it.
+    flip_byte(&c, 1, 8 << 20);
+    c.ok(1, attach())
+        .await
+        .expect("attach with a damaged bitmap page");
+    assert!(
+        wait_log(&c.nodes[1].log, "bitmap page(s) failed their checksum").await,
+        "no warning about the damaged bitmap page"
+    );
+    c.wait_in_sync(WAIT)
+        .await
+        .expect("in sync after the bitmap repair");
+    assert_replicas_equal(&c).await;
+    c.ok(1, detach()).await.expect("detach beta");
+    c.ok(1, attach()).await.expect("attach again");
+    let log = std::fs::read_to_string(&c.nodes[1].log).unwrap_or_default();
+    assert_eq!(
+        log.matches("failed their checksum").count(),
+        1,
+        "the damaged page was rewritten intact"
+    );
+    c.wait_in_sync(WAIT).await.expect("in sync");
+    assert_replicas_equal(&c).await;
+}

@@ -12,6 +12,7 @@ use std::path::Path;
 use blkrep::config::Config;
 use blkrep::control::Request;
 use blkrep::frontend::nbd::parse_request;
+use blkrep::link::HelloMsg;
 use blkrep::link::wire::{Header, Kind, decode_frame};
 use blkrep::meta::activity_log::{AL_SLOT_BYTES, AlSnapshot};
 use blkrep::meta::superblock::{SUPERBLOCK_BYTES, Superblock};
@@ -56,6 +57,34 @@ impl Mutate for Rng {
             }
         }
         v
+    }
+}
+
+/// A valid superblock (a primary's).
+fn sample_superblock() -> Superblock {
+    Superblock {
+        seq: 3,
+        volume_name: "vol".into(),
+        data_bytes: 3 << 30,
+        chunk_bytes: 65536,
+        disk_state: DiskState::UpToDate,
+        generations: Generations {
+            current: 5,
+            bitmap: 4,
+            history: [3, 2, 1, 0],
+        },
+        attached: true,
+        primary: true,
+        record: Default::default(),
+    }
+}
+
+/// A valid activity-log snapshot.
+fn sample_al() -> AlSnapshot {
+    AlSnapshot {
+        seq: 2,
+        extent_bytes: 4 << 20,
+        extents: vec![1, 2, 3],
     }
 }
 
@@ -119,30 +148,8 @@ fn nbd_request_parser_and_metadata_decoders_never_panic() {
         }
         let _ = parse_request(&b);
     }
-    let sb = Superblock {
-        seq: 3,
-        volume_name: "vol".into(),
-        data_bytes: 1 << 30,
-        chunk_bytes: 65536,
-        disk_state: DiskState::UpToDate,
-        generations: Generations {
-            current: 5,
-            bitmap: 4,
-            history: [3, 2, 1, 0],
-        },
-        attached: true,
-        primary: false,
-        record: Default::default(),
-    }
-    .encode()
-    .expect("encode");
-    let al = AlSnapshot {
-        seq: 2,
-        extent_bytes: 4 << 20,
-        extents: vec![1, 2, 3],
-    }
-    .encode()
-    .expect("encode");
+    let sb = sample_superblock().encode().expect("encode");
+    let al = sample_al().encode().expect("encode");
     for _ in 0..20_000 {
         let mut m = rng.mutate(&sb);
         m.resize(SUPERBLOCK_BYTES, 0);
@@ -158,25 +165,7 @@ fn nbd_request_parser_and_metadata_decoders_never_panic() {
 
 #[test]
 fn config_parser_never_panics() {
-    let valid = r#"
-node = "alpha"
-[tls]
-ca = "ca.pem"
-cert = "a.pem"
-key = "a.key"
-[link]
-peer_timeout_ms = 3000
-[nodes.alpha]
-address = "127.0.0.1:7788"
-[nodes.beta]
-address = "127.0.0.2:7788"
-[[volume]]
-name = "vm-1"
-chunk_bytes = 65536
-al_extents = 100
-nodes.alpha = { disk = "/tmp/a.img" }
-nodes.beta = { disk = "/tmp/b.img", meta = "/tmp/b.meta" }
-"#;
+    let valid = CONFIG;
     assert!(Config::parse(valid, Path::new("t.toml")).is_ok());
     let mut rng = Rng(seed() ^ 2);
     for _ in 0..20_000 {
@@ -237,4 +226,169 @@ async fn daemons_survive_garbage_on_their_sockets() {
     qemu_io(&c, 0, &["read -P 0x61 0 64k"]);
     assert!(c.ok(0, Request::Status { volume: None }).await.is_ok());
     assert_replicas_equal(&c).await;
+}
+
+/// Valid inputs for each fuzz target, made by the real encoders: the seeds
+/// of `fuzz/corpus/<target>/`. `BLKREP_WRITE_FUZZ_SEEDS=1` (re)writes them;
+/// otherwise the committed seeds must equal what this build encodes, so a
+/// format change cannot leave the fuzzers starting from stale inputs.
+fn fuzz_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    use blkrep::witness::protocol::{WitnessOp, WitnessRequest, encode};
+    let mut seeds = Vec::new();
+    let mut seed =
+        |target, name: &str, bytes: Vec<u8>| seeds.push((target, name.to_string(), bytes));
+    for (name, kind, payload) in [
+        ("write", Kind::Write, vec![7u8; 4096]),
+        ("ack", Kind::Ack, vec![]),
+        ("flush", Kind::Flush, vec![]),
+        ("read-request", Kind::ReadRequest, vec![]),
+        ("hash-reply", Kind::HashReply, vec![1u8; 32]),
+        ("lease-ping", Kind::LeasePing, vec![]),
+        (
+            "volume-state",
+            Kind::VolumeState,
+            br#"{"volume":"v","index":0,"view":null,"sync_done":null}"#.to_vec(),
+        ),
+    ] {
+        let mut h = Header::new(kind);
+        h.offset = 65536;
+        h.op_len = 4096;
+        let mut f = h.encode(&payload).to_vec();
+        f.extend_from_slice(&payload);
+        seed("wire_frame", name, f);
+    }
+    let hello = HelloMsg {
+        node: "alpha".into(),
+        protocol: 1,
+    };
+    seed(
+        "wire_frame",
+        "hello",
+        serde_json::to_vec(&hello).expect("hello"),
+    );
+    for (name, ty, flags) in [
+        ("read", 0u16, 0u16),
+        ("write-fua", 1, 1),
+        ("flush", 3, 0),
+        ("trim", 4, 0),
+        ("zeroes", 6, 0),
+        ("disc", 2, 0),
+    ] {
+        let mut b = Vec::with_capacity(28);
+        b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&ty.to_be_bytes());
+        b.extend_from_slice(&7u64.to_be_bytes());
+        b.extend_from_slice(&4096u64.to_be_bytes());
+        b.extend_from_slice(&4096u32.to_be_bytes());
+        seed("nbd_request", name, b);
+    }
+    let sb = sample_superblock();
+    seed(
+        "metadata",
+        "superblock",
+        sb.encode().expect("superblock").to_vec(),
+    );
+    let al = sample_al();
+    seed(
+        "metadata",
+        "activity-log",
+        al.encode().expect("al").to_vec(),
+    );
+    let mut bitmap = blkrep::meta::bitmap::Bitmap::new(3 << 30, 65536);
+    bitmap.set_range(1 << 20, 1 << 20);
+    seed("metadata", "bitmap-page", bitmap.page_bytes(0).to_vec());
+    seed("config", "node", CONFIG.as_bytes().to_vec());
+    seed("config", "witness", WITNESS_CONFIG.as_bytes().to_vec());
+    for (name, req) in [
+        (
+            "change",
+            WitnessRequest::Change {
+                volume: "v".into(),
+                peer: "beta".into(),
+                expected_epoch: 4,
+                op: WitnessOp::Promote { force: false },
+            },
+        ),
+        ("heartbeat", WitnessRequest::Heartbeat { claims: vec![] }),
+    ] {
+        seed("witness_frame", name, encode(&req).expect("witness frame"));
+    }
+    for (name, req) in [
+        ("attach", Request::Attach { volume: "v".into() }),
+        (
+            "primary",
+            Request::Primary {
+                volume: "v".into(),
+                force: true,
+            },
+        ),
+        ("status", Request::Status { volume: None }),
+    ] {
+        let mut line = serde_json::to_vec(&req).expect("control request");
+        line.push(b'\n');
+        seed("control_request", name, line);
+    }
+    seeds
+}
+
+const CONFIG: &str = r#"
+node = "alpha"
+[tls]
+ca = "ca.pem"
+cert = "a.pem"
+key = "a.key"
+[link]
+peer_timeout_ms = 3000
+[nodes.alpha]
+address = "127.0.0.1:7788"
+[nodes.beta]
+address = "127.0.0.2:7788"
+[witness]
+name = "w"
+address = "127.0.0.3:7790"
+[[volume]]
+name = "vm-1"
+chunk_bytes = 65536
+al_extents = 100
+nodes.alpha = { disk = "/tmp/a.img" }
+nodes.beta = { disk = "/tmp/b.img", meta = "/tmp/b.meta" }
+"#;
+
+const WITNESS_CONFIG: &str = r#"
+node = "w"
+listen = "127.0.0.3:7790"
+state_dir = "/var/lib/blkrep-witness"
+nodes = ["alpha", "beta"]
+[tls]
+ca = "ca.pem"
+cert = "w.pem"
+key = "w.key"
+"#;
+
+#[test]
+fn fuzz_seed_corpus_is_current() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let write = std::env::var_os("BLKREP_WRITE_FUZZ_SEEDS").is_some();
+    for (target, name, bytes) in fuzz_seeds() {
+        let path = root.join(target).join(format!("seed-{name}"));
+        if write {
+            std::fs::create_dir_all(root.join(target)).expect("corpus dir");
+            std::fs::write(&path, &bytes).expect("write seed");
+            continue;
+        }
+        let committed = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            committed == bytes,
+            "{} is missing or stale: run BLKREP_WRITE_FUZZ_SEEDS=1 cargo test --test random_input fuzz_seed",
+            path.display()
+        );
+    }
+    // The seeds are valid inputs for their decoders.
+    if let Err(e) = Config::parse(CONFIG, Path::new("t.toml")) {
+        panic!("{e}");
+    }
+    if let Err(e) = blkrep::config::WitnessConfig::parse(WITNESS_CONFIG, Path::new("w.toml")) {
+        panic!("{e}");
+    }
 }

@@ -541,12 +541,14 @@ impl Sim {
         node.inbox.clear();
         let p = node.persisted.clone();
         let mut bitmap = Bitmap::new(DATA_BYTES, CHUNK);
-        let mut bytes = vec![0u8; bitmap.pages() as usize * crate::meta::bitmap::BITMAP_PAGE_BYTES];
-        for (page, b) in &p.bitmap_pages {
-            let at = *page as usize * crate::meta::bitmap::BITMAP_PAGE_BYTES;
-            bytes[at..at + b.len()].copy_from_slice(&b[..]);
-        }
-        bitmap.load(&bytes);
+        // Pages never written are as formatted (all clear).
+        let bytes: Vec<u8> = (0..bitmap.pages())
+            .flat_map(|page| match p.bitmap_pages.get(&page) {
+                Some(b) => **b,
+                None => bitmap.page_bytes(page),
+            })
+            .collect();
+        assert!(bitmap.load(&bytes).is_empty(), "persisted pages are intact");
         let seed = Rng(self.seed ^ self.next_id.rotate_left(32) ^ n as u64).next_u64();
         let quorum = self.witness.is_some();
         node.eng = Engine::new(config(n == 0, quorum), p.disk, p.gens, bitmap, seed);

@@ -1,11 +1,20 @@
 //! The dirty bitmap: one bit per chunk of the volume, set while the peer may
 //! lack that chunk's data. Persisted in 4 KiB pages; a bit is persisted set
 //! before the write it covers is completed without the peer.
+//!
+//! Each page carries a magic and a CRC32 in its last 8 bytes. A page that
+//! fails them on load (a damaged sector, a torn write) is not trusted: all
+//! of its chunks count as out of sync, which can only make a resync copy
+//! more, never less.
 
 /// Bytes in one persisted bitmap page.
 pub const BITMAP_PAGE_BYTES: usize = 4096;
+/// 64-bit words of bits in one page (the rest is the trailer).
+const PAGE_WORDS: usize = (BITMAP_PAGE_BYTES - 8) / 8;
 /// Chunks (bits) covered by one bitmap page.
-pub const CHUNKS_PER_PAGE: u64 = (BITMAP_PAGE_BYTES * 8) as u64;
+pub const CHUNKS_PER_PAGE: u64 = (PAGE_WORDS * 64) as u64;
+/// Marks a written bitmap page ("BMPG").
+const PAGE_MAGIC: u32 = 0x4750_4d42;
 
 /// In-memory dirty bitmap.
 #[derive(Clone, Debug)]
@@ -151,30 +160,42 @@ impl Bitmap {
         None
     }
 
-    /// The on-disk bytes of one page.
+    /// The on-disk bytes of one page: its bits, the magic, the CRC32.
     pub fn page_bytes(&self, page: u32) -> [u8; BITMAP_PAGE_BYTES] {
         let mut out = [0u8; BITMAP_PAGE_BYTES];
-        let first_word = page as usize * BITMAP_PAGE_BYTES / 8;
-        for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
-            chunk.copy_from_slice(&self.words[first_word + i].to_le_bytes());
+        let words = &self.words[page as usize * PAGE_WORDS..][..PAGE_WORDS];
+        for (chunk, w) in out.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&w.to_le_bytes());
         }
+        let trailer = PAGE_WORDS * 8;
+        out[trailer..trailer + 4].copy_from_slice(&PAGE_MAGIC.to_le_bytes());
+        let crc = crc32fast::hash(&out[..trailer + 4]);
+        out[trailer + 4..].copy_from_slice(&crc.to_le_bytes());
         out
     }
 
     /// Loads the whole bitmap from its persisted bytes (pages back to back).
-    /// Bits beyond the last chunk are ignored.
-    pub fn load(&mut self, bytes: &[u8]) {
-        self.set_count = 0;
-        for (i, w) in self.words.iter_mut().enumerate() {
-            let at = i * 8;
-            *w = match bytes.get(at..at + 8) {
+    /// Returns the pages that failed their checksum (or are missing): all
+    /// of their chunks are set. Bits beyond the last chunk are ignored.
+    pub fn load(&mut self, bytes: &[u8]) -> Vec<u32> {
+        let mut damaged = Vec::new();
+        for (page, words) in self.words.chunks_mut(PAGE_WORDS).enumerate() {
+            let stored = bytes
+                .get(page * BITMAP_PAGE_BYTES..(page + 1) * BITMAP_PAGE_BYTES)
+                .filter(|b| page_is_intact(b));
+            match stored {
                 Some(b) => {
-                    let mut x = [0u8; 8];
-                    x.copy_from_slice(b);
-                    u64::from_le_bytes(x)
+                    for (w, x) in words.iter_mut().zip(b.chunks_exact(8)) {
+                        let mut le = [0u8; 8];
+                        le.copy_from_slice(x);
+                        *w = u64::from_le_bytes(le);
+                    }
                 }
-                None => 0,
-            };
+                None => {
+                    words.iter_mut().for_each(|w| *w = u64::MAX);
+                    damaged.push(page as u32);
+                }
+            }
         }
         let tail = self.chunks % 64;
         let last_word = (self.chunks / 64) as usize;
@@ -189,7 +210,17 @@ impl Bitmap {
             *w = 0;
         }
         self.set_count = self.words.iter().map(|w| u64::from(w.count_ones())).sum();
+        damaged
     }
+}
+
+/// Whether a persisted page carries its magic and a matching CRC32.
+fn page_is_intact(b: &[u8]) -> bool {
+    let trailer = PAGE_WORDS * 8;
+    let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    b.len() == BITMAP_PAGE_BYTES
+        && u32_at(trailer) == PAGE_MAGIC
+        && crc32fast::hash(&b[..trailer + 4]) == u32_at(trailer + 4)
 }
 
 #[cfg(test)]
@@ -228,13 +259,39 @@ mod tests {
         b.set_range(0, 101 * 65536);
         assert_eq!(b.set_count(), 101);
         assert_eq!(b.dirty_bytes(100 * 65536 + 10), 100 * 65536 + 10);
-        let mut bytes = b.page_bytes(0).to_vec();
-        bytes[20] = 0xff; // garbage beyond the last chunk
+        // A page written by a bigger bitmap: bits beyond the last chunk.
+        let mut big = Bitmap::new(1000 * 65536, 65536);
+        big.set_range(0, 1000 * 65536);
         let mut c = Bitmap::new(100 * 65536 + 10, 65536);
-        c.load(&bytes);
+        assert!(c.load(&big.page_bytes(0)).is_empty());
         assert_eq!(c.set_count(), 101);
         assert_eq!(c.clear(5), Some(0));
         assert_eq!(c.clear(5), None);
         assert_eq!(c.set_count(), 100);
+        let mut d = Bitmap::new(100 * 65536 + 10, 65536);
+        assert!(d.load(&c.page_bytes(0)).is_empty());
+        assert!(!d.get(5) && d.get(6) && d.set_count() == 100);
+    }
+
+    #[test]
+    fn a_damaged_page_counts_all_its_chunks_out_of_sync() {
+        let chunks = 3 * CHUNKS_PER_PAGE;
+        let mut b = Bitmap::new(chunks * 4096, 4096);
+        b.set(7);
+        b.set(CHUNKS_PER_PAGE + 9);
+        let mut bytes: Vec<u8> = (0..b.pages()).flat_map(|p| b.page_bytes(p)).collect();
+        let mut clean = Bitmap::new(chunks * 4096, 4096);
+        assert!(clean.load(&bytes).is_empty());
+        assert_eq!(clean.set_count(), 2);
+        // One flipped bit in page 1, page 2 never written (zeros).
+        bytes[BITMAP_PAGE_BYTES + 100] ^= 4;
+        bytes[2 * BITMAP_PAGE_BYTES..].fill(0);
+        let mut hurt = Bitmap::new(chunks * 4096, 4096);
+        assert_eq!(hurt.load(&bytes), vec![1, 2]);
+        assert!(hurt.get(7) && !hurt.get(8), "the intact page is as written");
+        assert_eq!(hurt.set_count(), 1 + 2 * CHUNKS_PER_PAGE);
+        // Too short: the missing pages are damaged as well.
+        let mut short = Bitmap::new(chunks * 4096, 4096);
+        assert_eq!(short.load(&bytes[..BITMAP_PAGE_BYTES]), vec![1, 2]);
     }
 }

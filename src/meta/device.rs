@@ -88,12 +88,12 @@ impl MetaDevice {
         self.write_block(base + (snap.slot() * AL_SLOT_BYTES) as u64, &snap.encode()?)
     }
 
-    /// Loads the persisted bitmap.
-    pub fn read_bitmap(&self, bitmap: &mut Bitmap) -> Result<(), MetaError> {
+    /// Loads the persisted bitmap; returns the pages that failed their
+    /// checksum (their chunks are set: see [`Bitmap::load`]).
+    pub fn read_bitmap(&self, bitmap: &mut Bitmap) -> Result<Vec<u32>, MetaError> {
         let len = self.layout.bitmap_pages as usize * BITMAP_PAGE_BYTES;
         let buf = self.read_block(self.layout.bitmap_page_offset(0), len)?;
-        bitmap.load(buf.as_slice());
-        Ok(())
+        Ok(bitmap.load(buf.as_slice()))
     }
 
     /// Durably writes one bitmap page.

@@ -43,10 +43,14 @@ pub enum MetaError {
     #[error("metadata is corrupt: {0}")]
     Corrupt(&'static str),
     /// Both superblock copies are damaged.
-    #[error("both superblock copies are damaged ({0}); refusing to use this metadata")]
+    #[error(
+        "both superblock copies are damaged ({0}); refusing to use this metadata. If the peer is up to date, run `blkrep create-md VOL --force` here and attach: a full sync from the peer restores this copy"
+    )]
     BothCopiesBad(String),
     /// Written by a newer or unknown format.
-    #[error("metadata format version {0} is not supported by this build")]
+    #[error(
+        "metadata format version {0} is not supported by this build (it writes version 2); recreate it with `blkrep create-md VOL --force` and attach for a full sync from the peer"
+    )]
     UnsupportedVersion(u32),
     /// The volume name cannot be stored.
     #[error("volume name {0:?} must be 1-64 bytes")]
@@ -160,8 +164,8 @@ mod tests {
         let l = MetaLayout::internal(10 << 30, DEFAULT_CHUNK_BYTES).unwrap();
         assert_eq!(l.data_bytes % BLOCK_BYTES, 0);
         assert!(l.data_bytes + l.meta_bytes() <= 10 << 30);
-        // 10 GiB / 64 KiB = 163840 bits = 5 pages.
-        assert_eq!(l.bitmap_pages, 5);
+        // 10 GiB / 64 KiB = 163840 bits = 6 pages of 32704 bits.
+        assert_eq!(l.bitmap_pages, 6);
         assert!(MetaLayout::internal(64 * 1024, DEFAULT_CHUNK_BYTES).is_err());
     }
 

@@ -11,8 +11,9 @@ use super::generation::Generations;
 pub const SUPERBLOCK_BYTES: usize = 4096;
 /// Magic at the start of every superblock copy.
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"BLKREPMD";
-/// On-disk format version written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+/// On-disk format version written by this build (2: bitmap pages carry a
+/// magic and a CRC32).
+pub const FORMAT_VERSION: u32 = 2;
 /// Longest volume name that fits the superblock.
 pub const VOLUME_NAME_MAX_BYTES: usize = 64;
 

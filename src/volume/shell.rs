@@ -141,7 +141,18 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         .into());
     }
     let mut bitmap = Bitmap::new(layout.data_bytes, u64::from(sb.chunk_bytes));
-    meta.read_bitmap(&mut bitmap)?;
+    let damaged = meta.read_bitmap(&mut bitmap)?;
+    if !damaged.is_empty() {
+        tracing::warn!(
+            "volume {}: {} bitmap page(s) failed their checksum (first: page {}); every chunk they cover counts as out of sync",
+            opts.name,
+            damaged.len(),
+            damaged[0]
+        );
+        for &page in &damaged {
+            meta.write_bitmap_page(&bitmap, page)?;
+        }
+    }
     let crashed_primary = sb.attached && sb.primary;
     let uring = UringStore::open(&opts.disk, layout.data_bytes, opts.ring.clone())?;
     let store: Arc<dyn BlockStore> = match &opts.faults {
