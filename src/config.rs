@@ -72,6 +72,11 @@ pub struct Config {
     /// Path of the control socket.
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// Group (name or number) whose members may use the control socket
+    /// besides root (the socket is then mode 0660 and owned by that group);
+    /// unset: root only (mode 0600).
+    #[serde(default)]
+    pub control_group: Option<String>,
     /// Directory for runtime files (NBD sockets).
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,

@@ -83,13 +83,21 @@ impl Daemon {
             source,
         })?;
         let tls = TlsMaterial::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
-        let listener = server::bind(&cfg.control_socket).map_err(|source| DaemonError::Io {
-            what: format!(
-                "cannot bind control socket {}",
-                cfg.control_socket.display()
-            ),
-            source,
-        })?;
+        let group = match &cfg.control_group {
+            Some(g) => Some(server::resolve_group(g).map_err(|why| DaemonError::Io {
+                what: format!("control_group `{g}`: {why}"),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "unknown group"),
+            })?),
+            None => None,
+        };
+        let listener =
+            server::bind(&cfg.control_socket, group).map_err(|source| DaemonError::Io {
+                what: format!(
+                    "cannot bind control socket {}",
+                    cfg.control_socket.display()
+                ),
+                source,
+            })?;
         crate::quorum::clock::start();
         let witness = match &cfg.witness {
             Some(w) => Some(WitnessClient::new(
@@ -136,7 +144,7 @@ impl Daemon {
             ));
         }
         let control: Arc<dyn ControlHandler> = daemon.clone();
-        tokio::spawn(server::serve(listener, control));
+        tokio::spawn(server::serve(listener, control, server::Access::new(group)));
         tracing::info!(
             "blkrep daemon {} up: replication on {}, control socket {}",
             cfg.node,

@@ -11,6 +11,8 @@ use blkrep::control::{self, ErrorCode, Request, Response};
 
 /// Exit status when the daemon cannot be reached.
 const EXIT_NO_DAEMON: u8 = 8;
+/// Exit status when this user may not use the control socket.
+const EXIT_FORBIDDEN: u8 = 10;
 
 #[derive(Parser)]
 #[command(
@@ -19,7 +21,8 @@ const EXIT_NO_DAEMON: u8 = 8;
     about = "Userspace synchronous block replication: DRBD's job without a kernel module",
     after_help = "Exit status: 0 done, 1 failed, 2 bad request or usage, 3 not attached, \
 4 outdated (local data not up to date), 5 no quorum, 6 peer still primary, \
-7 diverged histories, 8 daemon not reachable, 9 busy (I/O in flight)."
+7 diverged histories, 8 daemon not reachable, 9 busy (I/O in flight), \
+10 not allowed to use the control socket."
 )]
 struct Cli {
     /// Node configuration file.
@@ -333,7 +336,10 @@ fn request(config: &std::path::Path, req: Request, json: bool) -> anyhow::Result
         Ok(r) => r,
         Err(e) => {
             eprintln!("blkrep: {e}");
-            return Ok(ExitCode::from(EXIT_NO_DAEMON));
+            return Ok(ExitCode::from(match e {
+                control::ControlError::Forbidden { .. } => EXIT_FORBIDDEN,
+                _ => EXIT_NO_DAEMON,
+            }));
         }
     };
     match resp {

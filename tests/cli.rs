@@ -395,3 +395,95 @@ fn demo_interrupted_with_ctrl_c_stops_its_processes_and_removes_its_files() {
         "the demo stopped every process it started"
     );
 }
+
+/// Runs the CLI against node `i` as `uid`/`gid` (no supplementary groups),
+/// from a copy of the binary anyone may execute.
+fn cli_as(
+    c: &blkrep::testkit::cluster::LocalCluster,
+    i: usize,
+    uid: u32,
+    gid: u32,
+    args: &[&str],
+) -> std::process::Output {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let copy = c.dir.join("blkrep-for-all");
+    if !copy.exists() {
+        std::fs::copy(bin(), &copy).expect("copy binary");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    Command::new(&copy)
+        .arg("--config")
+        .arg(&c.nodes[i].config)
+        .args(args)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .expect("run blkrep as another user")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_socket_is_for_root_or_its_configured_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("needs root (CI runs as root): skipped");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    const USERS: u32 = 100;
+    let mut c = cluster("control-perm", small());
+    c.start(0).await.expect("alpha");
+    let sock = c.nodes[0].control.clone();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("socket").mode() & 0o777;
+    assert_eq!(mode(&sock), 0o600);
+    // Another user cannot even open it.
+    let o = cli_as(&c, 0, NOBODY, NOBODY, &["status"]);
+    assert_eq!(o.status.code(), Some(10), "{}", stderr(&o));
+    assert!(stderr(&o).contains("permission denied"), "{}", stderr(&o));
+    // Even if the socket's mode were opened up, the daemon checks who asks.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let o = cli_as(&c, 0, NOBODY, NOBODY, &["attach", "demo"]);
+    assert_eq!(o.status.code(), Some(10), "{}", stderr(&o));
+    assert!(stderr(&o).contains("may not use"), "{}", stderr(&o));
+    let o = cli(&c, 0, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status");
+    assert_eq!(
+        v["volumes"][0]["attached"], false,
+        "the refused attach did nothing"
+    );
+
+    // With `control_group`, that group's members may use it; others not.
+    c.kill(0);
+    let cfg = std::fs::read_to_string(&c.nodes[0].config).expect("config");
+    std::fs::write(
+        &c.nodes[0].config,
+        format!("control_group = \"nogroup\"\n{cfg}"),
+    )
+    .expect("config");
+    c.start(0).await.expect("alpha with a control group");
+    assert_eq!(mode(&sock), 0o660);
+    assert_eq!(std::fs::metadata(&sock).expect("socket").gid(), NOBODY);
+    let o = cli_as(&c, 0, NOBODY, NOBODY, &["attach", "demo"]);
+    assert!(
+        o.status.success(),
+        "a group member is refused: {}",
+        stderr(&o)
+    );
+    let o = cli_as(&c, 0, NOBODY, USERS, &["status"]);
+    assert_eq!(o.status.code(), Some(10), "{}", stderr(&o));
+    // A group that does not exist is a clear startup error.
+    c.kill(0);
+    std::fs::write(
+        &c.nodes[0].config,
+        format!("control_group = \"no-such-group-blkrep\"\n{cfg}"),
+    )
+    .expect("config");
+    let o = cli(&c, 0, &["daemon"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no-such-group-blkrep"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -104,6 +104,8 @@ pub enum ErrorCode {
     Busy,
     /// The request is malformed or names an unknown volume.
     BadRequest,
+    /// The caller may not use the control socket.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -118,6 +120,7 @@ impl ErrorCode {
             ErrorCode::PeerPrimary => 6,
             ErrorCode::Diverged => 7,
             ErrorCode::Busy => 9,
+            ErrorCode::Forbidden => 10,
         }
     }
 }
@@ -145,6 +148,14 @@ pub enum Response {
 /// Errors talking to the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    /// The socket exists but this user may not open it.
+    #[error(
+        "permission denied on the control socket {path}: it is for root (and the daemon's `control_group`, if configured); run as root or join that group"
+    )]
+    Forbidden {
+        /// Socket path.
+        path: String,
+    },
     /// No daemon listening.
     #[error("cannot reach the blkrep daemon at {path}: {source} (is `blkrep daemon` running?)")]
     Connect {
@@ -163,12 +174,14 @@ pub enum ControlError {
 
 /// Sends one request and returns the response.
 pub async fn call(socket: &Path, req: &Request) -> Result<Response, ControlError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|source| ControlError::Connect {
-            path: socket.display().to_string(),
-            source,
-        })?;
+    let stream = UnixStream::connect(socket).await.map_err(|source| {
+        let path = socket.display().to_string();
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            ControlError::Forbidden { path }
+        } else {
+            ControlError::Connect { path, source }
+        }
+    })?;
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_vec(req).map_err(|e| ControlError::BadAnswer(e.to_string()))?;
     line.push(b'\n');
