@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use blkrep::testkit::cluster::{ClusterOptions, LocalCluster, NetPath};
@@ -150,4 +151,117 @@ async fn both_data_nodes_killed_and_restarted() {
     // The witness still lists alpha as primary and both as up to date.
     c.promote(0).await.expect("alpha primary again");
     assert_nothing_lost(&c, &ledger).await;
+}
+
+/// libfaketime (Debian's `faketime` package), thread-safe flavour.
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// Storm progress across one `window`: writes must keep completing.
+async fn writes_continue(storm: &Storm, window: Duration, what: &str) {
+    let before = storm.acked_writes();
+    tokio::time::sleep(window).await;
+    assert!(storm.acked_writes() > before, "writes stopped {what}");
+}
+
+/// The wall clock of the witness and both daemons jumps 20 days forward,
+/// then 20 hours back, during a write storm, each for longer than a lease:
+/// leases count on the monotonic clock, so nothing freezes, no lease is
+/// lost and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wall_clock_jumps_do_not_touch_leases() {
+    assert!(
+        Path::new(FAKETIME_LIB).exists(),
+        "{FAKETIME_LIB} is missing (apt install faketime; tools/test-all installs it)"
+    );
+    let clock = std::env::temp_dir().join(format!("blkrep-faketime-{}", std::process::id()));
+    std::fs::write(&clock, "+0\n").expect("fake clock file");
+    let env = [
+        ("LD_PRELOAD", FAKETIME_LIB),
+        (
+            "FAKETIME_TIMESTAMP_FILE",
+            clock.to_str().expect("utf-8 path"),
+        ),
+        ("FAKETIME_NO_CACHE", "1"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    // The mechanism works here: `date` under the same environment jumps.
+    std::fs::write(&clock, "+400d\n").expect("fake clock file");
+    let year = |envs: &[(String, String)]| -> i32 {
+        let o = std::process::Command::new("date")
+            .arg("+%Y")
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("date");
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .expect("year")
+    };
+    assert!(
+        year(&env) > year(&[]),
+        "libfaketime does not move the wall clock here"
+    );
+    std::fs::write(&clock, "+0\n").expect("fake clock file");
+
+    let c = up(
+        "d-clock",
+        ClusterOptions {
+            witness: true,
+            env: env.clone(),
+            ..small()
+        },
+    )
+    .await;
+    c.wait_for(0, "both up to date at the witness", WAIT, |s| {
+        s.quorum
+            .as_ref()
+            .is_some_and(|q| q.up_to_date && q.peer_up_to_date)
+    })
+    .await
+    .expect("witness record");
+    // The daemons run with the fake clock loaded.
+    for i in 0..2 {
+        let pid = c.pid(i).expect("daemon pid");
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        assert!(
+            maps.contains("libfaketime"),
+            "node {i} runs without the fake clock"
+        );
+    }
+    let storm = storm(&c, 0, 6);
+    writes_continue(&storm, Duration::from_millis(500), "before the jumps").await;
+    std::fs::write(&clock, "+20d\n").expect("jump forward");
+    writes_continue(
+        &storm,
+        Duration::from_secs(3),
+        "after the clock jumped 20 days forward",
+    )
+    .await;
+    std::fs::write(&clock, "-20h\n").expect("jump back");
+    writes_continue(
+        &storm,
+        Duration::from_secs(3),
+        "after the clock jumped back",
+    )
+    .await;
+    std::fs::write(&clock, "+0\n").expect("clock back to normal");
+    let s = c.status(0).await.expect("status");
+    let q = s.quorum.expect("quorum status");
+    assert!(q.lease_valid && q.peer_up_to_date, "{q:?}");
+    assert_eq!(q.frozen_requests, 0);
+    let ledger = stop(storm).await;
+    assert_nothing_lost(&c, &ledger).await;
+    for n in &c.nodes {
+        let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+        assert!(
+            !log.contains("no lease") && !log.contains("quorum-lost"),
+            "{} lost a lease when the wall clock jumped:\n{log}",
+            n.name
+        );
+    }
+    let _ = std::fs::remove_file(&clock);
 }

@@ -33,6 +33,9 @@ pub struct ClusterOptions {
     pub witness: bool,
     /// Every event handler appends "EVENT VOLUME" to the node's events.log.
     pub event_log: bool,
+    /// Extra environment for every daemon and the witness (drills, e.g. a
+    /// preloaded fake wall clock).
+    pub env: Vec<(String, String)>,
 }
 
 /// A network path between two of the three processes.
@@ -70,6 +73,7 @@ impl Default for ClusterOptions {
             resync_rate_max_bytes_per_s: 0,
             witness: false,
             event_log: false,
+            env: Vec::new(),
         }
     }
 }
@@ -146,7 +150,13 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
 }
 
 /// Runs `bin --config CONFIG COMMAND` with its stderr appended to `log`.
-fn spawn(bin: &Path, config: &Path, command: &str, log: &Path) -> Result<Child, ClusterError> {
+fn spawn(
+    bin: &Path,
+    config: &Path,
+    command: &str,
+    log: &Path,
+    env: &[(String, String)],
+) -> Result<Child, ClusterError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -160,6 +170,7 @@ fn spawn(bin: &Path, config: &Path, command: &str, log: &Path) -> Result<Child, 
             "BLKREP_LOG",
             std::env::var("BLKREP_LOG").unwrap_or_else(|_| "info".into()),
         )
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -274,7 +285,7 @@ impl LocalCluster {
         let Some(w) = &self.witness else {
             return Err(ClusterError::Timeout("this cluster has no witness".into()));
         };
-        let child = spawn(&self.bin, &w.config, "witness", &w.log)?;
+        let child = spawn(&self.bin, &w.config, "witness", &w.log, &self.opts.env)?;
         self.witness_child = Some(child);
         // It is up once its port is taken.
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -348,7 +359,7 @@ impl LocalCluster {
     /// Starts node `i`'s daemon and waits until its control socket answers.
     pub async fn start(&mut self, i: usize) -> Result<(), ClusterError> {
         let n = &self.nodes[i];
-        let child = spawn(&self.bin, &n.config, "daemon", &n.log)?;
+        let child = spawn(&self.bin, &n.config, "daemon", &n.log, &self.opts.env)?;
         self.children[i] = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
