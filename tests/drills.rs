@@ -8,7 +8,10 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use blkrep::control::Request;
 use blkrep::testkit::cluster::{ClusterOptions, LocalCluster, NetPath};
+use blkrep::testkit::nbd_client::NbdClient;
+use blkrep::testkit::storm::STORM_BLOCK_BYTES;
 use blkrep::testkit::storm::{Ledger, Storm};
 use common::*;
 
@@ -16,14 +19,25 @@ const BLOCKS: u64 = 2048; // the storm writes the first 8 MiB
 const WRITERS: u64 = 2;
 
 async fn up_with_witness(tag: &str) -> LocalCluster {
-    let c = up(
+    up_with(
         tag,
         ClusterOptions {
             witness: true,
             ..small()
         },
     )
-    .await;
+    .await
+}
+
+/// `up` with the given options, then waits until the witness lists both
+/// copies as up to date.
+async fn up_with(tag: &str, opts: ClusterOptions) -> LocalCluster {
+    let c = up(tag, opts).await;
+    await_witness_record(&c).await;
+    c
+}
+
+async fn await_witness_record(c: &LocalCluster) {
     c.wait_for(0, "both up to date at the witness", WAIT, |s| {
         s.quorum
             .as_ref()
@@ -31,7 +45,6 @@ async fn up_with_witness(tag: &str) -> LocalCluster {
     })
     .await
     .expect("witness record");
-    c
 }
 
 /// A write storm on node `i` (two QD1 writers), seeded with `seed`.
@@ -207,7 +220,7 @@ async fn wall_clock_jumps_do_not_touch_leases() {
     );
     std::fs::write(&clock, "+0\n").expect("fake clock file");
 
-    let c = up(
+    let c = up_with(
         "d-clock",
         ClusterOptions {
             witness: true,
@@ -216,13 +229,6 @@ async fn wall_clock_jumps_do_not_touch_leases() {
         },
     )
     .await;
-    c.wait_for(0, "both up to date at the witness", WAIT, |s| {
-        s.quorum
-            .as_ref()
-            .is_some_and(|q| q.up_to_date && q.peer_up_to_date)
-    })
-    .await
-    .expect("witness record");
     // The daemons run with the fake clock loaded.
     for i in 0..2 {
         let pid = c.pid(i).expect("daemon pid");
@@ -264,4 +270,219 @@ async fn wall_clock_jumps_do_not_touch_leases() {
         );
     }
     let _ = std::fs::remove_file(&clock);
+}
+
+/// Detaches and re-attaches node `i`'s volume (the operator's step after
+/// replacing a failed disk or freeing space).
+async fn reattach(c: &LocalCluster, i: usize) {
+    let volume = || c.opts.volume.clone();
+    c.ok(i, Request::Detach { volume: volume() })
+        .await
+        .expect("detach");
+    c.ok(i, Request::Attach { volume: volume() })
+        .await
+        .expect("attach");
+}
+
+/// Reads every acknowledged block through node `i`'s export.
+async fn assert_readable_through(c: &LocalCluster, i: usize, ledger: &Ledger) {
+    let mut nbd = NbdClient::connect(&c.nbd_socket(i)).await.expect("nbd");
+    for block in ledger.blocks() {
+        let found = nbd
+            .read(block * STORM_BLOCK_BYTES, STORM_BLOCK_BYTES as u32)
+            .await
+            .expect("read");
+        assert!(
+            ledger.holds(block, &found),
+            "block {block} read wrong through node {i}"
+        );
+    }
+}
+
+/// The primary's local disk fails in the middle of a write storm: it goes
+/// Diskless and keeps serving writes and reads through the peer; after the
+/// operator re-attaches it (a new disk), it is fully resynced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_local_disk_fails_during_writes() {
+    let c = up_with(
+        "d-disk-fail",
+        ClusterOptions {
+            witness: true,
+            fault_injection: true,
+            event_log: true,
+            ..small()
+        },
+    )
+    .await;
+    let storm = storm(&c, 0, 7);
+    writes_continue(&storm, Duration::from_millis(500), "before the failure").await;
+    c.ok(
+        0,
+        Request::FailDisk {
+            volume: c.opts.volume.clone(),
+        },
+    )
+    .await
+    .expect("fail alpha's disk");
+    c.wait_for(0, "alpha diskless", WAIT, |s| {
+        s.disk.as_deref() == Some("Diskless")
+    })
+    .await
+    .expect("diskless");
+    writes_continue(&storm, Duration::from_secs(2), "after alpha's disk failed").await;
+    let ledger = stop(storm).await;
+    let s = c.status(0).await.expect("status");
+    assert_eq!(s.role.as_deref(), Some("Primary"));
+    assert!(
+        c.events(0)
+            .iter()
+            .any(|e| e.starts_with("local-disk-failed"))
+    );
+    assert_readable_through(&c, 0, &ledger).await;
+    // Heal: a new disk (the fault plan is reset on attach).
+    reattach(&c, 0).await;
+    assert_nothing_lost(&c, &ledger).await;
+}
+
+/// Mounts a small ext4 filesystem (a loop device) and undoes it on drop.
+struct SmallFs {
+    mountpoint: std::path::PathBuf,
+}
+
+impl SmallFs {
+    fn new(dir: &Path, bytes: u64) -> Self {
+        let image = dir.join("small-fs.img");
+        let mountpoint = dir.join("small-fs");
+        std::fs::create_dir_all(&mountpoint).expect("mountpoint");
+        let f = std::fs::File::create(&image).expect("fs image");
+        f.set_len(bytes).expect("size");
+        run("mkfs.ext4", &["-q", "-F", image.to_str().expect("path")]);
+        run(
+            "mount",
+            &[
+                "-o",
+                "loop",
+                image.to_str().expect("path"),
+                mountpoint.to_str().expect("path"),
+            ],
+        );
+        SmallFs { mountpoint }
+    }
+
+    fn free_bytes(&self) -> u64 {
+        let o = std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.mountpoint)
+            .output()
+            .expect("df");
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df output")
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .status();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let o = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The secondary's disk is a sparse file on a filesystem that fills up in
+/// the middle of a write storm (ENOSPC, as with an over-committed thin
+/// pool): the secondary drops its disk, the primary goes on alone after
+/// the witness outdated it; once space is freed and the volume
+/// re-attached, it resyncs and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secondary_disk_full_during_writes() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("needs root to mount a small filesystem (CI runs as root): skipped");
+        return;
+    }
+    let mut c = cluster(
+        "d-full",
+        ClusterOptions {
+            witness: true,
+            event_log: true,
+            ..small()
+        },
+    );
+    let fs = SmallFs::new(&c.dir, 48 << 20);
+    // beta's disk moves onto the small filesystem (still sparse).
+    let moved = fs.mountpoint.join("beta.img");
+    run(
+        "cp",
+        &[
+            "--sparse=always",
+            c.nodes[1].disk.to_str().expect("path"),
+            moved.to_str().expect("path"),
+        ],
+    );
+    std::fs::remove_file(&c.nodes[1].disk).expect("old disk");
+    std::os::unix::fs::symlink(&moved, &c.nodes[1].disk).expect("symlink");
+    if let Err(e) = c.bring_up().await {
+        dump_logs(&c);
+        panic!("bring up: {e}");
+    }
+    await_witness_record(&c).await;
+    // Leave about 1 MiB free: the storm fills it within a second.
+    let ballast = fs.mountpoint.join("ballast");
+    let keep_free = 1 << 20;
+    run(
+        "fallocate",
+        &[
+            "-l",
+            &(fs.free_bytes() - keep_free).to_string(),
+            ballast.to_str().expect("path"),
+        ],
+    );
+    let storm = storm(&c, 0, 8);
+    c.wait_for(1, "beta lost its disk", WAIT, |s| {
+        s.disk.as_deref() == Some("Diskless")
+    })
+    .await
+    .expect("beta diskless after ENOSPC");
+    let log = std::fs::read_to_string(&c.nodes[1].log).unwrap_or_default();
+    assert!(log.contains("No space left on device"), "{log}");
+    writes_continue(
+        &storm,
+        Duration::from_secs(2),
+        "after beta's disk filled up",
+    )
+    .await;
+    let s = c.status(0).await.expect("status");
+    assert!(
+        !s.quorum.expect("quorum").peer_up_to_date,
+        "the witness outdated beta"
+    );
+    // Heal: free the space, re-attach.
+    std::fs::remove_file(&ballast).expect("free space");
+    reattach(&c, 1).await;
+    writes_continue(&storm, Duration::from_secs(1), "during the resync").await;
+    let ledger = stop(storm).await;
+    assert_nothing_lost(&c, &ledger).await;
+    assert!(
+        c.events(1)
+            .iter()
+            .any(|e| e.starts_with("local-disk-failed"))
+    );
+    drop(c);
+    drop(fs);
 }
