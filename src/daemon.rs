@@ -184,6 +184,21 @@ impl Daemon {
             .map(|a| a.handle.clone())
     }
 
+    /// The fault plan of an attached volume (drills only).
+    fn fault_plan(&self, volume: &str) -> Result<Arc<FaultPlan>, Response> {
+        if !self.cfg.debug.fault_injection {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "fault injection is disabled (debug.fault_injection)".into(),
+            ));
+        }
+        self.volumes
+            .lock()
+            .ok()
+            .and_then(|v| v.get(volume).map(|a| a.faults.clone()))
+            .ok_or_else(|| not_attached(volume))
+    }
+
     /// Waits (bounded) until the export of a volume that just became
     /// primary is up; its endpoint, or why it is not.
     async fn exported(&self, volume: &str) -> Result<String, String> {
@@ -563,28 +578,27 @@ impl ControlHandler for Daemon {
                     },
                     None => not_attached(&volume),
                 },
-                Request::FailDisk { volume } => {
-                    if !self.cfg.debug.fault_injection {
-                        return err(
-                            ErrorCode::BadRequest,
-                            "fault injection is disabled (debug.fault_injection)".into(),
-                        );
-                    }
-                    let plan = self
-                        .volumes
-                        .lock()
-                        .ok()
-                        .and_then(|v| v.get(&volume).map(|a| a.faults.clone()));
-                    match plan {
-                        Some(p) => {
-                            p.fail_all.store(true, std::sync::atomic::Ordering::Relaxed);
-                            Response::Ok {
-                                message: format!("local disk of {volume} now fails every I/O"),
-                            }
+                Request::FailDisk { volume } => match self.fault_plan(&volume) {
+                    Ok(p) => {
+                        p.fail_all.store(true, std::sync::atomic::Ordering::Relaxed);
+                        Response::Ok {
+                            message: format!("local disk of {volume} now fails every I/O"),
                         }
-                        None => not_attached(&volume),
                     }
-                }
+                    Err(e) => e,
+                },
+                Request::SlowDisk { volume, delay_ms } => match self.fault_plan(&volume) {
+                    Ok(p) => {
+                        p.write_delay_ms
+                            .store(delay_ms, std::sync::atomic::Ordering::Relaxed);
+                        Response::Ok {
+                            message: format!(
+                                "local writes of {volume} now wait {delay_ms} ms first"
+                            ),
+                        }
+                    }
+                    Err(e) => e,
+                },
             }
         })
     }

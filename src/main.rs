@@ -159,6 +159,15 @@ enum DebugCommand {
         /// Volume name.
         volume: String,
     },
+    /// Make every local write of VOLUME wait DELAY_MS first (0: normal
+    /// again; needs `debug.fault_injection = true`).
+    SlowDisk {
+        /// Volume name.
+        volume: String,
+        /// Added latency per write in milliseconds.
+        #[arg(long)]
+        delay_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -257,6 +266,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Debug(DebugCommand::FailDisk { volume }) => {
             request(&cli.config, Request::FailDisk { volume }, false)
+        }
+        Command::Debug(DebugCommand::SlowDisk { volume, delay_ms }) => {
+            request(&cli.config, Request::SlowDisk { volume, delay_ms }, false)
         }
         Command::Demo(args) => match runtime()?.block_on(blkrep::demo::run(args)) {
             Ok(true) => Ok(ExitCode::SUCCESS),

@@ -486,3 +486,46 @@ async fn secondary_disk_full_during_writes() {
     drop(c);
     drop(fs);
 }
+
+/// The secondary's disk becomes much slower than the primary's (20 ms per
+/// write) during a write storm: writes slow down to the secondary's pace
+/// but keep completing, the link stays up and in sync (no spurious
+/// timeout or outdating), and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_secondary_disk_during_writes() {
+    let c = up_with(
+        "d-slow",
+        ClusterOptions {
+            witness: true,
+            fault_injection: true,
+            ..small()
+        },
+    )
+    .await;
+    let storm = storm(&c, 0, 9);
+    writes_continue(&storm, Duration::from_millis(500), "before the slowdown").await;
+    let slow = |delay_ms| Request::SlowDisk {
+        volume: c.opts.volume.clone(),
+        delay_ms,
+    };
+    c.ok(1, slow(20)).await.expect("slow beta's disk");
+    let before = storm.acked_writes();
+    let started = std::time::Instant::now();
+    for _ in 0..6 {
+        writes_continue(&storm, Duration::from_millis(500), "with a slow secondary").await;
+        let s = c.status(0).await.expect("status");
+        assert_eq!(s.peer.relation.as_deref(), Some("InSync"), "{s:?}");
+        assert!(s.quorum.expect("quorum").peer_up_to_date);
+    }
+    // Every write waited for beta's slow disk: at most one write per
+    // writer per 20 ms (+ the one each had in flight).
+    let slow_writes = storm.acked_writes() - before;
+    let bound = WRITERS * (started.elapsed().as_millis() as u64 / 20 + 1);
+    assert!(
+        slow_writes <= bound,
+        "{slow_writes} writes in the slow phase, at most {bound} possible: the delay did not apply"
+    );
+    c.ok(1, slow(0)).await.expect("beta's disk normal again");
+    let ledger = stop(storm).await;
+    assert_nothing_lost(&c, &ledger).await;
+}

@@ -82,6 +82,14 @@ pub enum Request {
         /// Volume name.
         volume: String,
     },
+    /// Test and drill only (needs `debug.fault_injection = true`): every
+    /// local write of the volume waits `delay_ms` first (0: normal again).
+    SlowDisk {
+        /// Volume name.
+        volume: String,
+        /// Added latency per write.
+        delay_ms: u64,
+    },
 }
 
 /// Stable error codes; the CLI maps each to a documented exit status.

@@ -15,6 +15,8 @@ pub struct FaultPlan {
     pub writes_before_failure: AtomicU64,
     /// The next write is torn: its first half is written, then it fails.
     pub tear_next_write: AtomicBool,
+    /// Every write waits this long before it reaches the disk (a slow disk).
+    pub write_delay_ms: AtomicU64,
 }
 
 impl FaultPlan {
@@ -24,6 +26,7 @@ impl FaultPlan {
             fail_all: AtomicBool::new(false),
             writes_before_failure: AtomicU64::new(u64::MAX),
             tear_next_write: AtomicBool::new(false),
+            write_delay_ms: AtomicU64::new(0),
         })
     }
 
@@ -79,6 +82,14 @@ impl<S: BlockStore> BlockStore for FaultyStore<S> {
         }
         if self.plan.write_should_fail() {
             return Box::pin(async { Err(StoreError::Injected) });
+        }
+        let delay_ms = self.plan.write_delay_ms.load(Ordering::Relaxed);
+        if delay_ms > 0 {
+            let inner = self.inner.clone();
+            return Box::pin(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+                inner.write(offset, buf, fua).await
+            });
         }
         self.inner.write(offset, buf, fua)
     }
