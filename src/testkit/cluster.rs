@@ -320,27 +320,37 @@ impl LocalCluster {
 
     /// Silences (true) or restores (false) a network path.
     pub fn cut(&self, path: NetPath, cut: bool) {
-        for (p, proxy) in &self.proxies {
-            if *p == path {
-                proxy.set_cut(cut);
-            }
-        }
+        self.each_proxy(path, |p| p.set_cut(cut));
     }
 
     /// Drops a share of the packets on a path (per mille; 0 = none).
     pub fn set_loss(&self, path: NetPath, permille: u64) {
-        for (p, proxy) in &self.proxies {
-            if *p == path {
-                proxy.set_loss_permille(permille);
-            }
-        }
+        self.each_proxy(path, |p| p.set_loss_permille(permille));
     }
 
     /// Delays every packet on a path (each direction).
     pub fn set_delay(&self, path: NetPath, delay: Duration) {
+        self.each_proxy(path, |p| p.set_delay(delay));
+    }
+
+    /// Replays every packet on a path `after` it was forwarded (zero: off).
+    pub fn set_replay(&self, path: NetPath, after: Duration) {
+        self.each_proxy(path, |p| p.set_replay(after));
+    }
+
+    /// Packets replayed on a path so far.
+    pub fn replayed(&self, path: NetPath) -> u64 {
+        self.proxies
+            .iter()
+            .filter(|(p, _)| *p == path)
+            .map(|(_, proxy)| proxy.replayed())
+            .sum()
+    }
+
+    fn each_proxy(&self, path: NetPath, f: impl Fn(&super::proxy::UdpProxy)) {
         for (p, proxy) in &self.proxies {
             if *p == path {
-                proxy.set_delay(delay);
+                f(proxy);
             }
         }
     }

@@ -1,7 +1,7 @@
 //! A UDP forwarder that can silently drop everything, drop a share of the
-//! packets, or delay them: a partition, a lossy or a slow network path
-//! without root (the realistic kind: packets vanish or arrive late, nothing
-//! reports an error). One client per proxy, which is how the cluster uses it
+//! packets, delay them, or replay each one again later: a partition, a
+//! lossy, slow or replaying network path without root (the realistic kind:
+//! packets vanish, arrive late or twice, nothing reports an error). One client per proxy, which is how the cluster uses it
 //! (one dialing endpoint per path).
 
 use std::net::{SocketAddr, UdpSocket};
@@ -18,6 +18,10 @@ struct Faults {
     cut: AtomicBool,
     loss_permille: AtomicU64,
     delay_us: AtomicU64,
+    /// 0: off; else every packet is sent once more this much later.
+    replay_after_us: AtomicU64,
+    /// Packets queued for a replay so far.
+    replayed: AtomicU64,
 }
 
 /// A running forwarder.
@@ -38,20 +42,8 @@ fn pump(
     stop: Arc<AtomicBool>,
     seed: u64,
 ) {
-    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>, SocketAddr)>();
-    let stop2 = stop.clone();
-    std::thread::spawn(move || {
-        while !stop2.load(Ordering::Relaxed) {
-            let Ok((at, bytes, dest)) = rx.recv_timeout(Duration::from_millis(100)) else {
-                continue;
-            };
-            let now = Instant::now();
-            if at > now {
-                std::thread::sleep(at - now);
-            }
-            let _ = out.send_to(&bytes, dest);
-        }
-    });
+    let tx = delay_line(out.try_clone(), stop.clone());
+    let replay = delay_line(out.try_clone(), stop.clone());
     std::thread::spawn(move || {
         let mut rng = SplitMix64(seed);
         let mut buf = vec![0u8; 65536];
@@ -67,8 +59,39 @@ fn pump(
             }
             let delay = Duration::from_micros(faults.delay_us.load(Ordering::Relaxed));
             let _ = tx.send((Instant::now() + delay, buf[..n].to_vec(), dest));
+            let again = faults.replay_after_us.load(Ordering::Relaxed);
+            if again > 0 {
+                let at = Instant::now() + Duration::from_micros(again);
+                if replay.send((at, buf[..n].to_vec(), dest)).is_ok() {
+                    faults.replayed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     });
+}
+
+/// A thread that sends each queued datagram at its time (in queue order).
+fn delay_line(
+    out: std::io::Result<UdpSocket>,
+    stop: Arc<AtomicBool>,
+) -> mpsc::Sender<(Instant, Vec<u8>, SocketAddr)> {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>, SocketAddr)>();
+    let Ok(out) = out else {
+        return tx;
+    };
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((at, bytes, dest)) = rx.recv_timeout(Duration::from_millis(100)) else {
+                continue;
+            };
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            let _ = out.send_to(&bytes, dest);
+        }
+    });
+    tx
 }
 
 impl UdpProxy {
@@ -135,6 +158,19 @@ impl UdpProxy {
         self.faults
             .delay_us
             .store(delay.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Packets replayed so far.
+    pub fn replayed(&self) -> u64 {
+        self.faults.replayed.load(Ordering::Relaxed)
+    }
+
+    /// Sends every packet once more `after` it was forwarded (zero: off),
+    /// in both directions: a replaying network or attacker.
+    pub fn set_replay(&self, after: Duration) {
+        self.faults
+            .replay_after_us
+            .store(after.as_micros() as u64, Ordering::Relaxed);
     }
 }
 
