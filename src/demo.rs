@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use crate::control::Request;
 use crate::testkit::cluster::{ClusterError, ClusterOptions, LocalCluster, scratch_dir};
-use crate::testkit::nbd_client::{NbdClient, NbdClientError};
 use crate::testkit::rng::SplitMix64;
+use crate::testkit::storm::{BlockClient, BlockClientError, StormTarget};
 use crate::testkit::storm::{STORM_BLOCK_BYTES, Storm};
 use crate::units::{parse_duration_ms, parse_size_bytes};
 
@@ -29,7 +29,11 @@ pub struct DemoArgs {
     /// (e.g. 3s, 500ms, 1m).
     #[arg(long = "duration", default_value = "3s", value_parser = parse_duration_ms)]
     pub duration_ms: u64,
-    /// Concurrent writers in the storm (one NBD connection each).
+    /// How the volume is exported: `auto` (ublk when this kernel has it and
+    /// we are root, NBD otherwise), `nbd` or `ublk`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "nbd", "ublk"])]
+    pub export: String,
+    /// Concurrent writers in the storm (one NBD connection or device handle each).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub writers: u64,
     /// Leave the cluster running at the end and print how to poke at it.
@@ -51,7 +55,7 @@ pub enum DemoError {
     Cluster(#[from] ClusterError),
     /// NBD client.
     #[error(transparent)]
-    Nbd(#[from] NbdClientError),
+    Client(#[from] BlockClientError),
     /// The current executable cannot be found.
     #[error("cannot find the blkrep executable: {0}")]
     Exe(std::io::Error),
@@ -95,6 +99,8 @@ pub struct DemoReport {
     pub resync_bytes: u64,
     /// Size of the volume.
     pub volume_bytes: u64,
+    /// How the volume was exported ("nbd" or "ublk").
+    pub export: String,
 }
 
 /// Runs the demo; true when nothing was lost and the replicas are equal.
@@ -118,6 +124,30 @@ pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
     }
     drop(cluster);
     Ok(ok)
+}
+
+/// Whether this machine can run ublk devices for us: the kernel has the
+/// driver and we are root.
+fn ublk_available() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && std::path::Path::new("/dev/ublk-control").exists()
+}
+
+/// Where node `i` (primary) exports the volume: its ublk device (waiting
+/// for the device node to appear) or its NBD socket.
+async fn target_of(c: &LocalCluster, i: usize) -> Result<StormTarget, DemoError> {
+    if c.opts.export != "ublk" {
+        return Ok(StormTarget::Nbd(c.nbd_socket(i)));
+    }
+    let s = c
+        .wait_for(i, "the ublk device", Duration::from_secs(30), |s| {
+            s.export
+                .as_deref()
+                .is_some_and(|e| std::path::Path::new(e).exists())
+        })
+        .await?;
+    Ok(StormTarget::Device(s.export.unwrap_or_default().into()))
 }
 
 /// How to look at a kept cluster.
@@ -160,9 +190,15 @@ async fn run_demo(args: DemoArgs) -> Result<(bool, LocalCluster), DemoError> {
             println!("{s}");
         }
     };
+    let export = match args.export.as_str() {
+        "auto" if ublk_available() => "ublk",
+        "auto" => "nbd",
+        other => other,
+    };
     let opts = ClusterOptions {
         disk_bytes: args.size_bytes,
         witness: true,
+        export: export.into(),
         ..Default::default()
     };
     let mut c = LocalCluster::create(&bin, &dir, opts)?;
@@ -194,12 +230,9 @@ async fn run_demo(args: DemoArgs) -> Result<(bool, LocalCluster), DemoError> {
     // The storm: writers on alpha's NBD export, each recording what it got
     // acknowledged; alpha is killed in the middle of it. The last block is
     // left for the first write on the new primary.
-    let storm = Storm::start(
-        c.nbd_socket(0),
-        args.writers,
-        size / STORM_BLOCK_BYTES - 1,
-        0x5eed,
-    );
+    let target = target_of(&c, 0).await?;
+    say(&format!("alpha exports it through {export}: {target:?}"));
+    let storm = Storm::start_on(target, args.writers, size / STORM_BLOCK_BYTES - 1, 0x5eed);
     say(&format!(
         "write storm: {} writers on alpha for {} ms, then alpha is killed mid-storm",
         args.writers, args.duration_ms
@@ -265,10 +298,11 @@ async fn run_demo(args: DemoArgs) -> Result<(bool, LocalCluster), DemoError> {
         report.promoted_ms
     ));
 
-    let mut client = NbdClient::connect(&c.nbd_socket(1)).await?;
+    let mut client = BlockClient::open(&target_of(&c, 1).await?).await?;
     let mut buf = vec![0u8; STORM_BLOCK_BYTES as usize];
     SplitMix64::fill(&mut buf, 42);
-    client.write(size - STORM_BLOCK_BYTES, &buf, true).await?;
+    let last_block = size / STORM_BLOCK_BYTES - 1;
+    client.write_block(last_block, &buf, true).await?;
     report.first_write_ms = t0.elapsed().as_millis() as u64;
     say(&format!(
         "T+{}ms  first write on beta",
@@ -276,9 +310,7 @@ async fn run_demo(args: DemoArgs) -> Result<(bool, LocalCluster), DemoError> {
     ));
     let mut lost = 0;
     for block in ledger.blocks() {
-        let found = client
-            .read(block * STORM_BLOCK_BYTES, STORM_BLOCK_BYTES as u32)
-            .await?;
+        let found = client.read_block(block).await?;
         if !ledger.holds(block, &found) {
             lost += 1;
         }
@@ -288,7 +320,7 @@ async fn run_demo(args: DemoArgs) -> Result<(bool, LocalCluster), DemoError> {
         "         checked on beta: {lost} of {} acknowledged blocks lost",
         report.blocks_checked
     ));
-    client.disconnect().await?;
+    drop(client);
 
     c.start(0).await?;
     c.ok(
@@ -301,6 +333,7 @@ async fn run_demo(args: DemoArgs) -> Result<(bool, LocalCluster), DemoError> {
     c.wait_in_sync(Duration::from_secs(300)).await?;
     report.resync_done_ms = t0.elapsed().as_millis() as u64;
     report.volume_bytes = size;
+    report.export = export.to_string();
     report.resync_bytes = c
         .status(1)
         .await?

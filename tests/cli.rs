@@ -335,6 +335,10 @@ fn demo_json_reports_no_loss_and_a_timeline() {
     assert_eq!(report["replicas_equal"], true, "{report}");
     assert!(report["acked_writes"].as_u64().unwrap_or(0) > 0, "{report}");
     assert!(report["storm_ms"].as_u64().unwrap_or(0) >= 1000, "{report}");
+    assert!(
+        report["export"] == "nbd" || report["export"] == "ublk",
+        "{report}"
+    );
     let ms = |k: &str| report[k].as_u64().unwrap_or(0);
     assert!(
         0 < ms("detected_ms")

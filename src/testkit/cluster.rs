@@ -36,6 +36,8 @@ pub struct ClusterOptions {
     /// Extra environment for every daemon and the witness (drills, e.g. a
     /// preloaded fake wall clock).
     pub env: Vec<(String, String)>,
+    /// How the primary exports the volume: "nbd" or "ublk".
+    pub export: String,
 }
 
 /// A network path between two of the three processes.
@@ -74,6 +76,7 @@ impl Default for ClusterOptions {
             witness: false,
             event_log: false,
             env: Vec::new(),
+            export: "nbd".into(),
         }
     }
 }
@@ -630,8 +633,8 @@ fn config_text(
         t.push_str(&format!("[nodes.{}]\naddress = \"{}\"\n", n.name, address));
     }
     t.push_str(&format!(
-        "\n[[volume]]\nname = \"{}\"\nchunk_bytes = {}\nresync_rate_max_bytes_per_s = {}\n",
-        opts.volume, opts.chunk_bytes, opts.resync_rate_max_bytes_per_s
+        "\n[[volume]]\nname = \"{}\"\nchunk_bytes = {}\nresync_rate_max_bytes_per_s = {}\nexport = \"{}\"\n",
+        opts.volume, opts.chunk_bytes, opts.resync_rate_max_bytes_per_s, opts.export
     ));
     for n in all {
         t.push_str(&format!(

@@ -1,19 +1,100 @@
-//! A write storm through NBD that keeps a ledger of what was acknowledged:
-//! several writers (one NBD connection each, QD1 each) write tagged 4 KiB
-//! blocks until they are stopped or their node goes away. The ledger then
+//! A write storm that keeps a ledger of what was acknowledged: several
+//! writers (one NBD connection or one O_DIRECT handle on a ublk device
+//! each, QD1 each) write tagged 4 KiB blocks until they are stopped or
+//! their node goes away. The ledger then
 //! says, block by block, which contents are allowed: the last acknowledged
 //! write, or the one write that writer had in flight when it ended (a
 //! killed node may or may not have put that one on disk; both answers are
 //! correct, anything else is a lost acknowledged write).
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::testkit::nbd_client::NbdClient;
+use crate::store::AlignedBuf;
+use crate::testkit::nbd_client::{NbdClient, NbdClientError};
 use crate::testkit::rng::SplitMix64;
+
+/// Where a storm writes (and a check reads).
+#[derive(Clone, Debug)]
+pub enum StormTarget {
+    /// An NBD export (its Unix socket).
+    Nbd(PathBuf),
+    /// A block device (a ublk device), used with O_DIRECT.
+    Device(PathBuf),
+}
+
+/// A client of a target.
+pub enum BlockClient {
+    /// Through NBD.
+    Nbd(NbdClient),
+    /// A block device opened with O_DIRECT.
+    Device(File),
+}
+
+/// Errors of a [`BlockClient`].
+#[derive(Debug, thiserror::Error)]
+pub enum BlockClientError {
+    /// NBD.
+    #[error(transparent)]
+    Nbd(#[from] NbdClientError),
+    /// The block device.
+    #[error("block device: {0}")]
+    Device(#[from] std::io::Error),
+}
+
+impl BlockClient {
+    /// Connects to (or opens) `target`.
+    pub async fn open(target: &StormTarget) -> Result<Self, BlockClientError> {
+        Ok(match target {
+            StormTarget::Nbd(socket) => BlockClient::Nbd(NbdClient::connect(socket).await?),
+            StormTarget::Device(path) => BlockClient::Device(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)?,
+            ),
+        })
+    }
+
+    /// Reads one storm block.
+    pub async fn read_block(&mut self, block: u64) -> Result<Vec<u8>, BlockClientError> {
+        let at = block * STORM_BLOCK_BYTES;
+        match self {
+            BlockClient::Nbd(n) => Ok(n.read(at, STORM_BLOCK_BYTES as u32).await?),
+            BlockClient::Device(f) => {
+                let mut buf = AlignedBuf::zeroed(STORM_BLOCK_BYTES as usize);
+                f.read_exact_at(buf.as_mut_slice(), at)?;
+                Ok(buf.as_slice().to_vec())
+            }
+        }
+    }
+
+    /// Writes one storm block; with `fua` it is durable when this returns.
+    pub async fn write_block(
+        &mut self,
+        block: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<(), BlockClientError> {
+        let at = block * STORM_BLOCK_BYTES;
+        match self {
+            BlockClient::Nbd(n) => Ok(n.write(at, data, fua).await?),
+            BlockClient::Device(f) => {
+                f.write_all_at(AlignedBuf::copy_from(data).as_slice(), at)?;
+                if fua {
+                    f.sync_data()?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
 
 /// Bytes per storm write.
 pub const STORM_BLOCK_BYTES: u64 = 4096;
@@ -23,6 +104,9 @@ const FUA_EVERY: u64 = 8;
 
 /// A write that does not complete in this time ends its writer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long `stop` waits for a writer stuck in a device write.
+const STUCK_WRITER_WAIT: Duration = Duration::from_secs(3);
 
 /// What a storm got acknowledged.
 #[derive(Clone, Debug, Default)]
@@ -94,10 +178,15 @@ pub struct Storm {
 }
 
 impl Storm {
-    /// Starts `writers` writers on the NBD socket `socket`, writing the
-    /// first `blocks` blocks (writer `w` owns the blocks `b % writers == w`,
-    /// so each block has one writer), seeded with `seed`.
+    /// Starts `writers` writers on the NBD socket `socket`; see [`Storm::start_on`].
     pub fn start(socket: PathBuf, writers: u64, blocks: u64, seed: u64) -> Self {
+        Self::start_on(StormTarget::Nbd(socket), writers, blocks, seed)
+    }
+
+    /// Starts `writers` writers on `target`, writing the first `blocks`
+    /// blocks (writer `w` owns the blocks `b % writers == w`, so each block
+    /// has one writer), seeded with `seed`.
+    pub fn start_on(target: StormTarget, writers: u64, blocks: u64, seed: u64) -> Self {
         let writers = writers.clamp(1, blocks.max(1));
         let stop = Arc::new(AtomicBool::new(false));
         let ledger = Arc::new(Mutex::new(Ledger {
@@ -106,9 +195,9 @@ impl Storm {
         }));
         let tasks = (0..writers)
             .map(|w| {
-                let (socket, stop, ledger) = (socket.clone(), stop.clone(), ledger.clone());
+                let (target, stop, ledger) = (target.clone(), stop.clone(), ledger.clone());
                 let rng = SplitMix64(seed ^ (w + 1).wrapping_mul(0x9e37_79b9));
-                tokio::spawn(writer(socket, w, writers, blocks, rng, stop, ledger))
+                tokio::spawn(writer(target, w, writers, blocks, rng, stop, ledger))
             })
             .collect();
         Storm {
@@ -124,11 +213,13 @@ impl Storm {
     }
 
     /// Stops the writers (or waits for them to fail, after their node
-    /// went away) and returns the ledger.
+    /// went away) and returns the ledger. A writer stuck in a write (a ublk
+    /// device whose daemon died keeps its I/O queued for a recovery) is left
+    /// behind after a while; its write stays in flight in the ledger.
     pub async fn stop(self) -> Ledger {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
-            let _ = t.await;
+            let _ = tokio::time::timeout(STUCK_WRITER_WAIT, t).await;
         }
         lock(&self.ledger).clone()
     }
@@ -139,7 +230,7 @@ fn lock(l: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
 }
 
 async fn writer(
-    socket: PathBuf,
+    target: StormTarget,
     w: u64,
     writers: u64,
     blocks: u64,
@@ -147,7 +238,7 @@ async fn writer(
     stop: Arc<AtomicBool>,
     ledger: Arc<Mutex<Ledger>>,
 ) {
-    let Ok(mut nbd) = NbdClient::connect(&socket).await else {
+    let Ok(mut client) = BlockClient::open(&target).await else {
         return;
     };
     let owned = (blocks / writers).max(1);
@@ -158,17 +249,40 @@ async fn writer(
         let tag = rng.next_u64();
         SplitMix64::fill(&mut buf, tag);
         lock(&ledger).in_flight[w as usize] = Some((block, tag));
-        let write = nbd.write(block * STORM_BLOCK_BYTES, &buf, n % FUA_EVERY == 0);
-        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-            Ok(Ok(())) => {
-                let mut l = lock(&ledger);
-                l.acked.insert(block, tag);
-                l.acked_writes += 1;
-                l.in_flight[w as usize] = None;
-                n += 1;
+        let fua = n % FUA_EVERY == 0;
+        let done = match &mut client {
+            // A device write blocks its thread; keep it off the runtime.
+            BlockClient::Device(f) => {
+                let (f, data) = (f.try_clone(), buf.clone());
+                let write = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                    let f = f?;
+                    f.write_all_at(
+                        AlignedBuf::copy_from(&data).as_slice(),
+                        block * STORM_BLOCK_BYTES,
+                    )?;
+                    if fua {
+                        f.sync_data()?;
+                    }
+                    Ok(())
+                });
+                matches!(
+                    tokio::time::timeout(WRITE_TIMEOUT, write).await,
+                    Ok(Ok(Ok(())))
+                )
             }
-            _ => return,
+            c => matches!(
+                tokio::time::timeout(WRITE_TIMEOUT, c.write_block(block, &buf, fua)).await,
+                Ok(Ok(()))
+            ),
+        };
+        if !done {
+            return;
         }
+        let mut l = lock(&ledger);
+        l.acked.insert(block, tag);
+        l.acked_writes += 1;
+        l.in_flight[w as usize] = None;
+        n += 1;
     }
 }
 
