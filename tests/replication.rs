@@ -518,7 +518,7 @@ async fn online_verify_finds_damage_and_resync_repairs_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drive_swap_gets_a_full_sync() {
     let opts = ClusterOptions {
-        resync_rate_max_bytes_per_s: 8 << 20,
+        resync_rate_max_bytes_per_s: 2 << 20,
         ..small()
     };
     let mut c = up("drive-swap", opts).await;
@@ -551,13 +551,21 @@ async fn drive_swap_gets_a_full_sync() {
         .await
         .expect("beta is a sync target");
     assert_eq!(s.peer.relation.as_deref(), Some("SyncTarget"));
+    // With no primary anywhere, a copy still being synced is not promoted
+    // (exit 4), and says why.
+    let o = cli(&c, 0, &["secondary", "demo"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = cli(&c, 1, &["primary", "demo"]);
-    assert_ne!(
-        o.status.code(),
-        Some(0),
-        "an inconsistent copy must not be promoted"
-    );
+    let why = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "a sync target was promoted: {why}");
+    assert!(why.contains("sync"), "{why}");
     c.wait_in_sync(WAIT).await.expect("full sync");
+    let o = cli(&c, 1, &["primary", "demo"]);
+    assert!(
+        o.status.success(),
+        "up to date now: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let moved = c
         .status(0)
         .await
