@@ -557,7 +557,11 @@ async fn drive_swap_gets_a_full_sync() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = cli(&c, 1, &["primary", "demo"]);
     let why = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(4), "a sync target was promoted: {why}");
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "a sync target was promoted: {why}"
+    );
     assert!(why.contains("sync"), "{why}");
     c.wait_in_sync(WAIT).await.expect("full sync");
     let o = cli(&c, 1, &["primary", "demo"]);

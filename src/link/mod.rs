@@ -4,6 +4,7 @@
 //! other accepts; reconnects with capped exponential backoff; every transport
 //! option is set explicitly for a dedicated replication link.
 
+pub mod capacity;
 pub mod connection;
 pub mod tls;
 pub mod wire;

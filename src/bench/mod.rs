@@ -6,6 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod resync;
+
+use crate::link::capacity::LinkCapacity;
 use crate::testkit::cluster::{ClusterError, ClusterOptions, LocalCluster, scratch_dir};
 
 /// Options of `blkrep bench`.
@@ -23,6 +26,10 @@ pub struct BenchArgs {
     /// Working directory (default: a fresh one under the temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Also measure resync: throughput on an idle volume, application
+    /// write latency during a resync, activity-log writes per 1000 writes.
+    #[arg(long)]
+    pub resync: bool,
 }
 
 /// Bench errors.
@@ -37,23 +44,30 @@ pub enum BenchError {
     /// Other I/O.
     #[error("{0}")]
     Io(String),
+    /// The link probe failed.
+    #[error(transparent)]
+    Link(#[from] crate::link::LinkError),
+    /// TLS material.
+    #[error(transparent)]
+    Tls(#[from] crate::link::tls::TlsError),
 }
 
 /// One workload.
-struct Workload {
-    name: &'static str,
-    rw: &'static str,
-    bs: &'static str,
-    iodepth: u32,
-    sync: bool,
-    metric: Metric,
+pub(crate) struct Workload {
+    pub(crate) name: &'static str,
+    pub(crate) rw: &'static str,
+    pub(crate) bs: &'static str,
+    pub(crate) iodepth: u32,
+    pub(crate) sync: bool,
+    pub(crate) metric: Metric,
 }
 
 #[derive(Clone, Copy)]
-enum Metric {
+pub(crate) enum Metric {
     Iops,
     BytesPerS,
     LatencyP50Us,
+    LatencyP99Us,
 }
 
 impl Metric {
@@ -62,6 +76,7 @@ impl Metric {
             Metric::Iops => "IOPS",
             Metric::BytesPerS => "MB/s",
             Metric::LatencyP50Us => "us p50 (lower is better)",
+            Metric::LatencyP99Us => "us p99 (lower is better)",
         }
     }
 }
@@ -74,6 +89,14 @@ const WORKLOADS: &[Workload] = &[
         iodepth: 1,
         sync: true,
         metric: Metric::LatencyP50Us,
+    },
+    Workload {
+        name: "4k-randwrite-qd1-sync-p99",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 1,
+        sync: true,
+        metric: Metric::LatencyP99Us,
     },
     Workload {
         name: "4k-randwrite-qd32",
@@ -129,11 +152,43 @@ pub struct BenchRow {
     /// replicated / raw for throughput, raw / replicated for latency
     /// (so higher is always better, 1.0 = no overhead).
     pub ratio: f64,
+    /// The best a replicated volume can do here (see [`floor`]).
+    pub floor: f64,
+    /// The replicated figure against the floor (higher is better, 1.0 =
+    /// at the floor).
+    pub vs_floor: f64,
     /// Unit.
     pub unit: String,
 }
 
-fn fio(args: &[String]) -> Result<serde_json::Value, BenchError> {
+/// The physical floor of a replicated figure with both nodes on this
+/// machine: writes go to the same disk twice (half its throughput, and no
+/// more than the link carries), a synchronous write waits for the local
+/// write and a link round trip plus the remote write, reads are local.
+fn floor(w: &Workload, raw: f64, link: &LinkCapacity) -> f64 {
+    let link_per_s = match w.metric {
+        Metric::Iops => link.capacity_bytes_per_s as f64 / 4096.0,
+        _ => link.capacity_bytes_per_s as f64 / 1e6,
+    };
+    match (w.rw, w.metric) {
+        (_, Metric::LatencyP50Us | Metric::LatencyP99Us) => raw + link.rtt_us as f64,
+        ("randread", _) => raw,
+        // 30 % writes at half speed.
+        ("randrw", _) => (raw / (0.7 + 0.3 * 2.0)).min(link_per_s / 0.3),
+        _ => (raw / 2.0).min(link_per_s),
+    }
+}
+
+/// Higher-is-better ratio of `a` over `b` (inverted for latencies).
+fn better_ratio(w: &Workload, a: f64, b: f64) -> f64 {
+    let (num, den) = match w.metric {
+        Metric::LatencyP50Us | Metric::LatencyP99Us => (b, a),
+        _ => (a, b),
+    };
+    if den > 0.0 { num / den } else { 0.0 }
+}
+
+pub(crate) fn fio(args: &[String]) -> Result<serde_json::Value, BenchError> {
     let out = Command::new("fio")
         .args(args)
         .arg("--output-format=json")
@@ -156,7 +211,7 @@ fn fio(args: &[String]) -> Result<serde_json::Value, BenchError> {
         .map_err(|e| BenchError::Fio(format!("unreadable output: {e}")))
 }
 
-fn figure(v: &serde_json::Value, w: &Workload) -> f64 {
+pub(crate) fn figure(v: &serde_json::Value, w: &Workload) -> f64 {
     let job = &v["jobs"][0];
     let side = |k: &str| &job[k];
     match w.metric {
@@ -169,15 +224,20 @@ fn figure(v: &serde_json::Value, w: &Workload) -> f64 {
                 + side("write")["bw_bytes"].as_f64().unwrap_or(0.0))
                 / 1e6
         }
-        Metric::LatencyP50Us => {
-            let clat = &side("write")["clat_ns"]["percentile"]["50.000000"];
-            let sync = &job["sync"]["lat_ns"]["percentile"]["50.000000"];
+        Metric::LatencyP50Us | Metric::LatencyP99Us => {
+            let p = if matches!(w.metric, Metric::LatencyP50Us) {
+                "50.000000"
+            } else {
+                "99.000000"
+            };
+            let clat = &side("write")["clat_ns"]["percentile"][p];
+            let sync = &job["sync"]["lat_ns"]["percentile"][p];
             (clat.as_f64().unwrap_or(0.0) + sync.as_f64().unwrap_or(0.0)) / 1000.0
         }
     }
 }
 
-fn common(w: &Workload, size: u64, runtime_s: u64) -> Vec<String> {
+pub(crate) fn common(w: &Workload, size: u64, runtime_s: u64) -> Vec<String> {
     let mut a = vec![
         format!("--name={}", w.name),
         format!("--rw={}", w.rw),
@@ -216,6 +276,33 @@ fn run_nbd(w: &Workload, socket: &Path, size: u64, runtime_s: u64) -> Result<f64
     }
     Ok(figure(&fio(&a)?, w))
 }
+
+/// The link's own capacity and round trip, with the cluster's certificates
+/// and the link's settings, between the nodes' addresses.
+async fn measure_link(c: &LocalCluster) -> Result<LinkCapacity, BenchError> {
+    let tls = c.dir.join("tls");
+    let load = |n: &str| {
+        crate::link::tls::TlsMaterial::load(
+            &tls.join("ca.pem"),
+            &tls.join(format!("{n}.pem")),
+            &tls.join(format!("{n}.key")),
+        )
+    };
+    let settings = crate::link::LinkSettings::from(&crate::config::LinkConfig::default());
+    let ip = |i: usize| std::net::SocketAddr::new(c.nodes[i].address.ip(), 0);
+    Ok(crate::link::capacity::measure(
+        &load("alpha")?,
+        &load("beta")?,
+        "beta",
+        (ip(0), ip(1)),
+        &settings,
+        LINK_PROBE_BYTES,
+    )
+    .await?)
+}
+
+/// Bytes of the link probe's bulk transfer.
+const LINK_PROBE_BYTES: u64 = 512 << 20;
 
 /// Runs the benchmark and prints the table (or JSON).
 pub async fn run(args: BenchArgs) -> Result<Vec<BenchRow>, BenchError> {
@@ -261,54 +348,56 @@ pub async fn run(args: BenchArgs) -> Result<Vec<BenchRow>, BenchError> {
         "--ioengine=nbd".into(),
         format!("--uri=nbd+unix:///?socket={}", socket.display()),
     ]))?;
+    let link = measure_link(&c).await?;
     let mut rows = Vec::new();
     for w in WORKLOADS {
         let r = run_raw(w, &raw, vol_size, args.runtime_s)?;
         let v = run_nbd(w, &socket, vol_size, args.runtime_s)?;
-        let ratio = match w.metric {
-            Metric::LatencyP50Us => {
-                if v > 0.0 {
-                    r / v
-                } else {
-                    0.0
-                }
-            }
-            _ => {
-                if r > 0.0 {
-                    v / r
-                } else {
-                    0.0
-                }
-            }
-        };
+        let floor = floor(w, r, &link);
         rows.push(BenchRow {
             name: w.name.into(),
             raw: r,
             replicated: v,
-            ratio,
+            ratio: better_ratio(w, v, r),
+            floor,
+            vs_floor: better_ratio(w, v, floor),
             unit: w.metric.unit().into(),
         });
     }
-    let rtt_us = c.status(0).await?.peer.rtt_us;
+    let resync = if args.resync {
+        Some(resync::run(&mut c, vol_size, &link, args.runtime_s).await?)
+    } else {
+        None
+    };
     if args.json {
-        let obj = serde_json::json!({ "workloads": rows, "rtt_us": rtt_us });
+        let obj = serde_json::json!({
+            "workloads": rows,
+            "capacity_bytes_per_s": link.capacity_bytes_per_s,
+            "rtt_us": link.rtt_us,
+            "resync": resync,
+        });
         println!("{obj}");
     } else {
         println!(
             "both nodes on this machine: replicated writes hit the same disk twice and share its cores"
         );
         println!(
-            "{:<24} {:>14} {:>14} {:>7}  unit",
-            "workload", "raw", "replicated", "ratio"
+            "link (QUIC, the link's settings, one connection): {:.0} MB/s, round trip {} us",
+            link.capacity_bytes_per_s as f64 / 1e6,
+            link.rtt_us
+        );
+        println!(
+            "{:<30} {:>12} {:>12} {:>7} {:>12} {:>8}  unit",
+            "workload", "raw", "replicated", "ratio", "floor", "vs floor"
         );
         for r in &rows {
             println!(
-                "{:<24} {:>14.1} {:>14.1} {:>7.2}  {}",
-                r.name, r.raw, r.replicated, r.ratio, r.unit
+                "{:<30} {:>12.1} {:>12.1} {:>7.2} {:>12.1} {:>8.2}  {}",
+                r.name, r.raw, r.replicated, r.ratio, r.floor, r.vs_floor, r.unit
             );
         }
-        if let Some(rtt) = rtt_us {
-            println!("link round-trip time (QUIC estimate): {rtt} us");
+        if let Some(r) = &resync {
+            resync::print(r);
         }
     }
     Ok(rows)
