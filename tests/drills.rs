@@ -560,3 +560,28 @@ async fn replayed_datagrams_on_the_replication_link_change_nothing() {
     assert_eq!(s.peer.relation.as_deref(), Some("InSync"), "{s:?}");
     assert_nothing_lost(&c, &ledger).await;
 }
+
+/// The primary is killed with SIGKILL in the middle of a write storm; the
+/// cluster manager's hook (`blkrep promote`) makes the survivor primary as
+/// soon as the witness consents; the storm goes on there; the dead node
+/// comes back as secondary and is resynced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_killed_during_writes() {
+    let mut c = up_with_witness("d-kill-a").await;
+    let first = storm(&c, 0, 11);
+    writes_continue(&first, Duration::from_millis(500), "before the kill").await;
+    c.kill(0);
+    let first = stop(first).await;
+    let o = cli(&c, 1, &["promote", "demo"]);
+    assert!(
+        o.status.success(),
+        "promote: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let second = storm(&c, 1, 12);
+    writes_continue(&second, Duration::from_millis(500), "on the new primary").await;
+    c.restart(0).await.expect("restart alpha");
+    writes_continue(&second, Duration::from_secs(1), "while alpha resyncs").await;
+    let second = stop(second).await;
+    assert_nothing_lost(&c, &first.then(&second)).await;
+}

@@ -472,3 +472,51 @@ async fn corrupted_metadata_is_detected_recovered_or_refused() {
     c.wait_in_sync(WAIT).await.expect("in sync");
     assert_replicas_equal(&c).await;
 }
+
+/// Two copies of "the same" volume that never shared a history (created
+/// and made primary apart: another volume with the same name and size)
+/// refuse each other: nothing is synced either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_volume_with_an_unrelated_history_is_refused() {
+    let mut c = cluster("unrelated", small());
+    let vol = || "demo".to_string();
+    for (i, byte) in [(0usize, 0xa1u8), (1, 0xb2)] {
+        c.start(i).await.expect("start");
+        c.ok(i, Request::Attach { volume: vol() })
+            .await
+            .expect("attach");
+        c.ok(
+            i,
+            Request::Primary {
+                volume: vol(),
+                force: true,
+            },
+        )
+        .await
+        .expect("primary --force");
+        let sock = c.nbd_socket(i);
+        let mut n = blkrep::testkit::nbd_client::NbdClient::connect(&sock)
+            .await
+            .expect("nbd");
+        n.write(0, &[byte; 4096], true).await.expect("write");
+        c.kill(i);
+    }
+    for i in 0..2 {
+        c.restart(i).await.expect("restart");
+    }
+    for i in 0..2 {
+        c.wait_for(i, "the peer refused", WAIT, |s| {
+            matches!(s.peer.relation.as_deref(), Some("SplitBrain" | "Refused"))
+        })
+        .await
+        .expect("refused");
+    }
+    // Each copy keeps its own data.
+    for (i, byte) in [(0usize, 0xa1u8), (1, 0xb2)] {
+        let d = c.read_data(i, 4096).expect("read");
+        assert!(
+            d.iter().all(|&x| x == byte),
+            "node {i}'s data was overwritten"
+        );
+    }
+}

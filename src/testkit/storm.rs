@@ -156,6 +156,26 @@ impl Ledger {
             })
     }
 
+    /// This ledger followed by `newer` (a later storm on the same blocks):
+    /// a block the newer storm got acknowledged must hold its write; the
+    /// older storm's in-flight writes still count where it did not.
+    pub fn then(&self, newer: &Ledger) -> Ledger {
+        let mut acked = self.acked.clone();
+        acked.extend(newer.acked.iter().map(|(&b, &t)| (b, t)));
+        let in_flight = self
+            .in_flight
+            .iter()
+            .filter(|f| f.is_some_and(|(b, _)| !newer.acked.contains_key(&b)))
+            .chain(newer.in_flight.iter())
+            .copied()
+            .collect();
+        Ledger {
+            acked,
+            in_flight,
+            acked_writes: self.acked_writes + newer.acked_writes,
+        }
+    }
+
     /// The acknowledged blocks a whole data area (`data`, from offset 0)
     /// does not hold.
     pub fn lost_in(&self, data: &[u8]) -> Vec<u64> {
