@@ -587,6 +587,16 @@ impl ControlHandler for Daemon {
                     }
                     Err(e) => e,
                 },
+                Request::TearWrite { volume } => match self.fault_plan(&volume) {
+                    Ok(p) => {
+                        p.tear_next_write_and_hang
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                        Response::Ok {
+                            message: format!("the next write of {volume} is torn and hangs"),
+                        }
+                    }
+                    Err(e) => e,
+                },
                 Request::SlowDisk { volume, delay_ms } => match self.fault_plan(&volume) {
                     Ok(p) => {
                         p.write_delay_ms

@@ -159,6 +159,13 @@ enum DebugCommand {
         /// Volume name.
         volume: String,
     },
+    /// Tear the next local write (of at least 8 KiB) of VOLUME as a power
+    /// cut would: half of it reaches the disk, it never completes (needs
+    /// `debug.fault_injection = true`).
+    TearWrite {
+        /// Volume name.
+        volume: String,
+    },
     /// Make every local write of VOLUME wait DELAY_MS first (0: normal
     /// again; needs `debug.fault_injection = true`).
     SlowDisk {
@@ -266,6 +273,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Debug(DebugCommand::FailDisk { volume }) => {
             request(&cli.config, Request::FailDisk { volume }, false)
+        }
+        Command::Debug(DebugCommand::TearWrite { volume }) => {
+            request(&cli.config, Request::TearWrite { volume }, false)
         }
         Command::Debug(DebugCommand::SlowDisk { volume, delay_ms }) => {
             request(&cli.config, Request::SlowDisk { volume, delay_ms }, false)

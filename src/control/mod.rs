@@ -82,6 +82,13 @@ pub enum Request {
         /// Volume name.
         volume: String,
     },
+    /// Test and drill only (needs `debug.fault_injection = true`): the next
+    /// local write of at least 8 KiB is torn as by a power cut (its first
+    /// half reaches the disk, it never completes).
+    TearWrite {
+        /// Volume name.
+        volume: String,
+    },
     /// Test and drill only (needs `debug.fault_injection = true`): every
     /// local write of the volume waits `delay_ms` first (0: normal again).
     SlowDisk {

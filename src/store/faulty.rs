@@ -15,6 +15,9 @@ pub struct FaultPlan {
     pub writes_before_failure: AtomicU64,
     /// The next write is torn: its first half is written, then it fails.
     pub tear_next_write: AtomicBool,
+    /// The next write of at least 8 KiB is torn as by a power cut: its
+    /// first half reaches the disk and it never completes.
+    pub tear_next_write_and_hang: AtomicBool,
     /// Every write waits this long before it reaches the disk (a slow disk).
     pub write_delay_ms: AtomicU64,
 }
@@ -26,6 +29,7 @@ impl FaultPlan {
             fail_all: AtomicBool::new(false),
             writes_before_failure: AtomicU64::new(u64::MAX),
             tear_next_write: AtomicBool::new(false),
+            tear_next_write_and_hang: AtomicBool::new(false),
             write_delay_ms: AtomicU64::new(0),
         })
     }
@@ -44,6 +48,12 @@ impl FaultPlan {
         self.writes_before_failure.fetch_sub(1, Ordering::Relaxed);
         false
     }
+}
+
+/// The first half of a write (whole 4 KiB blocks).
+fn first_half(buf: &AlignedBuf) -> Arc<AlignedBuf> {
+    let half = (buf.len() / 2) / 4096 * 4096;
+    Arc::new(AlignedBuf::copy_from(&buf.as_slice()[..half]))
 }
 
 /// Wraps a store and applies a `FaultPlan`.
@@ -71,13 +81,19 @@ impl<S: BlockStore> BlockStore for FaultyStore<S> {
     }
 
     fn write(&self, offset: u64, buf: Arc<AlignedBuf>, fua: bool) -> IoFuture<()> {
-        if self.plan.tear_next_write.swap(false, Ordering::Relaxed) && buf.len() >= 8192 {
-            let half = (buf.len() / 2) / 4096 * 4096;
-            let first = Arc::new(AlignedBuf::copy_from(&buf.as_slice()[..half]));
-            let fut = self.inner.write(offset, first, fua);
+        let tear = |flag: &AtomicBool| buf.len() >= 8192 && flag.swap(false, Ordering::Relaxed);
+        if tear(&self.plan.tear_next_write) {
+            let fut = self.inner.write(offset, first_half(&buf), fua);
             return Box::pin(async move {
                 fut.await?;
                 Err(StoreError::Injected)
+            });
+        }
+        if tear(&self.plan.tear_next_write_and_hang) {
+            let fut = self.inner.write(offset, first_half(&buf), fua);
+            return Box::pin(async move {
+                fut.await?;
+                std::future::pending().await
             });
         }
         if self.plan.write_should_fail() {

@@ -156,6 +156,16 @@ impl Ledger {
             })
     }
 
+    /// Drops the blocks in `range` from the check (a test overwrote them).
+    pub fn forget(&mut self, range: std::ops::Range<u64>) {
+        self.acked.retain(|b, _| !range.contains(b));
+        for f in &mut self.in_flight {
+            if f.is_some_and(|(b, _)| range.contains(&b)) {
+                *f = None;
+            }
+        }
+    }
+
     /// This ledger followed by `newer` (a later storm on the same blocks):
     /// a block the newer storm got acknowledged must hold its write; the
     /// older storm's in-flight writes still count where it did not.
