@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod memory;
 mod resync;
 
 use crate::link::capacity::LinkCapacity;
@@ -30,6 +31,16 @@ pub struct BenchArgs {
     /// write latency during a resync, activity-log writes per 1000 writes.
     #[arg(long)]
     pub resync: bool,
+    /// Also measure the daemon's memory with this many attached volumes
+    /// (0: skip).
+    #[arg(long, default_value_t = 0)]
+    pub memory_volumes: u32,
+    /// Size of each volume of the memory measurement (sparse files).
+    #[arg(long, default_value = "10G", value_parser = crate::units::parse_size_bytes)]
+    pub memory_volume_size: u64,
+    /// Skip the fio workloads (only the link, and --resync / --memory-volumes).
+    #[arg(long)]
+    pub no_workloads: bool,
 }
 
 /// Bench errors.
@@ -350,7 +361,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<BenchRow>, BenchError> {
     ]))?;
     let link = measure_link(&c).await?;
     let mut rows = Vec::new();
-    for w in WORKLOADS {
+    for w in WORKLOADS.iter().filter(|_| !args.no_workloads) {
         let r = run_raw(w, &raw, vol_size, args.runtime_s)?;
         let v = run_nbd(w, &socket, vol_size, args.runtime_s)?;
         let floor = floor(w, r, &link);
@@ -369,12 +380,19 @@ pub async fn run(args: BenchArgs) -> Result<Vec<BenchRow>, BenchError> {
     } else {
         None
     };
+    drop(c);
+    let memory = if args.memory_volumes > 0 {
+        Some(memory::run(&bin, args.memory_volumes, args.memory_volume_size).await?)
+    } else {
+        None
+    };
     if args.json {
         let obj = serde_json::json!({
             "workloads": rows,
             "capacity_bytes_per_s": link.capacity_bytes_per_s,
             "rtt_us": link.rtt_us,
             "resync": resync,
+            "memory": memory,
         });
         println!("{obj}");
     } else {
@@ -398,6 +416,9 @@ pub async fn run(args: BenchArgs) -> Result<Vec<BenchRow>, BenchError> {
         }
         if let Some(r) = &resync {
             resync::print(r);
+        }
+        if let Some(m) = &memory {
+            memory::print(m);
         }
     }
     Ok(rows)

@@ -38,6 +38,9 @@ pub struct ClusterOptions {
     pub env: Vec<(String, String)>,
     /// How the primary exports the volume: "nbd" or "ublk".
     pub export: String,
+    /// More volumes beside `volume`, named `{volume}-{k}` (k from 1), each
+    /// with its own disk file of `disk_bytes` (memory measurements).
+    pub extra_volumes: u32,
 }
 
 /// A network path between two of the three processes.
@@ -77,6 +80,7 @@ impl Default for ClusterOptions {
             event_log: false,
             env: Vec::new(),
             export: "nbd".into(),
+            extra_volumes: 0,
         }
     }
 }
@@ -266,6 +270,18 @@ impl LocalCluster {
                 opts.chunk_bytes,
                 false,
             )?;
+            for k in 1..=opts.extra_volumes {
+                let disk = extra_disk(&f.disk, k);
+                let d = std::fs::File::create(&disk).map_err(io("creating disk file"))?;
+                d.set_len(opts.disk_bytes).map_err(io("sizing disk file"))?;
+                crate::volume::create_metadata(
+                    &disk,
+                    &crate::config::MetaLocation::Internal,
+                    &extra_volume(&opts.volume, k),
+                    opts.chunk_bytes,
+                    false,
+                )?;
+            }
         }
         let [a, b]: [NodeFiles; 2] = files
             .try_into()
@@ -643,7 +659,32 @@ fn config_text(
             n.disk.display()
         ));
     }
+    for k in 1..=opts.extra_volumes {
+        t.push_str(&format!(
+            "\n[[volume]]\nname = \"{}\"\nchunk_bytes = {}\nexport = \"{}\"\n",
+            extra_volume(&opts.volume, k),
+            opts.chunk_bytes,
+            opts.export
+        ));
+        for n in all {
+            t.push_str(&format!(
+                "nodes.{} = {{ disk = \"{}\", meta = \"internal\" }}\n",
+                n.name,
+                extra_disk(&n.disk, k).display()
+            ));
+        }
+    }
     t
+}
+
+/// The name of extra volume `k`.
+pub fn extra_volume(volume: &str, k: u32) -> String {
+    format!("{volume}-{k}")
+}
+
+/// The disk file of extra volume `k` next to the main disk.
+fn extra_disk(disk: &Path, k: u32) -> PathBuf {
+    disk.with_file_name(format!("disk-{k}.img"))
 }
 
 /// A fresh scratch directory under the system temp dir.
