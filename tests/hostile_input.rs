@@ -198,6 +198,33 @@ async fn a_corrupted_frame_is_refused_and_nothing_is_written() {
     disk.read_exact_at(&mut b, 0).expect("read");
     assert!(b.iter().all(|&x| x == 0x3c), "valid write applied");
 
+    // Frames outside the window (past the end of the volume, straddling
+    // it) are refused; nothing is written. (A frame for a volume index the
+    // peer never announced closes the connection as a protocol error.)
+    let before = std::fs::read(&c.nodes[0].disk).expect("alpha disk");
+    for (request, volume, offset) in [(3u64, 7u32, data_bytes), (4, 7, data_bytes - 2048)] {
+        let mut h = Header::new(Kind::Write);
+        h.volume = volume;
+        h.request = request;
+        h.offset = offset;
+        h.flags = FLAG_RESYNC;
+        send_frame(&mut send, h, &[0x66; 4096]).await;
+        let (ack, _) = loop {
+            let f = read_frame(&mut recv)
+                .await
+                .unwrap_or_else(|| panic!("no answer to frame {request}"));
+            if f.0.kind != Kind::LeasePing {
+                break f;
+            }
+        };
+        assert_eq!((ack.kind, ack.request), (Kind::Ack, request));
+        assert_ne!(ack.status, 0, "frame {request} was accepted");
+    }
+    assert!(
+        std::fs::read(&c.nodes[0].disk).expect("alpha disk") == before,
+        "a refused frame wrote to the disk"
+    );
+
     // Now a frame whose payload was damaged after its CRC was computed.
     let mut h = Header::new(Kind::Write);
     h.volume = 7;
