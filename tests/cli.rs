@@ -171,13 +171,13 @@ fn certificates_for_bad_node_names_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ublk_export_without_the_driver_names_the_module_and_nbd() {
-    let mut c = cluster("no-ublk", small());
-    let cfg = std::fs::read_to_string(&c.nodes[0].config).expect("config");
-    let cfg = cfg.replace(
-        "chunk_bytes = 65536\n",
-        "chunk_bytes = 65536\nexport = \"ublk\"\n",
+    let mut c = cluster(
+        "no-ublk",
+        blkrep::testkit::cluster::ClusterOptions {
+            export: "ublk".into(),
+            ..small()
+        },
     );
-    std::fs::write(&c.nodes[0].config, cfg).expect("write config");
     c.start(0).await.expect("alpha");
     let o = cli(&c, 0, &["attach", "demo"]);
     if std::path::Path::new("/dev/ublk-control").exists() {
