@@ -209,17 +209,7 @@ async fn run_demo(args: DemoArgs) -> Result<(bool, LocalCluster), DemoError> {
         c.nodes[1].address
     ));
     c.bring_up().await?;
-    c.wait_for(
-        0,
-        "both up to date at the witness",
-        Duration::from_secs(30),
-        |s| {
-            s.quorum
-                .as_ref()
-                .is_some_and(|q| q.up_to_date && q.peer_up_to_date)
-        },
-    )
-    .await?;
+    c.wait_both_up_to_date(0, Duration::from_secs(30)).await?;
     let size = c.status(0).await?.size_bytes.unwrap_or(0);
     say(&format!(
         "volume {} ({} MiB) is primary on alpha, in sync with beta; the witness lists both as up to date",

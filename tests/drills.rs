@@ -38,13 +38,9 @@ async fn up_with(tag: &str, opts: ClusterOptions) -> LocalCluster {
 }
 
 async fn await_witness_record(c: &LocalCluster) {
-    c.wait_for(0, "both up to date at the witness", WAIT, |s| {
-        s.quorum
-            .as_ref()
-            .is_some_and(|q| q.up_to_date && q.peer_up_to_date)
-    })
-    .await
-    .expect("witness record");
+    c.wait_both_up_to_date(0, WAIT)
+        .await
+        .expect("witness record");
 }
 
 /// A write storm on node `i` (two QD1 writers), seeded with `seed`.
@@ -90,9 +86,7 @@ async fn secondary_killed_during_writes() {
     c.kill(1);
     // The primary goes on once the witness outdated beta.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let before = storm.acked_writes();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(storm.acked_writes() > before, "writes go on without beta");
+    writes_continue(&storm, Duration::from_secs(1), "without beta").await;
     c.restart(1).await.expect("restart beta");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let ledger = stop(storm).await;
@@ -134,12 +128,7 @@ async fn witness_killed_and_restarted_during_writes() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.kill_witness();
     // With the peer connected nothing needs the witness.
-    let before = storm.acked_writes();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        storm.acked_writes() > before,
-        "writes go on without the witness"
-    );
+    writes_continue(&storm, Duration::from_secs(3), "without the witness").await;
     c.start_witness().await.expect("witness restart");
     c.wait_for(0, "witness reachable again", WAIT, |s| {
         s.quorum.as_ref().is_some_and(|q| q.witness_reachable)

@@ -196,13 +196,9 @@ async fn heal_and_check(c: &LocalCluster, primary: usize, acked: &Acked) {
         dump_all(c);
         panic!("{e}");
     }
-    c.wait_for(primary, "the witness lists both again", WAIT, |s| {
-        s.quorum
-            .as_ref()
-            .is_some_and(|q| q.up_to_date && q.peer_up_to_date)
-    })
-    .await
-    .expect("restore");
+    c.wait_both_up_to_date(primary, WAIT)
+        .await
+        .expect("the witness lists both again");
     assert_acked_on(c, 0, acked);
     assert_acked_on(c, 1, acked);
     assert_replicas_equal(c).await;
@@ -601,13 +597,7 @@ async fn io_error_policy_fails_writes_without_quorum() {
         dump_all(&c);
         panic!("{e}");
     }
-    c.wait_for(0, "both up to date", WAIT, |s| {
-        s.quorum
-            .as_ref()
-            .is_some_and(|q| q.up_to_date && q.peer_up_to_date)
-    })
-    .await
-    .expect("quorum");
+    c.wait_both_up_to_date(0, WAIT).await.expect("quorum");
     c.cut(NetPath::AlphaBeta, true);
     c.cut(NetPath::AlphaWitness, true);
     let sock = c.nbd_socket(0);

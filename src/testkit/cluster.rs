@@ -504,6 +504,21 @@ impl LocalCluster {
     }
 
     /// Polls node `i` until `pred` holds on its volume status.
+    /// Waits until node `i`'s view of the witness record lists both
+    /// copies as up to date.
+    pub async fn wait_both_up_to_date(
+        &self,
+        i: usize,
+        timeout: Duration,
+    ) -> Result<VolumeStatusReport, ClusterError> {
+        self.wait_for(i, "both up to date at the witness", timeout, |s| {
+            s.quorum
+                .as_ref()
+                .is_some_and(|q| q.up_to_date && q.peer_up_to_date)
+        })
+        .await
+    }
+
     pub async fn wait_for(
         &self,
         i: usize,

@@ -85,15 +85,21 @@ impl BlockClient {
         let at = block * STORM_BLOCK_BYTES;
         match self {
             BlockClient::Nbd(n) => Ok(n.write(at, data, fua).await?),
-            BlockClient::Device(f) => {
-                f.write_all_at(AlignedBuf::copy_from(data).as_slice(), at)?;
-                if fua {
-                    f.sync_data()?;
-                }
-                Ok(())
-            }
+            BlockClient::Device(f) => Ok(write_device_block(f, block, data, fua)?),
         }
     }
+}
+
+/// One O_DIRECT block write on a device (blocking); `fua`: synced too.
+fn write_device_block(f: &File, block: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+    f.write_all_at(
+        AlignedBuf::copy_from(data).as_slice(),
+        block * STORM_BLOCK_BYTES,
+    )?;
+    if fua {
+        f.sync_data()?;
+    }
+    Ok(())
 }
 
 /// Bytes per storm write.
@@ -284,17 +290,8 @@ async fn writer(
             // A device write blocks its thread; keep it off the runtime.
             BlockClient::Device(f) => {
                 let (f, data) = (f.try_clone(), buf.clone());
-                let write = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                    let f = f?;
-                    f.write_all_at(
-                        AlignedBuf::copy_from(&data).as_slice(),
-                        block * STORM_BLOCK_BYTES,
-                    )?;
-                    if fua {
-                        f.sync_data()?;
-                    }
-                    Ok(())
-                });
+                let write =
+                    tokio::task::spawn_blocking(move || write_device_block(&f?, block, &data, fua));
                 matches!(
                     tokio::time::timeout(WRITE_TIMEOUT, write).await,
                     Ok(Ok(Ok(())))
