@@ -208,6 +208,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// The daemon's and the witness's runtime: one thread drives every task.
+/// A replicated write crosses about a dozen tasks (frontend, volume, store
+/// completion, link writer, QUIC driver); on one thread those hand-offs are
+/// queue pushes, while a thread pool turns many of them into cross-thread
+/// wake-ups (futex + context switch, ~8 us each on a small VM) for work that
+/// takes a few microseconds. Measured with `blkrep bench`: fewer context
+/// switches per write (12 -> 6) and more IOPS at depth 32.
+fn service_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Ok(Config::load(path)?)
 }
@@ -232,7 +246,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::CreateMd { volume, force } => create_md(&cli.config, &volume, force),
         Command::Daemon => {
             let cfg = load(&cli.config)?;
-            runtime()?.block_on(async move {
+            service_runtime()?.block_on(async move {
                 let daemon = blkrep::daemon::Daemon::start(cfg).await?;
                 wait_for_signal().await;
                 tracing::info!("shutting down");
@@ -242,7 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Witness => {
             let cfg = blkrep::config::WitnessConfig::load(&cli.config)?;
-            runtime()?.block_on(async move {
+            service_runtime()?.block_on(async move {
                 let server = blkrep::witness::WitnessServer::start(&cfg)?;
                 wait_for_signal().await;
                 tracing::info!("witness shutting down");

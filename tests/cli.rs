@@ -350,6 +350,66 @@ fn demo_json_reports_no_loss_and_a_timeline() {
     assert!(!dir.exists(), "the demo cleans up after itself");
 }
 
+/// `blkrep bench --json` with fio and with its own load generator: every
+/// workload is there with positive figures on both sides and a ratio that
+/// matches them, next to the link's measured capacity and round trip.
+#[test]
+fn bench_reports_every_workload_with_fio_and_with_its_own_generator() {
+    for generator in ["fio", "own"] {
+        let o = Command::new(bin())
+            .args([
+                "bench",
+                "--json",
+                "--size-mib",
+                "32",
+                "--runtime-s",
+                "1",
+                "--load-generator",
+                generator,
+            ])
+            .output()
+            .expect("run bench");
+        assert!(o.status.success(), "bench failed: {}", stderr(&o));
+        let v: serde_json::Value =
+            serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
+        let want_generator = if generator == "fio" {
+            "fio"
+        } else {
+            "blkrep's own load generator"
+        };
+        assert_eq!(v["load_generator"], want_generator, "{v}");
+        assert!(v["capacity_bytes_per_s"].as_u64().unwrap_or(0) > 0, "{v}");
+        assert!(v["rtt_us"].as_u64().unwrap_or(0) > 0, "{v}");
+        let rows = v["workloads"].as_array().expect("workloads");
+        let names: Vec<&str> = rows.iter().filter_map(|r| r["name"].as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "4k-randwrite-qd1-sync",
+                "4k-randwrite-qd1-sync-p99",
+                "4k-randwrite-qd32",
+                "1m-seqwrite-qd8",
+                "4k-randread-qd1",
+                "4k-randread-qd32",
+                "4k-randrw70-qd32"
+            ],
+            "{v}"
+        );
+        for r in rows {
+            let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+            assert!(f("raw") > 0.0 && f("replicated") > 0.0, "{r}");
+            let latency = r["unit"].as_str().unwrap_or("").starts_with("us");
+            let want = if latency {
+                f("raw") / f("replicated")
+            } else {
+                f("replicated") / f("raw")
+            };
+            assert!((f("ratio") - want).abs() < 1e-6 * want.max(1.0), "{r}");
+            assert!(f("floor") > 0.0, "{r}");
+        }
+    }
+}
+
 /// Processes whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {

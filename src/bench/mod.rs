@@ -1,11 +1,13 @@
-//! `blkrep bench`: the same fio workloads against (a) a raw file on the same
+//! `blkrep bench`: the same workloads against (a) a raw file on the same
 //! disk (io_uring, O_DIRECT) and (b) the replicated volume with both nodes on
-//! this machine (fio's NBD engine on the primary's export), in one run,
+//! this machine (fio's NBD engine on the primary's export, or blkrep's own
+//! load generator where fio or its NBD engine is missing), in one run,
 //! printed side by side with ratios.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod loadgen;
 mod memory;
 mod resync;
 
@@ -41,6 +43,55 @@ pub struct BenchArgs {
     /// Skip the fio workloads (only the link, and --resync / --memory-volumes).
     #[arg(long)]
     pub no_workloads: bool,
+    /// Who drives the workloads: fio (io_uring on the raw file, its NBD
+    /// engine on the volume), blkrep's own generator, or auto (fio when it
+    /// has the NBD engine).
+    #[arg(long, value_enum, default_value_t = LoadGenerator::Auto)]
+    pub load_generator: LoadGenerator,
+    /// After laying out the volume, print its NBD socket and keep the
+    /// cluster up until Ctrl-C (to profile or to run your own clients).
+    #[arg(long)]
+    pub hold: bool,
+}
+
+/// Who drives the workloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadGenerator {
+    /// fio when it is installed and has the NBD engine, else `own`.
+    Auto,
+    /// fio (fails when it or its NBD engine is missing).
+    Fio,
+    /// blkrep's own generator: `iodepth` workers at depth 1 each.
+    Own,
+}
+
+impl LoadGenerator {
+    /// `Fio` or `Own`: resolves `Auto` by asking fio for its NBD engine.
+    fn resolve(self) -> Self {
+        match self {
+            LoadGenerator::Auto => {
+                let has_nbd = Command::new("fio")
+                    .arg("--enghelp=nbd")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if has_nbd {
+                    LoadGenerator::Fio
+                } else {
+                    LoadGenerator::Own
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            LoadGenerator::Fio => "fio",
+            _ => "blkrep's own load generator",
+        }
+    }
 }
 
 /// Bench errors.
@@ -288,6 +339,43 @@ fn run_nbd(w: &Workload, socket: &Path, size: u64, runtime_s: u64) -> Result<f64
     Ok(figure(&fio(&a)?, w))
 }
 
+/// Writes both targets once, sequentially, with 1 MiB writes.
+async fn fill(
+    generator: LoadGenerator,
+    raw: &Path,
+    socket: &Path,
+    size: u64,
+) -> Result<(), BenchError> {
+    if generator != LoadGenerator::Fio {
+        loadgen::fill_raw(raw, size)?;
+        return loadgen::fill_nbd(socket, size).await;
+    }
+    let fill = Workload {
+        name: "fill",
+        rw: "write",
+        bs: "1m",
+        iodepth: 8,
+        sync: false,
+        metric: Metric::BytesPerS,
+    };
+    let fill_args = |extra: Vec<String>| {
+        let mut a = common(&fill, size, 0);
+        a.retain(|x| x != "--time_based" && !x.starts_with("--runtime"));
+        a.extend(extra);
+        a
+    };
+    fio(&fill_args(vec![
+        "--ioengine=io_uring".into(),
+        "--direct=1".into(),
+        format!("--filename={}", raw.display()),
+    ]))?;
+    fio(&fill_args(vec![
+        "--ioengine=nbd".into(),
+        format!("--uri=nbd+unix:///?socket={}", socket.display()),
+    ]))?;
+    Ok(())
+}
+
 /// The link's own capacity and round trip, with the cluster's certificates
 /// and the link's settings, between the nodes' addresses.
 async fn measure_link(c: &LocalCluster) -> Result<LinkCapacity, BenchError> {
@@ -334,36 +422,35 @@ pub async fn run(args: BenchArgs) -> Result<Vec<BenchRow>, BenchError> {
         f.set_len(vol_size)
             .map_err(|e| BenchError::Io(e.to_string()))?;
     }
-    // Lay both targets out fully so neither pays for allocating blocks.
-    let fill = Workload {
-        name: "fill",
-        rw: "write",
-        bs: "1m",
-        iodepth: 8,
-        sync: false,
-        metric: Metric::BytesPerS,
-    };
-    let fill_args = |extra: Vec<String>| {
-        let mut a = common(&fill, vol_size, 0);
-        a.retain(|x| x != "--time_based" && !x.starts_with("--runtime"));
-        a.extend(extra);
-        a
-    };
-    fio(&fill_args(vec![
-        "--ioengine=io_uring".into(),
-        "--direct=1".into(),
-        format!("--filename={}", raw.display()),
-    ]))?;
+    let generator = args.load_generator.resolve();
     let socket = c.nbd_socket(0);
-    fio(&fill_args(vec![
-        "--ioengine=nbd".into(),
-        format!("--uri=nbd+unix:///?socket={}", socket.display()),
-    ]))?;
+    // Lay both targets out fully so neither pays for allocating blocks.
+    fill(generator, &raw, &socket, vol_size).await?;
+    if args.hold {
+        println!(
+            "holding: the primary exports nbd+unix:///?socket={} (raw file {}); Ctrl-C ends",
+            socket.display(),
+            raw.display()
+        );
+        tokio::signal::ctrl_c()
+            .await
+            .map_err(|e| BenchError::Io(e.to_string()))?;
+        return Ok(Vec::new());
+    }
     let link = measure_link(&c).await?;
     let mut rows = Vec::new();
     for w in WORKLOADS.iter().filter(|_| !args.no_workloads) {
-        let r = run_raw(w, &raw, vol_size, args.runtime_s)?;
-        let v = run_nbd(w, &socket, vol_size, args.runtime_s)?;
+        let (r, v) = if generator == LoadGenerator::Fio {
+            (
+                run_raw(w, &raw, vol_size, args.runtime_s)?,
+                run_nbd(w, &socket, vol_size, args.runtime_s)?,
+            )
+        } else {
+            (
+                loadgen::run_raw(w, &raw, vol_size, args.runtime_s)?,
+                loadgen::run_nbd(w, &socket, vol_size, args.runtime_s).await?,
+            )
+        };
         let floor = floor(w, r, &link);
         rows.push(BenchRow {
             name: w.name.into(),
@@ -388,6 +475,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<BenchRow>, BenchError> {
     };
     if args.json {
         let obj = serde_json::json!({
+            "load_generator": generator.name(),
             "workloads": rows,
             "capacity_bytes_per_s": link.capacity_bytes_per_s,
             "rtt_us": link.rtt_us,
@@ -399,6 +487,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<BenchRow>, BenchError> {
         println!(
             "both nodes on this machine: replicated writes hit the same disk twice and share its cores"
         );
+        println!("workloads driven by {}", generator.name());
         println!(
             "link (QUIC, the link's settings, one connection): {:.0} MB/s, round trip {} us",
             link.capacity_bytes_per_s as f64 / 1e6,
