@@ -216,9 +216,13 @@ async fn reap_loop(shared: std::sync::Weak<Shared>) {
                 8,
             )
         };
+        // Whether or not the counter was set (EAGAIN: a previous pass reaped
+        // what it announced), the notification is consumed: clear the
+        // readiness now instead of reading again to hit EAGAIN. A completion
+        // posted after this read signals the eventfd again, and tokio keeps
+        // the fd ready when that new edge arrived before this clear.
+        guard.clear_ready();
         if n < 0 {
-            // Nothing pending (EAGAIN): wait for the next notification.
-            guard.clear_ready();
             continue;
         }
         let Ok(mut st) = sh.state.lock() else { return };
