@@ -208,6 +208,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// I/O buffers (up to 1 MiB each, allocated and freed per request) come
+/// from the heap instead of fresh mmaps: glibc maps allocations above 128 KiB
+/// on their own, so each 1 MiB write paid 256 page faults, page clearing and
+/// an munmap (7 % of the daemons' time under 1 MiB writes). Up to 64 MiB of
+/// freed heap is kept for reuse.
+fn keep_io_buffers_in_the_heap() {
+    // SAFETY: mallopt only changes allocator tunables; called before the
+    // runtime starts any thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
 /// The daemon's and the witness's runtime: one thread drives every task.
 /// A replicated write crosses about a dozen tasks (frontend, volume, store
 /// completion, link writer, QUIC driver); on one thread those hand-offs are
@@ -216,6 +230,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// takes a few microseconds. Measured with `blkrep bench`: fewer context
 /// switches per write (12 -> 6) and more IOPS at depth 32.
 fn service_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    keep_io_buffers_in_the_heap();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

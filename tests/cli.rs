@@ -387,6 +387,8 @@ fn bench_reports_every_workload_with_fio_and_with_its_own_generator() {
             [
                 "4k-randwrite-qd1-sync",
                 "4k-randwrite-qd1-sync-p99",
+                "4k-randwrite-qd1-fua",
+                "4k-randwrite-qd1-fua-p99",
                 "4k-randwrite-qd32",
                 "1m-seqwrite-qd8",
                 "4k-randread-qd1",

@@ -2,7 +2,8 @@
 //! engine) is missing: the same workloads with `iodepth` workers at queue
 //! depth 1 each, against the raw file (positional O_DIRECT reads and writes,
 //! fdatasync for synchronous workloads) and against the volume's NBD export
-//! (one connection per worker, NBD flush for synchronous workloads).
+//! (one connection per worker, NBD flush for synchronous workloads); FUA
+//! workloads open the raw file O_DSYNC and send every NBD write with FUA.
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
@@ -92,10 +93,11 @@ pub(crate) fn run_raw(
     size: u64,
     runtime_s: u64,
 ) -> Result<f64, BenchError> {
+    let dsync = if w.fua { libc::O_DSYNC } else { 0 };
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(libc::O_DIRECT | dsync)
         .open(file)
         .map_err(|e| BenchError::Io(format!("opening {}: {e}", file.display())))?;
     let f = std::sync::Arc::new(f);
@@ -151,7 +153,7 @@ pub(crate) async fn run_nbd(
         let mut client = NbdClient::connect(socket)
             .await
             .map_err(|e| BenchError::Io(e.to_string()))?;
-        let sync = w.sync;
+        let (sync, fua) = (w.sync, w.fua);
         tasks.spawn(async move {
             let mut data = vec![0u8; plan.block_bytes as usize];
             SplitMix64::fill(&mut data, i);
@@ -162,7 +164,7 @@ pub(crate) async fn run_nbd(
                 if is_read {
                     client.read(offset, data.len() as u32).await.map(|_| ())
                 } else {
-                    let r = client.write(offset, &data, false).await;
+                    let r = client.write(offset, &data, fua).await;
                     if r.is_ok() && sync {
                         client.flush().await
                     } else {

@@ -121,6 +121,11 @@ pub(crate) struct Workload {
     pub(crate) bs: &'static str,
     pub(crate) iodepth: u32,
     pub(crate) sync: bool,
+    /// Every write is a FUA write (O_DSYNC on the raw file, NBD_CMD_FLAG_FUA
+    /// on the volume): durable in one request, one link round trip.
+    /// Always driven by blkrep's own generator (fio's NBD engine cannot
+    /// send FUA).
+    pub(crate) fua: bool,
     pub(crate) metric: Metric,
 }
 
@@ -150,6 +155,7 @@ const WORKLOADS: &[Workload] = &[
         bs: "4k",
         iodepth: 1,
         sync: true,
+        fua: false,
         metric: Metric::LatencyP50Us,
     },
     Workload {
@@ -158,6 +164,25 @@ const WORKLOADS: &[Workload] = &[
         bs: "4k",
         iodepth: 1,
         sync: true,
+        fua: false,
+        metric: Metric::LatencyP99Us,
+    },
+    Workload {
+        name: "4k-randwrite-qd1-fua",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 1,
+        sync: false,
+        fua: true,
+        metric: Metric::LatencyP50Us,
+    },
+    Workload {
+        name: "4k-randwrite-qd1-fua-p99",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 1,
+        sync: false,
+        fua: true,
         metric: Metric::LatencyP99Us,
     },
     Workload {
@@ -166,6 +191,7 @@ const WORKLOADS: &[Workload] = &[
         bs: "4k",
         iodepth: 32,
         sync: false,
+        fua: false,
         metric: Metric::Iops,
     },
     Workload {
@@ -174,6 +200,7 @@ const WORKLOADS: &[Workload] = &[
         bs: "1m",
         iodepth: 8,
         sync: false,
+        fua: false,
         metric: Metric::BytesPerS,
     },
     Workload {
@@ -182,6 +209,7 @@ const WORKLOADS: &[Workload] = &[
         bs: "4k",
         iodepth: 1,
         sync: false,
+        fua: false,
         metric: Metric::Iops,
     },
     Workload {
@@ -190,6 +218,7 @@ const WORKLOADS: &[Workload] = &[
         bs: "4k",
         iodepth: 32,
         sync: false,
+        fua: false,
         metric: Metric::Iops,
     },
     Workload {
@@ -198,6 +227,7 @@ const WORKLOADS: &[Workload] = &[
         bs: "4k",
         iodepth: 32,
         sync: false,
+        fua: false,
         metric: Metric::Iops,
     },
 ];
@@ -356,6 +386,7 @@ async fn fill(
         bs: "1m",
         iodepth: 8,
         sync: false,
+        fua: false,
         metric: Metric::BytesPerS,
     };
     let fill_args = |extra: Vec<String>| {
@@ -440,7 +471,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<BenchRow>, BenchError> {
     let link = measure_link(&c).await?;
     let mut rows = Vec::new();
     for w in WORKLOADS.iter().filter(|_| !args.no_workloads) {
-        let (r, v) = if generator == LoadGenerator::Fio {
+        let (r, v) = if generator == LoadGenerator::Fio && !w.fua {
             (
                 run_raw(w, &raw, vol_size, args.runtime_s)?,
                 run_nbd(w, &socket, vol_size, args.runtime_s)?,

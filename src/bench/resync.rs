@@ -49,6 +49,7 @@ const QD1_SYNC: Workload = Workload {
     bs: "4k",
     iodepth: 1,
     sync: true,
+    fua: false,
     metric: Metric::LatencyP50Us,
 };
 
@@ -81,6 +82,7 @@ fn dirty(
         bs,
         iodepth: 8,
         sync: false,
+        fua: false,
         metric: Metric::Iops,
     };
     let mut a = common(&w, size, 0);
