@@ -41,6 +41,11 @@ pub struct ResyncFigures {
     pub al_updates_per_1000_random_writes: f64,
     /// The same within a 64 MiB region (a typical working set).
     pub al_updates_per_1000_local_writes: f64,
+    /// Metadata writes (bitmap, activity log, superblock; concurrent
+    /// updates share one) per 1000 random writes at depth 8.
+    pub metadata_writes_per_1000_random_writes: f64,
+    /// The same within 64 MiB.
+    pub metadata_writes_per_1000_local_writes: f64,
 }
 
 const QD1_SYNC: Workload = Workload {
@@ -105,8 +110,10 @@ async fn secondary_misses(
     Ok(Instant::now())
 }
 
-async fn al_updates(c: &LocalCluster) -> Result<u64, BenchError> {
-    Ok(c.status(0).await?.activity_log_updates)
+/// (activity-log updates, metadata writes) of the primary since attach.
+async fn metadata_counts(c: &LocalCluster) -> Result<(u64, u64), BenchError> {
+    let s = c.status(0).await?;
+    Ok((s.activity_log_updates, s.metadata_writes))
 }
 
 async fn resynced_bytes(c: &LocalCluster) -> Result<u64, BenchError> {
@@ -128,9 +135,9 @@ pub async fn run(
     let sync_wait = Duration::from_secs(600);
 
     // Activity-log updates per 1000 writes.
-    let before = al_updates(c).await?;
+    let before = metadata_counts(c).await?;
     dirty(&socket, "randwrite", "4k", size, "--number_ios=1000")?;
-    let mid = al_updates(c).await?;
+    let mid = metadata_counts(c).await?;
     dirty(
         &socket,
         "randwrite",
@@ -138,7 +145,7 @@ pub async fn run(
         size.min(64 << 20),
         "--number_ios=1000",
     )?;
-    let after = al_updates(c).await?;
+    let after = metadata_counts(c).await?;
 
     // Latency without a resync.
     let (p50_idle, p99_idle) = write_latency(&socket, size, runtime_s)?;
@@ -194,8 +201,10 @@ pub async fn run(
             0.0
         },
         resync_outlasted_the_latency_run: outlasted,
-        al_updates_per_1000_random_writes: (mid - before) as f64,
-        al_updates_per_1000_local_writes: (after - mid) as f64,
+        al_updates_per_1000_random_writes: mid.0.saturating_sub(before.0) as f64,
+        al_updates_per_1000_local_writes: after.0.saturating_sub(mid.0) as f64,
+        metadata_writes_per_1000_random_writes: mid.1.saturating_sub(before.1) as f64,
+        metadata_writes_per_1000_local_writes: after.1.saturating_sub(mid.1) as f64,
     })
 }
 
@@ -227,7 +236,10 @@ pub fn print(r: &ResyncFigures) {
         }
     );
     println!(
-        "  activity-log updates per 1000 writes: {:.0} random over the volume, {:.0} within 64 MiB (bitmap writes while connected: none)",
-        r.al_updates_per_1000_random_writes, r.al_updates_per_1000_local_writes
+        "  per 1000 4 KiB writes at depth 8: {:.0} activity-log updates in {:.0} metadata writes random over the volume, {:.0} in {:.0} within 64 MiB (bitmap writes while connected: none)",
+        r.al_updates_per_1000_random_writes,
+        r.metadata_writes_per_1000_random_writes,
+        r.al_updates_per_1000_local_writes,
+        r.metadata_writes_per_1000_local_writes
     );
 }

@@ -54,6 +54,10 @@ pub struct VolumeStatusReport {
     /// application writes (compare with their number).
     #[serde(default)]
     pub activity_log_updates: u64,
+    /// Metadata writes since attach (bitmap pages, activity log and
+    /// superblock; concurrent updates share one write).
+    #[serde(default)]
+    pub metadata_writes: u64,
     /// Current data generation id (hex).
     pub generation: Option<String>,
     /// Quorum state (null without a witness).
@@ -177,6 +181,7 @@ impl VolumeStatusReport {
             verify: None,
             last_verify: None,
             activity_log_updates: 0,
+            metadata_writes: 0,
             generation: None,
             quorum: None,
         }
@@ -264,6 +269,7 @@ impl VolumeStatusReport {
             verify,
             last_verify,
             activity_log_updates: e.activity_log_updates,
+            metadata_writes: s.metadata_writes,
             generation: (e.generations.current != 0)
                 .then(|| format!("{:016x}", e.generations.current)),
             quorum: s.lease_valid.map(|lease_valid| QuorumReport {

@@ -89,6 +89,9 @@ pub struct VolumeStatus {
     pub witness_reachable: Option<bool>,
     /// Client requests held because the primary has no lease.
     pub frozen_requests: usize,
+    /// Metadata writes (bitmap pages, activity log, superblock; one per
+    /// group commit) since attach.
+    pub metadata_writes: u64,
 }
 
 pub(crate) enum Input {

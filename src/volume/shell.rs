@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -225,7 +225,14 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
     };
     let chunk_bytes = u64::from(sb.chunk_bytes);
     let (meta_tx, meta_rx) = mpsc::unbounded_channel();
-    tokio::spawn(meta_writer(meta, sb, meta_rx, tx.clone()));
+    let metadata_writes = Arc::new(AtomicU64::new(0));
+    tokio::spawn(meta_writer(
+        meta,
+        sb,
+        meta_rx,
+        tx.clone(),
+        metadata_writes.clone(),
+    ));
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
     tokio::spawn(control_sender(ctl_rx));
     let shell = Shell {
@@ -263,6 +270,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         node: opts.node,
         lease,
         frozen: std::collections::VecDeque::new(),
+        metadata_writes,
         lease_lapsed: false,
         events: opts.events,
         promote_after_replicas: None,
@@ -300,47 +308,88 @@ async fn meta_writer(
     mut sb: Superblock,
     mut rx: mpsc::UnboundedReceiver<MetaJob>,
     done: mpsc::UnboundedSender<Input>,
+    writes: Arc<AtomicU64>,
 ) {
     let meta = Arc::new(meta);
     let mut failed = false;
-    while let Some(job) = rx.recv().await {
-        if failed {
-            let _ = done.send(Input::MetaDone {
-                token: job.token,
-                ok: false,
-            });
-            continue;
-        }
-        sb.seq += 1;
-        sb.disk_state = job.disk;
-        sb.generations = job.generations;
-        sb.primary = job.primary;
-        sb.attached = job.attached;
-        sb.record = job.record;
-        let m = meta.clone();
-        let s = sb.clone();
-        let pages = job.pages;
-        let al = job.activity_log;
-        let res = tokio::task::spawn_blocking(move || -> Result<(), MetaError> {
-            for (page, bytes) in &pages {
-                m.write_page_bytes(*page, &bytes[..])?;
+    while let Some(first) = rx.recv().await {
+        // Group commit: every job already queued behind this one is folded
+        // into a single write (under scattered writes at depth 32, one
+        // activity-log update instead of up to 32 in a row). The detach
+        // job keeps its own write, after the others.
+        let mut job = first;
+        let mut detach = None;
+        while job.token != DETACH_TOKEN {
+            match rx.try_recv() {
+                Ok(next) if next.token == DETACH_TOKEN => {
+                    detach = Some(next);
+                    break;
+                }
+                Ok(next) => job = job.then(next),
+                Err(_) => break,
             }
-            if let Some(al) = &al {
-                m.write_activity_log(al)?;
-            }
-            m.write_superblock(&s)
-        })
-        .await;
-        let ok = matches!(res, Ok(Ok(())));
-        if !ok {
-            tracing::error!("metadata write failed: {:?}", res.map(|r| r.err()));
-            failed = true;
         }
-        let _ = done.send(Input::MetaDone {
-            token: job.token,
-            ok,
-        });
+        for job in std::iter::once(job).chain(detach) {
+            let token = job.token;
+            let ok = !failed && write_meta_job(&meta, &mut sb, job).await;
+            failed |= !ok;
+            if ok {
+                writes.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = done.send(Input::MetaDone { token, ok });
+        }
     }
+}
+
+impl MetaJob {
+    /// This job followed by `next`: the newer state, the newer activity-log
+    /// snapshot (it holds every extent with writes in flight), every bitmap
+    /// page (the newer copy of a page wins), and the newer token.
+    fn then(mut self, next: MetaJob) -> MetaJob {
+        let mut pages = std::mem::take(&mut self.pages);
+        pages.retain(|(p, _)| !next.pages.iter().any(|(q, _)| q == p));
+        pages.extend(next.pages);
+        MetaJob {
+            token: next.token,
+            activity_log: next.activity_log.or(self.activity_log),
+            disk: next.disk,
+            generations: next.generations,
+            primary: next.primary,
+            attached: next.attached,
+            pages,
+            record: next.record,
+        }
+    }
+}
+
+/// Writes one job's bitmap pages, activity log and superblock; false (and
+/// logged) when the metadata device failed.
+async fn write_meta_job(meta: &Arc<MetaDevice>, sb: &mut Superblock, job: MetaJob) -> bool {
+    sb.seq += 1;
+    sb.disk_state = job.disk;
+    sb.generations = job.generations;
+    sb.primary = job.primary;
+    sb.attached = job.attached;
+    sb.record = job.record;
+    let m = meta.clone();
+    let s = sb.clone();
+    let pages = job.pages;
+    let al = job.activity_log;
+    let res = tokio::task::spawn_blocking(move || -> Result<(), MetaError> {
+        for (page, bytes) in &pages {
+            m.write_page_bytes(*page, &bytes[..])?;
+        }
+        if let Some(al) = &al {
+            m.write_activity_log(al)?;
+        }
+        m.write_superblock(&s)
+    })
+    .await;
+    let ok = matches!(res, Ok(Ok(())));
+    if !ok {
+        tracing::error!("metadata write failed: {:?}", res.map(|r| r.err()));
+    }
+    ok
 }
 
 /// Sends control messages to the peer in order.
@@ -385,6 +434,7 @@ struct Shell {
     node: String,
     lease: Option<Arc<super::VolumeLease>>,
     frozen: std::collections::VecDeque<Input>,
+    metadata_writes: Arc<AtomicU64>,
     lease_lapsed: bool,
     events: super::EventHook,
     promote_after_replicas: Option<(bool, oneshot::Sender<Result<(), VolumeError>>)>,
@@ -864,6 +914,7 @@ impl Shell {
             lease_valid: self.lease.as_ref().map(|l| l.valid()),
             witness_reachable: self.lease.as_ref().map(|l| l.witness.reachable()),
             frozen_requests: self.frozen.len(),
+            metadata_writes: self.metadata_writes.load(Ordering::Relaxed),
         }
     }
 
@@ -1269,4 +1320,51 @@ fn digest(data: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::activity_log::AlSnapshot;
+    use crate::meta::bitmap::BITMAP_PAGE_BYTES;
+
+    fn job(token: u64, al_seq: Option<u64>, pages: &[(u32, u8)]) -> MetaJob {
+        MetaJob {
+            token,
+            activity_log: al_seq.map(|seq| AlSnapshot {
+                seq,
+                extent_bytes: 4 << 20,
+                extents: vec![seq as u32],
+            }),
+            disk: DiskState::UpToDate,
+            generations: crate::meta::Generations {
+                current: token,
+                ..Default::default()
+            },
+            primary: token % 2 == 0,
+            attached: true,
+            pages: pages
+                .iter()
+                .map(|&(p, fill)| (p, Box::new([fill; BITMAP_PAGE_BYTES])))
+                .collect(),
+            record: Default::default(),
+        }
+    }
+
+    #[test]
+    fn folded_metadata_jobs_keep_the_newest_of_everything() {
+        let merged = job(1, Some(10), &[(0, 1), (5, 1)])
+            .then(job(2, None, &[(5, 2), (7, 2)]))
+            .then(job(3, Some(11), &[]));
+        assert_eq!(merged.token, 3);
+        assert_eq!(merged.generations.current, 3);
+        assert!(!merged.primary);
+        assert_eq!(merged.activity_log.map(|a| a.seq), Some(11));
+        let mut pages: Vec<(u32, u8)> = merged.pages.iter().map(|(p, b)| (*p, b[0])).collect();
+        pages.sort_unstable();
+        assert_eq!(pages, vec![(0, 1), (5, 2), (7, 2)]);
+        // A newer job without a snapshot keeps the older one.
+        let kept = job(1, Some(10), &[]).then(job(2, None, &[]));
+        assert_eq!(kept.activity_log.map(|a| a.seq), Some(10));
+    }
 }
