@@ -68,6 +68,7 @@ fn engine_step(c: &mut Criterion) {
         data_bytes: 1 << 30,
         dirty_chunks: 0,
         sync_target: false,
+        full_sync_base: 0,
         record: Default::default(),
     });
     let _ = e.promote(false);

@@ -158,6 +158,7 @@ async fn a_corrupted_frame_is_refused_and_nothing_is_written() {
             data_bytes,
             dirty_chunks: 0,
             sync_target: false,
+            full_sync_base: 0,
             record: Default::default(),
         }),
         sync_done: None,

@@ -326,6 +326,11 @@ pub struct Engine {
     durable: (DiskState, Generations),
     pending_durable: VecDeque<(u64, DiskState, Generations)>,
     sync_done_after: Option<u64>,
+    /// Token of the metadata write that marked every chunk for the running
+    /// full sync (0: none); the peer is told the base once it is durable.
+    full_sync_token: u64,
+    /// The peer has not yet been told the durable full-sync base.
+    full_sync_announce: bool,
     replicating: bool,
     al: ActivityLog,
     al_to_persist: Option<AlSnapshot>,
@@ -373,6 +378,8 @@ impl Engine {
             durable: (disk, gens),
             pending_durable: VecDeque::new(),
             sync_done_after: None,
+            full_sync_token: 0,
+            full_sync_announce: false,
             replicating: false,
             al: ActivityLog::new(cfg_al.0, cfg_al.1),
             al_to_persist: None,
@@ -604,8 +611,53 @@ impl Engine {
             sync_target: matches!(self.peer, Some((_, Relation::SyncTarget)))
                 && self.announce_after.is_none()
                 && !self.has_client_requests(),
+            full_sync_base: self.full_sync_base(),
             record: self.record,
         }
+    }
+
+    /// The base generation of a running full sync from this node once the
+    /// bitmap marking every chunk is durable (0 otherwise).
+    fn full_sync_base(&self) -> u64 {
+        let full = matches!(
+            self.peer,
+            Some((_, Relation::SyncSource { full: true, .. }))
+        );
+        if full
+            && self.resync.is_some()
+            && self.full_sync_token != 0
+            && self.full_sync_token <= self.meta_persisted
+        {
+            self.durable.1.bitmap
+        } else {
+            0
+        }
+    }
+
+    /// As the target of a full sync whose source durably marked every chunk
+    /// under `base`: take `base` as this copy's generation. Chunks copied so
+    /// far are then equal to the source's at `base` and the rest is marked
+    /// there, so after an interruption (link, either node's crash) the
+    /// generations call for a bitmap resync of the remainder.
+    fn adopt_full_sync_base(&mut self) {
+        let Some((view, Relation::SyncTarget)) = self.peer else {
+            return;
+        };
+        let base = view.full_sync_base;
+        if base == 0
+            || self.disk != DiskState::Inconsistent
+            || self.role != Role::Secondary
+            || self.gens.current == base
+            || view.generations.bitmap != base
+        {
+            return;
+        }
+        self.gens = Generations {
+            current: base,
+            bitmap: 0,
+            history: view.generations.history,
+        };
+        self.persist();
     }
 
     /// Status snapshot.
@@ -1266,6 +1318,13 @@ impl Engine {
             self.try_complete(id);
         }
         self.release_export();
+        if self.full_sync_announce && self.full_sync_token <= self.meta_persisted {
+            // Tell the target the base it may adopt (see `full_sync_base`).
+            self.full_sync_announce = false;
+            if before == self.durable {
+                self.actions.push_back(Action::AnnounceState);
+            }
+        }
         if self
             .announce_after
             .is_some_and(|t| t <= self.meta_persisted)
@@ -1493,6 +1552,7 @@ impl Engine {
         {
             self.target_ready(view, full);
         }
+        self.adopt_full_sync_base();
         self.after_event();
     }
 
@@ -1580,9 +1640,16 @@ impl Engine {
                     self.persist();
                 }
                 if full {
+                    // Track the copy under a bitmap base the target can
+                    // adopt (see `adopt_full_sync_base`).
+                    if self.gens.bitmap == 0 {
+                        let id = self.fresh_id();
+                        self.gens.start_tracking(id);
+                    }
                     let pages = self.bitmap.set_all();
                     self.pages_to_persist.extend(pages);
-                    self.persist();
+                    self.full_sync_token = self.persist();
+                    self.full_sync_announce = true;
                 }
                 self.resync = Some(ResyncProgress {
                     total_chunks: self.bitmap.set_count(),

@@ -28,6 +28,12 @@ pub struct NodeView {
     pub dirty_chunks: u64,
     /// Ready to receive a resync (disk persisted as Inconsistent).
     pub sync_target: bool,
+    /// As the source of a full sync: the bitmap base generation under
+    /// which every chunk not yet copied is durably marked (0: none). The
+    /// target adopts it as its own, so that an interrupted full sync
+    /// resumes as a bitmap resync instead of starting over.
+    #[serde(default)]
+    pub full_sync_base: u64,
     /// The witness record as this node last saw it.
     #[serde(default)]
     pub record: crate::quorum::RecordView,
@@ -187,6 +193,7 @@ mod tests {
             data_bytes: 1 << 20,
             dirty_chunks: 0,
             sync_target: false,
+            full_sync_base: 0,
             record: Default::default(),
         }
     }

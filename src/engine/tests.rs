@@ -596,6 +596,53 @@ impl Sim {
         }
     }
 
+    /// The secondary's drive is replaced by a blank one with fresh metadata
+    /// (`create-md`), while the primary holds every write (in sync): the
+    /// next connection must copy everything, and interruptions of that full
+    /// sync (cuts, crashes of either node) must still end with equal copies.
+    fn swap_drive(&mut self) {
+        let Some(p) = (0..2).find(|&i| self.nodes[i].eng.role == Role::Primary) else {
+            return;
+        };
+        let n = 1 - p;
+        // The operator stops the node first: what is in flight settles.
+        // (A write the old drive acknowledged must not complete after the
+        // drive is gone: the rule 1 check at completion reads the peer.)
+        self.run_until_quiet();
+        let st = self.nodes[p].eng.status();
+        if self.nodes[p].eng.disk != DiskState::UpToDate
+            || st.relation != Some(Relation::InSync)
+            || st.inflight_requests > 0
+        {
+            return;
+        }
+        self.log.push(format!("swap drive {n}"));
+        self.cut();
+        let node = &mut self.nodes[n];
+        node.pending.clear();
+        node.meta.clear();
+        node.payload.clear();
+        node.inbox.clear();
+        node.disk = Disk::new();
+        node.persisted = Persisted {
+            disk: DiskState::Inconsistent,
+            gens: Generations::default(),
+            primary: false,
+            bitmap_pages: BTreeMap::new(),
+            al: None,
+            record: RecordView::default(),
+        };
+        let seed = Rng(self.seed ^ self.next_id.rotate_left(16) ^ n as u64).next_u64();
+        node.eng = Engine::new(
+            config(n == 0, self.witness.is_some()),
+            DiskState::Inconsistent,
+            Generations::default(),
+            Bitmap::new(DATA_BYTES, CHUNK),
+            seed,
+        );
+        self.drain(n);
+    }
+
     /// Replica writes still in flight on node `n` land (the shell waits for
     /// them before it promotes: none may land after the node's own writes).
     fn land_replicas(&mut self, n: usize) {
@@ -895,6 +942,9 @@ impl Sim {
             94 if self.crashes => {
                 let n = self.rng.below(2) as usize;
                 self.crash(n)
+            }
+            96 if self.crashes && self.witness.is_none() && self.rng.below(4) == 0 => {
+                self.swap_drive()
             }
             _ => self.heal(),
         }
