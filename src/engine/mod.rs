@@ -1600,6 +1600,7 @@ impl Engine {
 
     fn renegotiate(&mut self) {
         let Some((view, old)) = self.peer else { return };
+        self.trust_the_witness_over_a_stalled_sync(&view);
         let mut new = negotiate(
             &self.view(),
             &view,
@@ -1689,6 +1690,33 @@ impl Engine {
             Relation::DisklessClient | Relation::NoData => {}
         }
         self.actions.push_back(Action::AnnounceState);
+    }
+
+    /// Both copies Inconsistent, each waiting for the other: this node
+    /// became a sync target of the peer (on a witness record that was stale
+    /// then) and the peer later became one of this node. The witness lists
+    /// this copy as up to date and not the peer, and the peer's generations
+    /// descend from this copy's (its bitmap base is our current): the peer's
+    /// newer writes were never acknowledged (rule 2: acknowledging them
+    /// needed the witness to outdate this copy), and whatever of them the
+    /// resync brought here are such writes too. So this copy holds every
+    /// acknowledged write: it is up to date again and the peer is resynced
+    /// from it. Without this neither copy ever becomes consistent.
+    fn trust_the_witness_over_a_stalled_sync(&mut self, view: &NodeView) {
+        if self.disk != DiskState::Inconsistent
+            || view.disk != DiskState::Inconsistent
+            || self.role != Role::Secondary
+            || self.cfg.quorum.is_none()
+            || self.record.epoch == 0
+            || !self.record.me_up_to_date
+            || self.record.peer_up_to_date
+            || self.gens.current == 0
+            || view.generations.bitmap != self.gens.current
+        {
+            return;
+        }
+        self.disk = DiskState::UpToDate;
+        self.persist();
     }
 
     /// The connection to the peer is gone.

@@ -140,6 +140,10 @@ struct Sim {
     seed: u64,
     crashes: bool,
     witness: Option<WitnessSim>,
+    /// Engines started after crashes and drive swaps: each gets its own
+    /// entropy, as a restarted daemon does (clock and pid), so that it never
+    /// hands out a generation id an earlier incarnation used.
+    restarts: u64,
 }
 
 /// A small activity log so that eviction and waiting are exercised.
@@ -219,6 +223,7 @@ impl Sim {
             acked: BTreeMap::new(),
             seed,
             crashes: false,
+            restarts: 0,
         };
         s.heal();
         s.run_until_quiet();
@@ -513,6 +518,11 @@ impl Sim {
         }
     }
 
+    fn restart_entropy(&mut self, n: usize) -> u64 {
+        self.restarts += 1;
+        Rng(self.seed ^ self.restarts.rotate_left(32) ^ n as u64).next_u64()
+    }
+
     /// Node `n` crashes (kill -9 / power loss) and restarts from what it
     /// persisted: unpersisted metadata is lost, each in-flight write may have
     /// landed completely, partly or not at all.
@@ -535,6 +545,7 @@ impl Sim {
                 }
             }
         }
+        let seed = self.restart_entropy(n);
         let node = &mut self.nodes[n];
         node.meta.clear();
         node.payload.clear();
@@ -549,7 +560,6 @@ impl Sim {
             })
             .collect();
         assert!(bitmap.load(&bytes).is_empty(), "persisted pages are intact");
-        let seed = Rng(self.seed ^ self.next_id.rotate_left(32) ^ n as u64).next_u64();
         let quorum = self.witness.is_some();
         node.eng = Engine::new(config(n == 0, quorum), p.disk, p.gens, bitmap, seed);
         node.eng.set_record(p.record);
@@ -618,6 +628,7 @@ impl Sim {
         }
         self.log.push(format!("swap drive {n}"));
         self.cut();
+        let seed = self.restart_entropy(n);
         let node = &mut self.nodes[n];
         node.pending.clear();
         node.meta.clear();
@@ -632,7 +643,6 @@ impl Sim {
             al: None,
             record: RecordView::default(),
         };
-        let seed = Rng(self.seed ^ self.next_id.rotate_left(16) ^ n as u64).next_u64();
         node.eng = Engine::new(
             config(n == 0, self.witness.is_some()),
             DiskState::Inconsistent,
