@@ -317,7 +317,8 @@ pub struct VolumeConfig {
     /// Resync never slows below this, however busy the application is.
     #[serde(default = "default_resync_rate_min")]
     pub resync_rate_min_bytes_per_s: u64,
-    /// Application write latency above which the resync backs off.
+    /// Application write latency above which the resync backs off; 0
+    /// (default): twice what application writes took without a resync.
     #[serde(default = "default_app_latency_target_ms")]
     pub resync_app_latency_target_ms: u64,
     /// Activity-log extents (4 MiB each) that may be written without a
@@ -365,7 +366,7 @@ fn default_resync_rate_min() -> u64 {
     8 << 20
 }
 fn default_app_latency_target_ms() -> u64 {
-    10
+    0
 }
 fn default_al_extents() -> usize {
     crate::meta::activity_log::DEFAULT_AL_EXTENTS

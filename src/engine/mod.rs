@@ -19,8 +19,11 @@ use crate::meta::{Bitmap, DiskState, Generations};
 use crate::quorum::{Holder, NoQuorumPolicy, RecordView};
 use crate::witness::WitnessOp;
 
-/// Resync chunks in flight at once.
+/// Resync (and verify) chunks in flight at once, at most.
 pub const RESYNC_WINDOW: usize = 32;
+/// Resync chunks in flight while application writes are running: little
+/// resync data queues in front of them on the link and the disks.
+pub const RESYNC_WINDOW_BUSY: usize = 4;
 /// Cleared bitmap bits are persisted after this many resynced chunks.
 pub const RESYNC_PERSIST_EVERY_CHUNKS: u64 = 256;
 
@@ -331,6 +334,9 @@ pub struct Engine {
     full_sync_token: u64,
     /// The peer has not yet been told the durable full-sync base.
     full_sync_announce: bool,
+    /// Resync chunks this node keeps in flight as the source (see
+    /// `set_resync_window`).
+    resync_window: usize,
     replicating: bool,
     al: ActivityLog,
     al_to_persist: Option<AlSnapshot>,
@@ -380,6 +386,7 @@ impl Engine {
             sync_done_after: None,
             full_sync_token: 0,
             full_sync_announce: false,
+            resync_window: RESYNC_WINDOW,
             replicating: false,
             al: ActivityLog::new(cfg_al.0, cfg_al.1),
             al_to_persist: None,
@@ -569,6 +576,19 @@ impl Engine {
         let pages = self.bitmap.set_all();
         self.pages_to_persist.extend(pages);
         self.persist()
+    }
+
+    /// Sets how many resync chunks may be in flight (1..=`RESYNC_WINDOW`):
+    /// the shell lowers it while application writes run, so that they do
+    /// not queue behind resync data, and raises it when they stop.
+    pub fn set_resync_window(&mut self, chunks: usize) {
+        let chunks = chunks.clamp(1, RESYNC_WINDOW);
+        if chunks == self.resync_window {
+            return;
+        }
+        self.resync_window = chunks;
+        self.pump_resync();
+        self.after_event();
     }
 
     /// The next action for the shell, if any.
@@ -1931,7 +1951,7 @@ impl Engine {
         ) {
             return;
         }
-        while prog.inflight < RESYNC_WINDOW {
+        while prog.inflight < self.resync_window {
             let Some(chunk) = self.bitmap.next_set(prog.cursor) else {
                 break;
             };

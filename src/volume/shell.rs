@@ -429,7 +429,8 @@ struct Shell {
     checksum_resync: bool,
     resync_pacer: Pacer,
     rate_controller: RateController,
-    write_started: HashMap<u64, Instant>,
+    /// Start time and length of application writes in flight.
+    write_started: HashMap<u64, (Instant, u64)>,
     detaching: Option<oneshot::Sender<Result<(), VolumeError>>>,
     node: String,
     lease: Option<Arc<super::VolumeLease>>,
@@ -461,6 +462,13 @@ impl Shell {
             {
                 self.resync_pacer.set_rate(rate);
             }
+            self.engine
+                .set_resync_window(if self.rate_controller.app_active() {
+                    crate::engine::RESYNC_WINDOW_BUSY
+                } else {
+                    crate::engine::RESYNC_WINDOW
+                });
+            self.drain_actions();
             match (self.engine.resync_running(), self.resync_started.is_some()) {
                 (true, false) => self.resync_started = Some(Instant::now()),
                 (false, true) => self.resync_started = None,
@@ -529,7 +537,7 @@ impl Shell {
                     self.bufs.insert(id, b);
                 }
                 if matches!(op, Op::Write { .. } | Op::Zeroes { .. }) {
-                    self.write_started.insert(id, Instant::now());
+                    self.write_started.insert(id, (Instant::now(), range.len));
                 }
                 self.waiters.insert(id, reply);
                 self.engine.submit(id, op, range);
@@ -932,8 +940,12 @@ impl Shell {
             Action::VerifyChunk { id, range } => self.verify_chunk(id, range),
             Action::Complete { id, result } => {
                 self.bufs.remove(&id);
-                if let Some(t) = self.write_started.remove(&id) {
-                    self.rate_controller.app_write_done(t.elapsed());
+                if let Some((t, bytes)) = self.write_started.remove(&id) {
+                    self.rate_controller.app_write_done(
+                        t.elapsed(),
+                        bytes,
+                        self.resync_started.is_some(),
+                    );
                 }
                 let data = self.read_results.remove(&id);
                 if let Some(w) = self.waiters.remove(&id) {
@@ -1165,6 +1177,7 @@ impl Shell {
         let store = self.store.clone();
         let index = self.index;
         let start_at = self.resync_pacer.reserve(range.len);
+        self.rate_controller.resync_started(range.len);
         let checksum = self.checksum_resync;
         tokio::spawn(async move {
             if let Some(at) = start_at {
@@ -1228,6 +1241,7 @@ impl Shell {
         let store = self.store.clone();
         let index = self.index;
         let start_at = self.resync_pacer.reserve(range.len);
+        self.rate_controller.resync_started(range.len);
         tokio::spawn(async move {
             if let Some(at) = start_at {
                 tokio::time::sleep_until(at.into()).await;
