@@ -494,7 +494,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<BenchRow>, BenchError> {
         });
     }
     let resync = if args.resync {
-        Some(resync::run(&mut c, vol_size, &link, args.runtime_s).await?)
+        Some(resync::run(&mut c, vol_size, &raw, &link, args.runtime_s).await?)
     } else {
         None
     };

@@ -20,6 +20,14 @@ pub struct ResyncFigures {
     pub idle_resync_bytes_per_s: f64,
     /// That rate against the link's capacity.
     pub idle_resync_vs_link: f64,
+    /// What the raw disk gives for the resync's own I/O pattern: 64 KiB
+    /// sequential reads of one region while 64 KiB writes go to another
+    /// (both copies share this disk here), the smaller of the two rates.
+    pub disk_copy_bytes_per_s: f64,
+    /// The resync's floor: min(link capacity, disk copy rate).
+    pub idle_resync_floor_bytes_per_s: f64,
+    /// The idle resync rate against that floor.
+    pub idle_resync_vs_floor: f64,
     /// Bytes of the 1 % scattered resync.
     pub scattered_resync_bytes: u64,
     /// Its duration in milliseconds (reattach to in sync).
@@ -98,6 +106,32 @@ fn dirty(
     fio(&a).map(|_| ())
 }
 
+/// The raw disk copying as a resync does: 64 KiB sequential reads of the
+/// first half of `raw` while 64 KiB writes go to the second half, each at
+/// the resync window's depth; the smaller rate, in bytes per second.
+fn disk_copy_rate(raw: &Path, size: u64, runtime_s: u64) -> Result<f64, BenchError> {
+    let half = size / 2;
+    let mut a = Vec::new();
+    for (name, rw, offset) in [("copy-read", "read", 0), ("copy-write", "write", half)] {
+        a.extend([
+            format!("--name={name}"),
+            format!("--filename={}", raw.display()),
+            format!("--rw={rw}"),
+            "--bs=64k".into(),
+            format!("--iodepth={}", crate::engine::RESYNC_WINDOW / 2),
+            format!("--offset={offset}"),
+            format!("--size={half}"),
+            format!("--runtime={runtime_s}"),
+            "--time_based".into(),
+            "--ioengine=io_uring".into(),
+            "--direct=1".into(),
+        ]);
+    }
+    let v = fio(&a)?;
+    let bw = |job: usize, side: &str| v["jobs"][job][side]["bw_bytes"].as_f64().unwrap_or(0.0);
+    Ok(bw(0, "read").min(bw(1, "write")))
+}
+
 /// Stops the secondary, runs `dirty`, restarts it; returns when it is
 /// attached again (the resync starts).
 async fn secondary_misses(
@@ -128,10 +162,12 @@ async fn resynced_bytes(c: &LocalCluster) -> Result<u64, BenchError> {
 pub async fn run(
     c: &mut LocalCluster,
     size: u64,
+    raw: &Path,
     link: &LinkCapacity,
     runtime_s: u64,
 ) -> Result<ResyncFigures, BenchError> {
     let socket = c.nbd_socket(0);
+    let disk_copy = disk_copy_rate(raw, size, runtime_s)?;
     let sync_wait = Duration::from_secs(600);
 
     // Activity-log updates per 1000 writes.
@@ -185,10 +221,14 @@ pub async fn run(
     let scattered_bytes = resynced_bytes(c).await?;
 
     let rate = idle_bytes as f64 / idle_s.max(1e-6);
+    let floor = disk_copy.min(link.capacity_bytes_per_s as f64).max(1.0);
     Ok(ResyncFigures {
         idle_resync_bytes: idle_bytes,
         idle_resync_bytes_per_s: rate,
         idle_resync_vs_link: rate / (link.capacity_bytes_per_s.max(1) as f64),
+        disk_copy_bytes_per_s: disk_copy,
+        idle_resync_floor_bytes_per_s: floor,
+        idle_resync_vs_floor: rate / floor,
         scattered_resync_bytes: scattered_bytes,
         scattered_resync_ms: scattered_ms,
         write_p50_us_idle: p50_idle,
@@ -212,10 +252,13 @@ pub async fn run(
 pub fn print(r: &ResyncFigures) {
     println!("resync:");
     println!(
-        "  whole volume, idle: {} MiB at {:.0} MB/s = {:.2} of the link's capacity",
+        "  whole volume, idle: {} MiB at {:.0} MB/s = {:.2} of the link's capacity, {:.2} of the floor {:.0} MB/s = min(link, raw disk copying 64 KiB reads + writes at once: {:.0} MB/s)",
         r.idle_resync_bytes >> 20,
         r.idle_resync_bytes_per_s / 1e6,
-        r.idle_resync_vs_link
+        r.idle_resync_vs_link,
+        r.idle_resync_vs_floor,
+        r.idle_resync_floor_bytes_per_s / 1e6,
+        r.disk_copy_bytes_per_s / 1e6
     );
     println!(
         "  1 % dirty in scattered 64 KiB pieces: {} KiB in {} ms (reattach to in sync)",
