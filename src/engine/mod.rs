@@ -580,15 +580,17 @@ impl Engine {
 
     /// Sets how many resync chunks may be in flight (1..=`RESYNC_WINDOW`):
     /// the shell lowers it while application writes run, so that they do
-    /// not queue behind resync data, and raises it when they stop.
-    pub fn set_resync_window(&mut self, chunks: usize) {
+    /// not queue behind resync data, and raises it when they stop. Returns
+    /// whether it changed (then new actions may be queued).
+    pub fn set_resync_window(&mut self, chunks: usize) -> bool {
         let chunks = chunks.clamp(1, RESYNC_WINDOW);
         if chunks == self.resync_window {
-            return;
+            return false;
         }
         self.resync_window = chunks;
         self.pump_resync();
         self.after_event();
+        true
     }
 
     /// The next action for the shell, if any.

@@ -956,6 +956,15 @@ impl Sim {
             96 if self.crashes && self.witness.is_none() && self.rng.below(4) == 0 => {
                 self.swap_drive()
             }
+            97 => {
+                // The shell narrows and widens the resync window as the
+                // application comes and goes.
+                let n = self.rng.below(2) as usize;
+                let w = 1 + self.rng.below(RESYNC_WINDOW as u64) as usize;
+                if self.nodes[n].eng.set_resync_window(w) {
+                    self.drain(n);
+                }
+            }
             _ => self.heal(),
         }
     }

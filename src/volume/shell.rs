@@ -457,18 +457,19 @@ impl Shell {
             self.read_path
                 .store(encode_read_path(self.engine.read_path()), Ordering::Release);
             self.note_peer_primary();
-            if self.resync_started.is_some()
-                && let Some(rate) = self.rate_controller.tick(Instant::now())
-            {
-                self.resync_pacer.set_rate(rate);
-            }
-            self.engine
-                .set_resync_window(if self.rate_controller.app_active() {
+            if self.resync_started.is_some() {
+                if let Some(rate) = self.rate_controller.tick(Instant::now()) {
+                    self.resync_pacer.set_rate(rate);
+                }
+                let window = if self.rate_controller.app_active() {
                     crate::engine::RESYNC_WINDOW_BUSY
                 } else {
                     crate::engine::RESYNC_WINDOW
-                });
-            self.drain_actions();
+                };
+                if self.engine.set_resync_window(window) {
+                    self.drain_actions();
+                }
+            }
             match (self.engine.resync_running(), self.resync_started.is_some()) {
                 (true, false) => self.resync_started = Some(Instant::now()),
                 (false, true) => self.resync_started = None,
