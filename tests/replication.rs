@@ -478,9 +478,31 @@ async fn online_verify_finds_damage_and_resync_repairs_it() {
     assert!(out.contains("; 0 bytes differ"), "{out}");
 }
 
+/// Replaces node `i`'s disk by a blank one (`create-md` on it) and restarts
+/// it; returns once it is a sync target (Inconsistent, connected).
+async fn swap_drive(c: &mut LocalCluster, i: usize, size: u64) {
+    c.kill(i);
+    std::fs::remove_file(&c.nodes[i].disk).expect("remove old disk");
+    let f = std::fs::File::create(&c.nodes[i].disk).expect("new disk");
+    f.set_len(size).expect("size");
+    drop(f);
+    let o = cli(c, i, &["create-md", "demo"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    c.restart(i).await.expect("restart");
+    let s = c
+        .wait_for(i, "sync target", WAIT, |s| {
+            s.peer.relation.as_deref() == Some("SyncTarget")
+                && s.disk.as_deref() == Some("Inconsistent")
+        })
+        .await
+        .expect("a sync target");
+    assert_eq!(s.peer.relation.as_deref(), Some("SyncTarget"));
+}
+
 /// Drive swap: a node's disk is replaced by a blank one; `create-md` on it
 /// and `attach` give a full sync from the up-to-date node; the node is
-/// UpToDate only when that finishes, and refuses promotion before.
+/// UpToDate only when that finishes. While its source is unreachable it
+/// refuses promotion (exit 4) and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drive_swap_gets_a_full_sync() {
     let opts = ClusterOptions {
@@ -493,34 +515,23 @@ async fn drive_swap_gets_a_full_sync() {
         0,
         &["write -P 0x3c 0 4M", "write -P 0x4d 12M 1M", "flush"],
     );
-    c.kill(1);
-    // The new, blank drive.
-    std::fs::remove_file(&c.nodes[1].disk).expect("remove old disk");
-    let f = std::fs::File::create(&c.nodes[1].disk).expect("new disk");
-    f.set_len(16 << 20).expect("size");
-    drop(f);
-    let o = cli(&c, 1, &["create-md", "demo"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    c.restart(1).await.expect("restart beta");
-    let s = c
-        .wait_for(1, "sync target", WAIT, |s| {
-            s.peer.relation.is_some() && s.disk.as_deref() == Some("Inconsistent")
-        })
-        .await
-        .expect("beta is a sync target");
-    assert_eq!(s.peer.relation.as_deref(), Some("SyncTarget"));
-    // With no primary anywhere, a copy still being synced is not promoted
-    // (exit 4), and says why.
-    let o = cli(&c, 0, &["secondary", "demo"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    swap_drive(&mut c, 1, 16 << 20).await;
+    // The source goes away: a copy still being synced is not promoted.
+    c.kill(0);
+    c.wait_for(1, "source gone", WAIT, |s| {
+        s.peer.connection == "Disconnected"
+    })
+    .await
+    .expect("beta sees alpha gone");
     let o = cli(&c, 1, &["primary", "demo"]);
     let why = String::from_utf8_lossy(&o.stderr);
     assert_eq!(
         o.status.code(),
         Some(4),
-        "a sync target was promoted: {why}"
+        "a sync target without its source was promoted: {why}"
     );
-    assert!(why.contains("sync"), "{why}");
+    assert!(why.contains("Inconsistent"), "{why}");
+    c.restart(0).await.expect("restart alpha");
     c.wait_in_sync(WAIT).await.expect("full sync");
     let o = cli(&c, 1, &["primary", "demo"]);
     assert!(
@@ -528,17 +539,94 @@ async fn drive_swap_gets_a_full_sync() {
         "up to date now: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let moved = c
+    let last = c
         .status(0)
         .await
         .expect("status")
         .last_resync
-        .expect("resync")
-        .total_bytes;
+        .expect("resync");
     assert_eq!(
-        moved,
+        last.total_bytes,
         c.status(0).await.expect("status").size_bytes.expect("size"),
         "a full sync"
+    );
+    assert_replicas_equal(&c).await;
+}
+
+/// A sync target whose source is connected can be made primary: it reads
+/// regions not synced yet from the source, forwards its writes to the
+/// source (and writes its own copy after it, in order with the resync), and
+/// serves locally once the resync is done. Both copies end equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoted_sync_target_serves_through_its_source() {
+    let opts = ClusterOptions {
+        // 16 MiB at 1 MiB/s: the copy is far from complete while we look.
+        resync_rate_max_bytes_per_s: 1 << 20,
+
+        ..small()
+    };
+    let mut c = up("promote-target", opts).await;
+    qemu_io(
+        &c,
+        0,
+        &["write -P 0x3c 0 4M", "write -P 0x4d 12M 1M", "flush"],
+    );
+    swap_drive(&mut c, 1, 16 << 20).await;
+    let o = cli(&c, 0, &["secondary", "demo"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = cli(&c, 1, &["primary", "demo"]);
+    assert!(
+        o.status.success(),
+        "a sync target with its source connected refused promotion: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let text = cli(&c, 1, &["status", "demo"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("I/O goes through the sync source"),
+        "status does not say where I/O goes:\n{text}"
+    );
+    // Regions the resync has not reached (it copies from the start at
+    // 1 MiB/s) come from the source; then the application writes.
+    qemu_io(
+        &c,
+        1,
+        &[
+            "read -P 0x4d 12M 1M",
+            "read -P 0x00 14M 1M",
+            "read -P 0x3c 0 4M",
+            "write -P 0x77 8M 1M",
+            "write -P 0x66 13M 64k",
+            "write -z 14M 512k",
+            "flush",
+            "read -P 0x77 8M 1M",
+            "read -P 0x66 13M 64k",
+        ],
+    );
+    let s = c.status(1).await.expect("status");
+    assert_eq!(
+        (s.role.as_deref(), s.disk.as_deref()),
+        (Some("Primary"), Some("Inconsistent")),
+        "the reads and writes above must have run while beta's copy was incomplete"
+    );
+    c.wait_in_sync(Duration::from_secs(60))
+        .await
+        .expect("the resync into the primary finishes");
+    let s = c.status(1).await.expect("status");
+    assert_eq!(s.role.as_deref(), Some("Primary"));
+    // Now local reads: everything the application wrote is on beta's disk.
+    qemu_io(
+        &c,
+        1,
+        &[
+            "read -P 0x3c 0 4M",
+            "read -P 0x77 8M 1M",
+            "read -P 0x4d 12M 1M",
+            "read -P 0x66 13M 64k",
+            "read -P 0x00 14M 512k",
+            "write -P 0x11 1M 4k",
+            "flush",
+        ],
     );
     assert_replicas_equal(&c).await;
 }

@@ -60,6 +60,10 @@ pub struct VolumeStatusReport {
     pub metadata_writes: u64,
     /// Current data generation id (hex).
     pub generation: Option<String>,
+    /// Requests held back (I/O frozen) because this primary's own copy is
+    /// still being resynced and its sync source is unreachable.
+    #[serde(default)]
+    pub frozen_requests: usize,
     /// Quorum state (null without a witness).
     #[serde(default)]
     pub quorum: Option<QuorumReport>,
@@ -183,6 +187,7 @@ impl VolumeStatusReport {
             activity_log_updates: 0,
             metadata_writes: 0,
             generation: None,
+            frozen_requests: 0,
             quorum: None,
         }
     }
@@ -270,6 +275,7 @@ impl VolumeStatusReport {
             last_verify,
             activity_log_updates: e.activity_log_updates,
             metadata_writes: s.metadata_writes,
+            frozen_requests: e.frozen_requests,
             generation: (e.generations.current != 0)
                 .then(|| format!("{:016x}", e.generations.current)),
             quorum: s.lease_valid.map(|lease_valid| QuorumReport {
@@ -371,6 +377,18 @@ pub fn render_text(s: &NodeStatus) -> String {
                 } else {
                     String::new()
                 }
+            ));
+        }
+        if v.role.as_deref() == Some("Primary") && v.disk.as_deref() == Some("Inconsistent") {
+            out.push_str(&format!(
+                "  I/O goes through the sync source {} until this copy is complete\n",
+                p.name
+            ));
+        }
+        if v.frozen_requests > 0 {
+            out.push_str(&format!(
+                "  I/O FROZEN: {} requests wait for the sync source {} (this copy is incomplete)\n",
+                v.frozen_requests, p.name
             ));
         }
         out.push_str(&format!(

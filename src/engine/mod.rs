@@ -56,8 +56,10 @@ pub enum PromoteError {
     /// No local disk.
     #[error("no local disk")]
     Diskless,
-    /// The node is receiving a resync.
-    #[error("a resync to this node is in progress; wait for it to finish")]
+    /// The node is receiving a resync and its source cannot serve it.
+    #[error(
+        "a resync to this node is in progress and its source is not up to date and connected to serve reads; wait for the resync to finish"
+    )]
     SyncTarget,
     /// The witness does not list this node as up to date.
     #[error(
@@ -117,6 +119,10 @@ pub enum Action {
         op: Op,
         /// Range.
         range: Range,
+        /// The write is not on this node's disk: the peer is the sync
+        /// source of this primary and must track it for the resync (and
+        /// refuse it when it no longer runs one).
+        forward: bool,
     },
     /// Read `range` locally, send it to the peer as resync data, and report
     /// `peer_done` for `id`.
@@ -291,6 +297,9 @@ pub struct EngineStatus {
     pub record: RecordView,
     /// Writes waiting for quorum (rule 2).
     pub quorum_waiting: usize,
+    /// Requests held back because this primary's copy is still being
+    /// resynced and its sync source is not reachable (I/O is frozen).
+    pub frozen_requests: usize,
     /// The last witness change failed and writes wait for it.
     pub quorum_lost: bool,
 }
@@ -351,6 +360,16 @@ pub struct Engine {
     witness_backoff: bool,
     quorum_waiters: BTreeSet<RequestId>,
     quorum_lost: bool,
+    /// Requests of a primary on a copy still being resynced, held back
+    /// while its sync source is unreachable (or refused them).
+    frozen: BTreeSet<RequestId>,
+    /// As a sync target told the resync is done: the local flush that
+    /// makes the resynced data durable first, and the source's generations.
+    sync_done_flush: Option<(RequestId, Generations)>,
+    /// As a sync source: the generation the target takes when it processes
+    /// the last "sync done" sent, until it confirms (0: none). The bitmap
+    /// has held every change since then.
+    sync_done_current: u64,
 }
 
 impl Engine {
@@ -401,6 +420,9 @@ impl Engine {
             witness_backoff: false,
             quorum_waiters: BTreeSet::new(),
             quorum_lost: false,
+            frozen: BTreeSet::new(),
+            sync_done_flush: None,
+            sync_done_current: 0,
         }
     }
 
@@ -419,19 +441,14 @@ impl Engine {
         // or the resync into it would not have started).
         if matches!(negotiated, Relation::Diverged | Relation::Refused(_)) {
             let consistent = |d: DiskState| matches!(d, DiskState::UpToDate | DiskState::Outdated);
-            if consistent(self.disk)
-                && view.disk == DiskState::Inconsistent
-                && view.role == Role::Secondary
-            {
+            // (An Inconsistent primary forwards its I/O to its sync source.)
+            if consistent(self.disk) && view.disk == DiskState::Inconsistent {
                 return Some(Relation::SyncSource {
                     target_ready: false,
                     full: true,
                 });
             }
-            if consistent(view.disk)
-                && self.disk == DiskState::Inconsistent
-                && self.role == Role::Secondary
-            {
+            if consistent(view.disk) && self.disk == DiskState::Inconsistent {
                 return Some(Relation::SyncTarget);
             }
         }
@@ -632,7 +649,7 @@ impl Engine {
             // have landed: none may land after resync data.
             sync_target: matches!(self.peer, Some((_, Relation::SyncTarget)))
                 && self.announce_after.is_none()
-                && !self.has_client_requests(),
+                && !self.has_local_client_writes(),
             full_sync_base: self.full_sync_base(),
             record: self.record,
         }
@@ -666,9 +683,10 @@ impl Engine {
             return;
         };
         let base = view.full_sync_base;
+        // (A primary on an Inconsistent copy wrote nothing to it: it
+        // forwards its writes to the source.)
         if base == 0
             || self.disk != DiskState::Inconsistent
-            || self.role != Role::Secondary
             || self.gens.current == base
             || view.generations.bitmap != base
         {
@@ -705,6 +723,7 @@ impl Engine {
             record: self.record,
             quorum_waiting: self.quorum_waiters.len(),
             quorum_lost: self.quorum_lost,
+            frozen_requests: self.frozen.len(),
         }
     }
 
@@ -744,16 +763,19 @@ impl Engine {
             ReadPath::Refuse
         } else if self.disk == DiskState::UpToDate {
             ReadPath::Local
-        } else if self.disk == DiskState::Diskless && self.replicating() {
+        } else if (self.disk == DiskState::Diskless && self.replicating()) || self.forwarding() {
+            // A forwarding primary's reads go to its sync source, or wait
+            // (frozen) while the source is unreachable.
             ReadPath::Peer
         } else {
             ReadPath::Refuse
         }
     }
 
-    /// Whether writes received from the peer may be applied here.
+    /// Whether writes received from the peer (mirrored writes, resync data)
+    /// may be applied here.
     pub fn accepts_peer_writes(&self) -> bool {
-        self.role == Role::Secondary
+        (self.role == Role::Secondary || self.forwarding())
             && self.disk != DiskState::Diskless
             && matches!(
                 self.peer,
@@ -761,6 +783,80 @@ impl Engine {
                     _,
                     Relation::InSync | Relation::SyncTarget | Relation::ServingDiskless
                 ))
+            )
+    }
+
+    /// Whether reads and flushes from the peer are served here: as its
+    /// mirror, or as the sync source of a primary whose own copy is still
+    /// being resynced.
+    pub fn serves_peer_reads(&self) -> bool {
+        self.disk == DiskState::UpToDate
+            && (self.accepts_peer_writes() || self.accepts_forwarded_writes())
+    }
+
+    /// Whether this node is (or just was) the sync source of a peer that
+    /// may forward its writes here (applied through `submit_forwarded`).
+    pub fn accepts_forwarded_writes(&self) -> bool {
+        self.role == Role::Secondary
+            && self.disk == DiskState::UpToDate
+            && matches!(
+                self.peer,
+                Some((_, Relation::SyncSource { .. } | Relation::InSync))
+            )
+    }
+
+    /// A write forwarded by the peer, a primary whose own copy this node is
+    /// resyncing. It is serialised with the resync chunks like a client
+    /// write (a chunk is read either wholly before it or after it has
+    /// landed), and it completes (`Action::Complete` with the returned id:
+    /// reply to the peer) once it is on this disk; the peer then writes it
+    /// to its own copy. None: not the sync source now (the peer holds the
+    /// write back and sends it again later).
+    pub fn submit_forwarded(&mut self, op: Op, range: Range) -> Option<RequestId> {
+        if !self.accepts_forwarded_writes() || !matches!(op, Op::Write { .. } | Op::Zeroes { .. }) {
+            return None;
+        }
+        let id = self.next_internal;
+        self.next_internal += 1;
+        let req = Request {
+            from_peer: true,
+            ..Request::new(op, range)
+        };
+        if self.table.insert(id, req) {
+            self.start(id);
+        }
+        self.after_event();
+        Some(id)
+    }
+
+    /// Primary on a copy that is still being resynced: it forwards every
+    /// read and write to its sync source and writes nothing locally.
+    fn forwarding(&self) -> bool {
+        self.role == Role::Primary && self.disk == DiskState::Inconsistent
+    }
+
+    /// Forwarding, and the sync source is connected and up to date.
+    fn forward_ready(&self) -> bool {
+        self.forwarding()
+            && matches!(
+                self.peer,
+                Some((v, Relation::SyncTarget))
+                    if v.disk == DiskState::UpToDate && v.role == Role::Secondary
+            )
+    }
+
+    /// Whether a promotion now would make this node a forwarding primary
+    /// (a sync target whose up-to-date source is connected).
+    /// Its Inconsistent state must be durable: after a crash it must not
+    /// come back as an up-to-date copy of its old data.
+    pub fn promotes_by_forwarding(&self) -> bool {
+        self.role == Role::Secondary
+            && self.disk == DiskState::Inconsistent
+            && self.durable.0 == DiskState::Inconsistent
+            && matches!(
+                self.peer,
+                Some((v, Relation::SyncTarget))
+                    if v.disk == DiskState::UpToDate && v.role == Role::Secondary
             )
     }
 
@@ -835,6 +931,7 @@ impl Engine {
             self.resend_quorum_waiters();
         }
         self.replicating = now;
+        self.resume_frozen(false);
         self.want_witness();
     }
 
@@ -849,18 +946,7 @@ impl Engine {
             });
             return;
         }
-        let req = Request {
-            op,
-            range,
-            local: Leg::Unused,
-            peer: Leg::Unused,
-            meta_token: 0,
-            local_deferred: false,
-            started: false,
-            start_after: 0,
-            al_pinned: false,
-        };
-        if self.table.insert(id, req) {
+        if self.table.insert(id, Request::new(op, range)) {
             self.start(id);
         }
         self.after_event();
@@ -888,8 +974,11 @@ impl Engine {
             return;
         }
         // Rule 6: the extents this write touches are in the persisted
-        // activity log before either leg is issued.
-        if matches!(op, Op::Write { .. } | Op::Zeroes { .. }) && has_disk {
+        // activity log before either leg is issued. (A forwarding primary
+        // writes locally too, once its sync source has the write. A write
+        // forwarded by the peer is covered by the peer's log.)
+        let from_peer = self.table.requests.get(&id).is_some_and(|r| r.from_peer);
+        if matches!(op, Op::Write { .. } | Op::Zeroes { .. }) && has_disk && !from_peer {
             let pinned = self.table.requests.get(&id).is_some_and(|r| r.al_pinned);
             if !pinned {
                 match self.al.begin(range.offset, range.len) {
@@ -923,7 +1012,28 @@ impl Engine {
         let Some(r) = self.table.requests.get(&id) else {
             return;
         };
-        let (op, range) = (r.op, r.range);
+        let (op, range, from_peer) = (r.op, r.range, r.from_peer);
+        if self.forwarding() && id < INTERNAL_ID_BASE {
+            return self.forward(id);
+        }
+        if from_peer {
+            // The peer forwarded it: this disk only (the peer writes its own
+            // copy once this one has it).
+            if let Some(r) = self.table.requests.get_mut(&id) {
+                r.local = Leg::Pending;
+            }
+            self.actions.push_back(Action::LocalIo { id, op, range });
+            return;
+        }
+        if op == Op::Read && !replicating && self.disk == DiskState::UpToDate {
+            // A read held back while this copy was being resynced; it is
+            // up to date now.
+            if let Some(r) = self.table.requests.get_mut(&id) {
+                r.local = Leg::Pending;
+            }
+            self.actions.push_back(Action::LocalIo { id, op, range });
+            return;
+        }
         let mut token = 0;
         if op != Op::Read && op != Op::Flush && !replicating && has_disk {
             let pages = self.bitmap.set_range(range.offset, range.len);
@@ -949,12 +1059,87 @@ impl Engine {
         }
         if replicating {
             r.peer = Leg::Pending;
-            self.actions.push_back(Action::PeerIo { id, op, range });
+            self.actions.push_back(Action::PeerIo {
+                id,
+                op,
+                range,
+                forward: false,
+            });
         }
         self.try_complete(id);
     }
 
+    /// A forwarding primary's request goes to the sync source only, or is
+    /// held back (frozen) until the source is reachable again: this copy
+    /// cannot serve it, and no other copy may take over (safety first).
+    fn forward(&mut self, id: RequestId) {
+        let ready = self.forward_ready();
+        let Some(r) = self.table.requests.get_mut(&id) else {
+            return;
+        };
+        if !ready {
+            r.peer = Leg::Unused;
+            self.frozen.insert(id);
+            return;
+        }
+        self.frozen.remove(&id);
+        r.peer = Leg::Pending;
+        r.forwarded = true;
+        let (op, range) = (r.op, r.range);
+        self.actions.push_back(Action::PeerIo {
+            id,
+            op,
+            range,
+            forward: true,
+        });
+    }
+
+    /// Frozen requests proceed once they can: forwarded again when the
+    /// sync source is back (`allow_forward`: only on news from the peer, so
+    /// a source that refuses them is not asked again in a loop), or served
+    /// as usual once this copy is up to date.
+    fn resume_frozen(&mut self, allow_forward: bool) {
+        if self.frozen.is_empty() {
+            return;
+        }
+        if self.forwarding() {
+            if allow_forward && self.forward_ready() {
+                for id in self.frozen.clone() {
+                    self.forward(id);
+                }
+            }
+            return;
+        }
+        if self.role != Role::Primary || self.disk != DiskState::UpToDate {
+            return;
+        }
+        for id in std::mem::take(&mut self.frozen) {
+            if let Some(r) = self.table.requests.get_mut(&id) {
+                r.local = Leg::Unused;
+                r.peer = Leg::Unused;
+                r.forwarded = false;
+                r.meta_token = 0;
+                r.local_deferred = false;
+                self.start(id);
+            }
+        }
+    }
+
+    /// Fails every frozen request with `why` (this node stops being primary).
+    fn fail_frozen(&mut self, why: IoFailure) {
+        for id in std::mem::take(&mut self.frozen) {
+            self.actions.push_back(Action::Complete {
+                id,
+                result: Err(why),
+            });
+            self.finish(id);
+        }
+    }
+
     fn try_complete(&mut self, id: RequestId) {
+        if self.frozen.contains(&id) {
+            return;
+        }
         let persisted = self.meta_persisted;
         let Some(r) = self.table.requests.get(&id) else {
             return;
@@ -1006,6 +1191,7 @@ impl Engine {
     /// the witness to outdate the peer before it may complete.
     fn needs_quorum(&self, r: &Request) -> bool {
         self.cfg.quorum.is_some()
+            && !r.from_peer
             && !matches!(r.op, Op::Read | Op::ResyncChunk | Op::VerifyChunk)
             && r.peer != Leg::Done
             && (self.record.epoch == 0 || self.record.peer_up_to_date)
@@ -1021,7 +1207,12 @@ impl Engine {
             {
                 r.peer = Leg::Pending;
                 let (op, range) = (r.op, r.range);
-                self.actions.push_back(Action::PeerIo { id, op, range });
+                self.actions.push_back(Action::PeerIo {
+                    id,
+                    op,
+                    range,
+                    forward: false,
+                });
             }
         }
     }
@@ -1160,6 +1351,7 @@ impl Engine {
         self.actions.push_back(Action::Export(false));
         self.actions.push_back(Action::Notify(Notice::Fenced));
         self.fail_quorum_waiters();
+        self.fail_frozen(IoFailure::NoQuorum);
         self.persist();
         self.actions.push_back(Action::AnnounceState);
     }
@@ -1212,6 +1404,7 @@ impl Engine {
         }
         if id < INTERNAL_ID_BASE
             && matches!(self.peer, Some((_, Relation::SyncTarget)))
+            && !self.forwarding()
             && !self.has_client_requests()
         {
             // Now ready to receive the resync (see `view`).
@@ -1227,8 +1420,25 @@ impl Engine {
             .is_some_and(|id| *id < INTERNAL_ID_BASE)
     }
 
+    /// Whether a client write may still land on the local disk. A primary
+    /// forwarding to its sync source writes nothing locally; a secondary
+    /// (a fenced primary) counts every client request it still holds.
+    fn has_local_client_writes(&self) -> bool {
+        // A forwarding primary writes a block locally only after the sync
+        // source has applied it, and the source serialises its writes with
+        // the resync chunks it reads: resync data and such a local write of
+        // the same bytes always agree, so it need not wait for them.
+        !self.forwarding() && self.has_client_requests()
+    }
+
     /// The local leg of `id` finished.
     pub fn local_done(&mut self, id: RequestId, ok: bool) {
+        if let Some((flush, source)) = self.sync_done_flush
+            && flush == id
+        {
+            self.sync_done_flush = None;
+            return self.sync_done_flushed(source, ok);
+        }
         if let Some(r) = self.table.requests.get_mut(&id) {
             r.local = if ok { Leg::Done } else { Leg::Failed };
         }
@@ -1255,6 +1465,16 @@ impl Engine {
         }
         if ok {
             r.peer = Leg::Done;
+            if r.forwarded
+                && matches!(r.op, Op::Write { .. } | Op::Zeroes { .. })
+                && self.disk != DiskState::Diskless
+            {
+                // The sync source has it: now this copy (see
+                // `has_local_client_writes` for why the order is safe).
+                r.local = Leg::Pending;
+                let (op, range) = (r.op, r.range);
+                self.actions.push_back(Action::LocalIo { id, op, range });
+            }
         } else {
             self.peer_leg_lost(id);
         }
@@ -1263,11 +1483,18 @@ impl Engine {
     }
 
     /// The peer will not have request `id`: cover its range in the bitmap.
+    /// A forwarded request (the peer, its sync source, refused it or the
+    /// link dropped) is held back instead: this copy cannot serve it.
     fn peer_leg_lost(&mut self, id: RequestId) {
         let Some(r) = self.table.requests.get_mut(&id) else {
             return;
         };
         r.peer = Leg::Unused;
+        if r.forwarded {
+            r.forwarded = false;
+            self.frozen.insert(id);
+            return;
+        }
         let (op, range) = (r.op, r.range);
         if matches!(op, Op::Write { .. } | Op::Zeroes { .. }) {
             // The generation change must be recorded before any write
@@ -1358,6 +1585,7 @@ impl Engine {
             && t <= self.meta_persisted
         {
             self.sync_done_after = None;
+            self.sync_done_current = self.gens.current;
             self.actions.push_back(Action::SendSyncDone {
                 generations: self.gens,
             });
@@ -1435,7 +1663,9 @@ impl Engine {
 
     /// Whether this node could become primary now (no side effects).
     pub fn promote_check(&self, force: bool) -> Result<(), PromoteError> {
-        if self.role == Role::Primary {
+        if self.role == Role::Primary || self.promotes_by_forwarding() {
+            // A sync target whose up-to-date source is connected serves
+            // through the source until its own copy is complete.
             return Ok(());
         }
         if let Some((p, rel)) = &self.peer {
@@ -1463,7 +1693,8 @@ impl Engine {
             return Ok(self.meta_issued);
         }
         self.promote_check(force)?;
-        if matches!(self.disk, DiskState::Outdated | DiskState::Inconsistent) {
+        let forwarding = self.promotes_by_forwarding();
+        if !forwarding && matches!(self.disk, DiskState::Outdated | DiskState::Inconsistent) {
             // Forced: this copy starts a new data history.
             let id = self.fresh_id();
             self.gens.start_new_history(id);
@@ -1515,10 +1746,13 @@ impl Engine {
         if self.role == Role::Secondary {
             return Ok(self.meta_issued);
         }
-        let busy = self.status().inflight_requests;
+        // Requests frozen while the sync source is away were never
+        // acknowledged: they fail, so that the node can step down.
+        let busy = self.status().inflight_requests - self.frozen.len();
         if busy > 0 {
             return Err(DemoteError::Busy(busy));
         }
+        self.fail_frozen(IoFailure::NoCopy);
         self.role = Role::Secondary;
         self.export_after = None;
         self.actions.push_back(Action::Export(false));
@@ -1562,6 +1796,18 @@ impl Engine {
         {
             // The target confirmed the finished resync.
             self.gens.sync_source_done();
+            self.sync_done_current = 0;
+            self.persist();
+        }
+        if first
+            && self.sync_done_current != 0
+            && view.generations.current == self.sync_done_current
+            && self.gens.rebase(self.sync_done_current)
+        {
+            // The link dropped after the target took our generation at the
+            // end of a resync but before it could confirm: our bitmap holds
+            // every change since (it was empty then), so resync just that.
+            self.sync_done_current = 0;
             self.persist();
         }
         if renegotiate {
@@ -1575,6 +1821,7 @@ impl Engine {
             self.target_ready(view, full);
         }
         self.adopt_full_sync_base();
+        self.resume_frozen(true);
         self.after_event();
     }
 
@@ -1785,11 +2032,34 @@ impl Engine {
         self.peer_dirty = None;
         self.announce_after = None;
         self.sync_done_after = None;
+        self.sync_done_flush = None;
         self.after_event();
     }
 
     /// The peer finished resyncing this node from `source` generations.
+    /// The resync data (and a forwarding primary's own writes) were written
+    /// without FUA: a local flush makes them durable before this copy
+    /// calls itself up to date.
     pub fn peer_sync_done(&mut self, source: Generations) {
+        if !matches!(self.peer, Some((_, Relation::SyncTarget))) || self.sync_done_flush.is_some() {
+            return;
+        }
+        let id = self.next_internal;
+        self.next_internal += 1;
+        self.sync_done_flush = Some((id, source));
+        self.actions.push_back(Action::LocalIo {
+            id,
+            op: Op::Flush,
+            range: Range::new(0, 0),
+        });
+    }
+
+    /// The flush before taking the source's generations finished.
+    fn sync_done_flushed(&mut self, source: Generations, ok: bool) {
+        if !ok {
+            self.local_disk_failed();
+            return self.after_event();
+        }
         if !matches!(self.peer, Some((_, Relation::SyncTarget))) {
             return;
         }
@@ -1814,18 +2084,11 @@ impl Engine {
         let len = self.cfg.chunk_bytes.min(self.cfg.data_bytes - offset);
         let id = self.next_internal;
         self.next_internal += 1;
-        let req = Request {
-            op,
-            range: Range::new(offset, len),
-            local: Leg::Unused,
-            peer: Leg::Unused,
-            meta_token: 0,
-            local_deferred: false,
-            started: false,
-            start_after: 0,
-            al_pinned: false,
-        };
-        (id, self.table.insert(id, req))
+        (
+            id,
+            self.table
+                .insert(id, Request::new(op, Range::new(offset, len))),
+        )
     }
 
     // ---- online verify and on-demand resync ----

@@ -121,7 +121,9 @@ pub fn negotiate(
         // it started into an Inconsistent peer.
         if me.disk != UpToDate && !(me.disk == Outdated && peer.disk == Inconsistent) {
             Relation::Refused("this node has newer data but is not up to date")
-        } else if peer.role == Role::Primary {
+        } else if peer.role == Role::Primary && peer.disk != Inconsistent {
+            // (A primary on an Inconsistent copy forwards its I/O to this
+            // node while the resync fills its copy.)
             Relation::Refused("the peer is primary but has older data")
         } else {
             Relation::SyncSource {
@@ -133,7 +135,7 @@ pub fn negotiate(
     let target = || {
         if peer.disk != UpToDate && !(peer.disk == Outdated && me.disk == Inconsistent) {
             Relation::Refused("the peer has newer data but is not up to date")
-        } else if me.role == Role::Primary {
+        } else if me.role == Role::Primary && me.disk != Inconsistent {
             Relation::Refused("this node is primary but the peer has newer data; demote it")
         } else {
             Relation::SyncTarget
@@ -159,6 +161,13 @@ pub fn negotiate(
             (UpToDate, Outdated) => source(peer.dirty_chunks > 0 && !peer_dirty_known),
             _ => match (me.dirty_chunks > 0, peer.dirty_chunks > 0) {
                 (false, false) => Relation::InSync,
+                // A primary's copy is the authoritative one: it holds every
+                // write it completed, and with the same history nothing of
+                // the secondary's is newer. So a secondary's dirty chunks
+                // (e.g. a resync union it announced before the last one
+                // finished) are copied from the primary, never to it.
+                (true, false) if peer.role == Role::Primary => target(),
+                (false, true) if me.role == Role::Primary => source(!peer_dirty_known),
                 (true, false) => source(false),
                 (false, true) => target(),
                 (true, true) => {

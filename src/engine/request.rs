@@ -51,7 +51,9 @@ pub enum Op {
     },
     /// Make every completed write durable on every up-to-date node.
     Flush,
-    /// Read through the peer (only when this node is diskless).
+    /// Read through the peer (this node is diskless, or primary on a copy
+    /// still being resynced), or locally when such a read was held back
+    /// and this copy has become up to date meanwhile.
     Read,
     /// Copy one chunk to the peer (resync).
     ResyncChunk,
@@ -105,6 +107,30 @@ pub struct Request {
     pub start_after: u64,
     /// Holds a reference on its activity-log extents.
     pub al_pinned: bool,
+    /// Sent to the peer only, by a primary whose own copy is still being
+    /// resynced (the peer, its sync source, applies and tracks it).
+    pub forwarded: bool,
+    /// A write forwarded by the peer (this node is its sync source).
+    pub from_peer: bool,
+}
+
+impl Request {
+    /// A request not started yet.
+    pub fn new(op: Op, range: Range) -> Self {
+        Request {
+            op,
+            range,
+            local: Leg::Unused,
+            peer: Leg::Unused,
+            meta_token: 0,
+            local_deferred: false,
+            started: false,
+            start_after: 0,
+            al_pinned: false,
+            forwarded: false,
+            from_peer: false,
+        }
+    }
 }
 
 /// Requests in flight plus the FIFO of those waiting for an overlapping
@@ -182,15 +208,10 @@ mod tests {
 
     fn w(offset: u64, len: u64) -> Request {
         Request {
-            op: Op::Write { fua: false },
-            range: Range::new(offset, len),
             local: Leg::Pending,
             peer: Leg::Pending,
-            meta_token: 0,
-            local_deferred: false,
             started: true,
-            start_after: 0,
-            al_pinned: false,
+            ..Request::new(Op::Write { fua: false }, Range::new(offset, len))
         }
     }
 

@@ -70,6 +70,21 @@ enum Msg {
         id: RequestId,
         data: Vec<(u64, u64)>,
     },
+    /// A write of a primary whose copy the receiver is resyncing.
+    Forward {
+        id: RequestId,
+        op: Op,
+        range: Range,
+        data: Vec<(u64, u64)>,
+    },
+    Read {
+        id: RequestId,
+        range: Range,
+    },
+    ReadReply {
+        id: RequestId,
+        data: Option<Vec<(u64, u64)>>,
+    },
     Flush {
         id: RequestId,
     },
@@ -125,6 +140,13 @@ struct Node {
     /// Client payloads by request id.
     payload: BTreeMap<RequestId, Vec<(u64, u64)>>,
     inbox: VecDeque<Msg>,
+    /// Writes the peer forwarded, by engine id: the peer's request id.
+    forwards: BTreeMap<RequestId, RequestId>,
+    /// Client reads in flight: the block and the newest version
+    /// acknowledged when the read was issued (rule 7).
+    reads: BTreeMap<RequestId, (u64, u64)>,
+    /// What a read in flight got (from the peer or the local disk).
+    read_values: BTreeMap<RequestId, u64>,
 }
 
 struct Sim {
@@ -144,6 +166,27 @@ struct Sim {
     /// entropy, as a restarted daemon does (clock and pid), so that it never
     /// hands out a generation id an earlier incarnation used.
     restarts: u64,
+    cov: Coverage,
+    /// A second stream for the events added with promoted sync targets, so
+    /// that schedules which never reach them stay as they were (the
+    /// once-failing seeds replay the same steps).
+    rng2: Rng,
+}
+
+/// How often the schedules reached the paths of a promoted sync target
+/// (summed over all seeds; a run that never reaches them proves nothing).
+#[derive(Clone, Copy, Debug, Default)]
+struct Coverage {
+    /// Sync targets promoted while their source was connected.
+    promotions: u64,
+    /// Writes a sync source applied for its primary.
+    forwarded_writes: u64,
+    /// Reads a forwarding primary completed (checked against rule 7).
+    reads: u64,
+    /// Resyncs finished into a primary.
+    hand_overs: u64,
+    /// Steps at which a forwarding primary held requests back.
+    frozen_steps: u64,
 }
 
 /// A small activity log so that eviction and waiting are exercised.
@@ -188,6 +231,9 @@ fn new_node(seed: u64, tie: bool, quorum: bool) -> Node {
         },
         payload: BTreeMap::new(),
         inbox: VecDeque::new(),
+        forwards: BTreeMap::new(),
+        reads: BTreeMap::new(),
+        read_values: BTreeMap::new(),
     }
 }
 
@@ -224,6 +270,8 @@ impl Sim {
             seed,
             crashes: false,
             restarts: 0,
+            cov: Coverage::default(),
+            rng2: Rng(seed ^ 0x5eed_5eed),
         };
         s.heal();
         s.run_until_quiet();
@@ -305,6 +353,17 @@ impl Sim {
     fn drain(&mut self, n: usize) {
         while let Some(a) = self.nodes[n].eng.poll_action() {
             match a {
+                Action::LocalIo {
+                    id,
+                    op: Op::Read,
+                    range,
+                } => {
+                    // Reads complete at once, from what the disk holds now.
+                    let node = &mut self.nodes[n];
+                    let v = node.disk.get(&(range.offset / BLOCK)).copied();
+                    node.read_values.insert(id, v.unwrap_or(0));
+                    node.eng.local_done(id, true);
+                }
                 Action::LocalIo { id, op, range } => {
                     let node = &mut self.nodes[n];
                     let data = match op {
@@ -320,7 +379,12 @@ impl Sim {
                         flush: op == Op::Flush,
                     });
                 }
-                Action::PeerIo { id, op, .. } => {
+                Action::PeerIo {
+                    id,
+                    op,
+                    range,
+                    forward,
+                } => {
                     let data = match op {
                         Op::Write { .. } => {
                             self.nodes[n].payload.get(&id).cloned().unwrap_or_default()
@@ -332,6 +396,15 @@ impl Sim {
                     };
                     let m = if op == Op::Flush {
                         Msg::Flush { id }
+                    } else if op == Op::Read {
+                        Msg::Read { id, range }
+                    } else if forward {
+                        Msg::Forward {
+                            id,
+                            op,
+                            range,
+                            data,
+                        }
                     } else {
                         Msg::Write { id, data }
                     };
@@ -352,6 +425,26 @@ impl Sim {
                     }
                 }
                 Action::Complete { id, result } => {
+                    if let Some(peer_id) = self.nodes[n].forwards.remove(&id) {
+                        self.nodes[n].payload.remove(&id);
+                        let ok = result.is_ok();
+                        self.cov.forwarded_writes += u64::from(ok);
+                        self.send(1 - n, Msg::Ack { id: peer_id, ok });
+                        continue;
+                    }
+                    if let Some((block, acked)) = self.nodes[n].reads.remove(&id) {
+                        let got = self.nodes[n].read_values.remove(&id);
+                        if result.is_ok() {
+                            self.cov.reads += 1;
+                            let have = got.expect("a completed read has data") & !ZERO_FLAG;
+                            assert!(
+                                have >= acked,
+                                "rule 7: node {n} read block {block} at v{have} through its sync source or after the hand-over, older than acknowledged v{acked}; log {:?}",
+                                self.log
+                            );
+                        }
+                        continue;
+                    }
                     if let Some(data) = self.nodes[n].payload.remove(&id)
                         && result.is_ok()
                     {
@@ -461,7 +554,10 @@ impl Sim {
                     self.log.push(format!("{to}: {after:?} dirty {d:?}"));
                 }
             }
-            Msg::SyncDone(g) => self.nodes[to].eng.peer_sync_done(g),
+            Msg::SyncDone(g) => {
+                self.cov.hand_overs += u64::from(self.nodes[to].eng.role == Role::Primary);
+                self.nodes[to].eng.peer_sync_done(g)
+            }
             Msg::Ack { id, ok } => self.nodes[to].eng.peer_done(id, ok),
             Msg::Flush { id } => self.nodes[to]
                 .pending
@@ -472,6 +568,33 @@ impl Sim {
                 } else {
                     self.send(1 - to, Msg::Ack { id, ok: false });
                 }
+            }
+            Msg::Forward {
+                id,
+                op,
+                range,
+                data,
+            } => match self.nodes[to].eng.submit_forwarded(op, range) {
+                Some(fid) => {
+                    self.nodes[to].payload.insert(fid, data);
+                    self.nodes[to].forwards.insert(fid, id);
+                }
+                None => self.send(1 - to, Msg::Ack { id, ok: false }),
+            },
+            Msg::Read { id, range } => {
+                let data = self.nodes[to].eng.serves_peer_reads().then(|| {
+                    blocks(range)
+                        .map(|b| (b, self.nodes[to].disk.get(&b).copied().unwrap_or(0)))
+                        .collect()
+                });
+                self.send(1 - to, Msg::ReadReply { id, data });
+            }
+            Msg::ReadReply { id, data } => {
+                let ok = data.is_some();
+                if let Some(d) = data.and_then(|d| d.first().copied()) {
+                    self.nodes[to].read_values.insert(id, d.1);
+                }
+                self.nodes[to].eng.peer_done(id, ok);
             }
         }
         self.drain(to);
@@ -550,6 +673,9 @@ impl Sim {
         node.meta.clear();
         node.payload.clear();
         node.inbox.clear();
+        node.forwards.clear();
+        node.reads.clear();
+        node.read_values.clear();
         let p = node.persisted.clone();
         let mut bitmap = Bitmap::new(DATA_BYTES, CHUNK);
         // Pages never written are as formatted (all clear).
@@ -634,6 +760,9 @@ impl Sim {
         node.meta.clear();
         node.payload.clear();
         node.inbox.clear();
+        node.forwards.clear();
+        node.reads.clear();
+        node.read_values.clear();
         node.disk = Disk::new();
         node.persisted = Persisted {
             disk: DiskState::Inconsistent,
@@ -834,6 +963,9 @@ impl Sim {
     /// acknowledged write.
     fn read_check(&mut self) {
         let n = self.rng.below(2) as usize;
+        if self.serving(n) && self.nodes[n].eng.read_path() == ReadPath::Peer {
+            return self.submit_read(n);
+        }
         if !self.serving(n) || self.nodes[n].eng.disk != DiskState::UpToDate {
             return;
         }
@@ -845,6 +977,103 @@ impl Sim {
             "rule 7: node {n} served block {block} at v{have}, older than acknowledged v{acked}; log {:?}",
             self.log
         );
+    }
+
+    /// A read through the engine (a primary whose copy is still being
+    /// resynced reads from its sync source); checked at completion.
+    fn submit_read(&mut self, n: usize) {
+        if !self.nodes[n].eng.exported() {
+            return;
+        }
+        let block = self.rng2.below(DATA_BYTES / BLOCK);
+        let id = self.next_id;
+        self.next_id += 1;
+        let acked = self.acked.get(&block).copied().unwrap_or(0);
+        self.nodes[n].reads.insert(id, (block, acked));
+        self.log.push(format!("r{id}@{block} on {n}"));
+        self.nodes[n]
+            .eng
+            .submit(id, Op::Read, Range::new(block * BLOCK, BLOCK));
+        self.drain(n);
+    }
+
+    /// A cluster manager moves the primary role to the node that is being
+    /// resynced, while its source is connected: the old primary demotes,
+    /// the sync target promotes and serves through its source until its own
+    /// copy is complete.
+    fn promote_sync_target(&mut self) -> bool {
+        // (A target whose Inconsistent state is not durable yet would be
+        // refused; the cluster manager keeps the old primary then.)
+        let Some(t) = (0..2).find(|&i| {
+            self.nodes[i].eng.role == Role::Secondary
+                && self.nodes[i].eng.status().relation == Some(Relation::SyncTarget)
+                && self.nodes[i].eng.durable.0 == DiskState::Inconsistent
+        }) else {
+            return false;
+        };
+        let s = 1 - t;
+        if self.nodes[s].eng.role == Role::Primary {
+            // The application stops first: what it has in flight finishes.
+            for _ in 0..200 {
+                if self.nodes[s].eng.status().inflight_requests == 0 {
+                    break;
+                }
+                for n in 0..2 {
+                    self.deliver(n);
+                    self.complete_local(n);
+                    self.persist_meta(n);
+                }
+            }
+            if !matches!(
+                self.nodes[s].eng.status().relation,
+                Some(Relation::SyncSource { .. })
+            ) {
+                return true;
+            }
+            if self.nodes[s].eng.demote().is_err() {
+                return false;
+            }
+            self.log.push(format!("demote {s}"));
+            self.drain(s);
+            if let Some(w) = &mut self.witness
+                && w.reach[s]
+            {
+                let epoch = self.nodes[s].eng.record().epoch;
+                let (o, _) =
+                    w.arb
+                        .change(NAMES[s], w.now_ms, "v", NAMES[t], epoch, WitnessOp::Demote);
+                w.note();
+                if let ChangeOutcome::Done(r) = o {
+                    let view = RecordView::of(&r, NAMES[s], NAMES[t]);
+                    self.nodes[s].eng.witness_record(view);
+                    self.drain(s);
+                }
+            }
+        }
+        // The target hears of the demotion.
+        for _ in 0..64 {
+            if !self.nodes[t].eng.peer_is_primary() || self.nodes[t].inbox.is_empty() {
+                break;
+            }
+            self.deliver(t);
+        }
+        let promoted = if self.witness.is_some() {
+            self.witness_promote(t)
+        } else {
+            let ok = self.nodes[t].eng.promote(false).is_ok();
+            self.drain(t);
+            ok
+        };
+        if promoted {
+            self.cov.promotions += 1;
+            self.log.push(format!("promoted sync target {t}"));
+        } else if self.witness.is_none() && self.nodes[s].eng.promote(false).is_ok() {
+            // Without a witness the cluster manager puts the old primary
+            // back (with one, its failover logic decides later).
+            self.log.push(format!("promote {s} again"));
+            self.drain(s);
+        }
+        true
     }
 
     fn submit_write(&mut self) {
@@ -915,6 +1144,15 @@ impl Sim {
     }
 
     fn step(&mut self) {
+        if self.nodes.iter().any(|n| !n.eng.frozen.is_empty()) {
+            self.cov.frozen_steps += 1;
+        }
+        if self.rng2.below(4) == 0
+            && let Some(n) =
+                (0..2).find(|&n| self.serving(n) && self.nodes[n].eng.read_path() == ReadPath::Peer)
+        {
+            self.submit_read(n);
+        }
         if self.witness.is_some() {
             assert!(
                 !(self.serving(0) && self.serving(1)),
@@ -955,6 +1193,11 @@ impl Sim {
             }
             96 if self.crashes && self.witness.is_none() && self.rng.below(4) == 0 => {
                 self.swap_drive()
+            }
+            98 => {
+                if !self.promote_sync_target() {
+                    self.heal()
+                }
             }
             97 => {
                 // The shell narrows and widens the resync window as the
@@ -1023,7 +1266,7 @@ fn norm(d: &Disk) -> Vec<(u64, u64)> {
         .collect()
 }
 
-fn run_seed(seed: u64, steps: usize, crashes: bool, witness: bool) {
+fn run_seed(seed: u64, steps: usize, crashes: bool, witness: bool) -> Coverage {
     let mut sim = Sim::with_witness(seed, witness);
     sim.crashes = crashes;
     for _ in 0..steps {
@@ -1073,6 +1316,7 @@ fn run_seed(seed: u64, steps: usize, crashes: bool, witness: bool) {
             sim.log
         );
     }
+    sim.cov
 }
 
 fn run_seeds(crashes: bool) {
@@ -1089,11 +1333,32 @@ fn run_seeds_with(crashes: bool, witness: bool) {
             .unwrap_or(2000))
             .collect(),
     };
+    let many = seeds.len() >= 1000;
+    let mut total = Coverage::default();
     for seed in seeds {
-        let r = std::panic::catch_unwind(|| run_seed(seed, 400, crashes, witness));
-        if r.is_err() {
-            panic!("simulation failed for seed {seed}; replay with BLKREP_SIM_SEED={seed}");
+        match std::panic::catch_unwind(|| run_seed(seed, 400, crashes, witness)) {
+            Ok(c) => {
+                total.promotions += c.promotions;
+                total.forwarded_writes += c.forwarded_writes;
+                total.reads += c.reads;
+                total.hand_overs += c.hand_overs;
+                total.frozen_steps += c.frozen_steps;
+            }
+            Err(_) => {
+                panic!("simulation failed for seed {seed}; replay with BLKREP_SIM_SEED={seed}")
+            }
         }
+    }
+    eprintln!("coverage (crashes {crashes}, witness {witness}): {total:?}");
+    if many {
+        assert!(
+            total.promotions > 0
+                && total.forwarded_writes > 0
+                && total.reads > 0
+                && total.hand_overs > 0
+                && total.frozen_steps > 0,
+            "the schedules never reached a promoted sync target's paths: {total:?}"
+        );
     }
 }
 

@@ -27,6 +27,10 @@ pub const CONTROL_PAYLOAD_MAX_BYTES: u32 = 64 * 1024;
 pub const FLAG_FUA: u16 = 1;
 /// Frame flag: this write is resync traffic.
 pub const FLAG_RESYNC: u16 = 2;
+/// Frame flag: this write is not on the sender's disk yet: the sender is
+/// primary on a copy the receiver is resyncing, and writes its own copy only
+/// after the receiver has applied it (in order with the resync).
+pub const FLAG_FORWARD: u16 = 4;
 
 /// What a frame is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

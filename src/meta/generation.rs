@@ -96,6 +96,26 @@ impl Generations {
         }
     }
 
+    /// The peer is known to be at `id`, a generation of this history newer
+    /// than the bitmap base, and the bitmap holds every change since `id`
+    /// (the caller's proof): make `id` the bitmap base, so that the peer
+    /// gets a bitmap resync instead of a full one. Returns whether it did.
+    pub fn rebase(&mut self, id: u64) -> bool {
+        if self.bitmap == 0 || self.bitmap == id || id == self.current {
+            return false;
+        }
+        let Some(pos) = self.history.iter().position(|h| *h == id) else {
+            return false;
+        };
+        // Drop `id` from the history, keep the order of the rest.
+        self.history[pos..].rotate_left(1);
+        self.history[HISTORY_LEN - 1] = 0;
+        let old = self.bitmap;
+        self.bitmap = id;
+        self.push_history(old);
+        true
+    }
+
     fn push_history(&mut self, id: u64) {
         if id == 0 || self.history.contains(&id) {
             return;
@@ -133,6 +153,21 @@ mod tests {
             current,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn rebase_turns_a_full_resync_into_a_bitmap_one() {
+        let mut a = g(10);
+        a.start_tracking(11); // base 10
+        a.start_tracking(12); // 11 into history
+        let peer = g(11);
+        assert_eq!(a.compare(&peer), SyncDecision::LocalAheadFull);
+        assert!(a.rebase(11));
+        assert_eq!(a.bitmap, 11);
+        assert!(a.history.contains(&10) && !a.history.contains(&11));
+        assert_eq!(a.compare(&peer), SyncDecision::LocalAheadBitmap);
+        // Unknown ids, the current one and a missing base change nothing.
+        assert!(!a.rebase(99) && !a.rebase(12) && !g(5).rebase(5));
     }
 
     #[test]

@@ -105,6 +105,10 @@ pub(crate) enum Input {
         id: u64,
         ok: bool,
     },
+    LocalRead {
+        id: u64,
+        data: Option<AlignedBuf>,
+    },
     PeerDone {
         id: u64,
         ok: bool,

@@ -11,7 +11,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use super::{HandleInner, Input, VolumeError, VolumeHandle, VolumeStatus, encode_read_path};
 use crate::config::MetaLocation;
 use crate::engine::{Action, Engine, EngineConfig, Notice, Op, Range, Role};
-use crate::link::wire::{FLAG_FUA, FLAG_RESYNC, Kind};
+use crate::link::wire::{FLAG_FORWARD, FLAG_FUA, FLAG_RESYNC, Kind};
 use crate::link::{InboundRequest, PeerConnection, VolumeStateMsg, bytes_of, data_header};
 use crate::meta::{Bitmap, DiskState, MetaDevice, MetaError, MetaLayout, Superblock};
 use crate::resync::{Pacer, RateController};
@@ -274,6 +274,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         lease_lapsed: false,
         events: opts.events,
         promote_after_replicas: None,
+        forwarded_replies: HashMap::new(),
     };
     tokio::spawn(shell.run(rx));
     Ok(handle)
@@ -439,6 +440,8 @@ struct Shell {
     lease_lapsed: bool,
     events: super::EventHook,
     promote_after_replicas: Option<(bool, oneshot::Sender<Result<(), VolumeError>>)>,
+    /// Writes forwarded by the peer, by engine id: where to reply.
+    forwarded_replies: HashMap<u64, (Arc<PeerConnection>, u64)>,
 }
 
 impl Shell {
@@ -544,6 +547,13 @@ impl Shell {
                 self.engine.submit(id, op, range);
             }
             Input::LocalDone { id, ok } => self.engine.local_done(id, ok),
+            Input::LocalRead { id, data } => {
+                let ok = data.is_some();
+                if let Some(d) = data {
+                    self.read_results.insert(id, d);
+                }
+                self.engine.local_done(id, ok);
+            }
             Input::PeerDone { id, ok, data } => {
                 if let Some(d) = data {
                     self.read_results.insert(id, d);
@@ -818,7 +828,9 @@ impl Shell {
     }
 
     fn promote_now(&mut self, force: bool, reply: oneshot::Sender<Result<(), VolumeError>>) {
-        if self.replica_inflight > 0 {
+        // (Resync data may keep arriving under a forwarding primary: it
+        // writes its own copy only in order with it, see the engine.)
+        if self.replica_inflight > 0 && !self.engine.promotes_by_forwarding() {
             // Replica writes of the old primary still in flight land first:
             // none may land after this node's own writes.
             self.promote_after_replicas = Some((force, reply));
@@ -922,7 +934,7 @@ impl Shell {
             resync_elapsed_s: self.resync_started.map(|t| t.elapsed().as_secs_f64()),
             lease_valid: self.lease.as_ref().map(|l| l.valid()),
             witness_reachable: self.lease.as_ref().map(|l| l.witness.reachable()),
-            frozen_requests: self.frozen.len(),
+            frozen_requests: self.frozen.len() + self.engine.status().frozen_requests,
             metadata_writes: self.metadata_writes.load(Ordering::Relaxed),
         }
     }
@@ -936,11 +948,22 @@ impl Shell {
     fn execute(&mut self, a: Action) {
         match a {
             Action::LocalIo { id, op, range } => self.local_io(id, op, range),
-            Action::PeerIo { id, op, range } => self.peer_io(id, op, range),
+            Action::PeerIo {
+                id,
+                op,
+                range,
+                forward,
+            } => self.peer_io(id, op, range, forward),
             Action::ResyncChunk { id, range } => self.resync_chunk(id, range),
             Action::VerifyChunk { id, range } => self.verify_chunk(id, range),
             Action::Complete { id, result } => {
                 self.bufs.remove(&id);
+                if let Some((conn, request)) = self.forwarded_replies.remove(&id) {
+                    return self.reply_forwarded(conn, request, result.is_ok());
+                }
+                if let Err(e) = &result {
+                    tracing::debug!("volume {}: request {id} failed: {e}", self.name);
+                }
                 if let Some((t, bytes)) = self.write_started.remove(&id) {
                     self.rate_controller.app_write_done(
                         t.elapsed(),
@@ -1082,6 +1105,12 @@ impl Shell {
         let tx = self.tx.clone();
         let buf = self.bufs.get(&id).cloned();
         tokio::spawn(async move {
+            if op == Op::Read {
+                // A read held back while this copy was being resynced.
+                let data = store.read(range.offset, range.len as usize).await.ok();
+                let _ = tx.send(Input::LocalRead { id, data });
+                return;
+            }
             let res = match (op, buf) {
                 (Op::Write { fua }, Some(b)) => store.write(range.offset, b, fua).await,
                 (Op::Zeroes { fua }, _) => {
@@ -1105,7 +1134,7 @@ impl Shell {
         });
     }
 
-    fn peer_io(&mut self, id: u64, op: Op, range: Range) {
+    fn peer_io(&mut self, id: u64, op: Op, range: Range, forward: bool) {
         let tx = self.tx.clone();
         let Some(conn) = self.conn.clone() else {
             let _ = tx.send(Input::PeerDone {
@@ -1117,16 +1146,13 @@ impl Shell {
         };
         let buf = self.bufs.get(&id).cloned();
         let index = self.index;
+        let flags = move |fua: bool| {
+            (if fua { FLAG_FUA } else { 0 }) | if forward { FLAG_FORWARD } else { 0 }
+        };
         tokio::spawn(async move {
             let (h, payload) = match (op, buf) {
                 (Op::Write { fua }, Some(b)) => (
-                    data_header(
-                        Kind::Write,
-                        index,
-                        range.offset,
-                        0,
-                        if fua { FLAG_FUA } else { 0 },
-                    ),
+                    data_header(Kind::Write, index, range.offset, 0, flags(fua)),
                     bytes_of(b),
                 ),
                 (Op::Zeroes { fua }, _) => (
@@ -1135,7 +1161,7 @@ impl Shell {
                         index,
                         range.offset,
                         range.len as u32,
-                        if fua { FLAG_FUA } else { 0 },
+                        flags(fua),
                     ),
                     bytes::Bytes::new(),
                 ),
@@ -1158,8 +1184,16 @@ impl Shell {
             };
             let r = conn.request(h, payload).await;
             let (ok, data) = match r {
-                Ok(reply) => (reply.status == 0, reply.data),
-                Err(_) => (false, None),
+                Ok(reply) => {
+                    if reply.status != 0 {
+                        tracing::debug!("peer refused {op:?} {range:?}: errno {}", reply.status);
+                    }
+                    (reply.status == 0, reply.data)
+                }
+                Err(e) => {
+                    tracing::debug!("peer request {op:?} {range:?} lost: {e}");
+                    (false, None)
+                }
             };
             let _ = tx.send(Input::PeerDone { id, ok, data });
         });
@@ -1265,10 +1299,18 @@ impl Shell {
     /// Applies a request from the peer (this node is its replica).
     fn replica(&mut self, conn: Arc<PeerConnection>, req: InboundRequest) {
         let store = self.store.clone();
-        let accepts = self.engine.accepts_peer_writes() && self.current_conn_id() == Some(conn.id);
-        let serves_reads = accepts && self.engine.disk() == DiskState::UpToDate;
+        let current = self.current_conn_id() == Some(conn.id);
+        let accepts = self.engine.accepts_peer_writes() && current;
+        let serves_reads = self.engine.serves_peer_reads() && current;
         let range_ok = crate::store::check_range(req.offset, req.len, self.data_bytes).is_ok()
             || req.kind == Kind::Flush;
+        if range_ok
+            && current
+            && req.flags & FLAG_FORWARD != 0
+            && matches!(req.kind, Kind::Write | Kind::Zeroes)
+        {
+            return self.forwarded(conn, req);
+        }
         self.replica_inflight += 1;
         let tx = self.tx.clone();
         tokio::spawn(async move {
@@ -1299,7 +1341,7 @@ impl Shell {
                         }
                         conn.reply(req.request, errno(r), None).await;
                     }
-                    Kind::Flush if accepts => {
+                    Kind::Flush if accepts || serves_reads => {
                         conn.reply(req.request, errno(store.flush().await), None)
                             .await;
                     }
@@ -1324,6 +1366,50 @@ impl Shell {
                     _ => conn.reply(req.request, libc::EPERM as u32, None).await,
                 }
             }
+            let _ = tx.send(Input::ReplicaDone);
+        });
+    }
+
+    /// A write the peer forwarded: it is primary on a copy this node is
+    /// resyncing. The engine applies it in order with the resync chunks;
+    /// the reply goes out when it completes (`reply_forwarded`). Refused
+    /// with EAGAIN when this node is not the peer's sync source (the peer
+    /// holds the write back and sends it again).
+    fn forwarded(&mut self, conn: Arc<PeerConnection>, req: InboundRequest) {
+        let fua = req.flags & FLAG_FUA != 0;
+        let op = if req.kind == Kind::Write {
+            Op::Write { fua }
+        } else {
+            Op::Zeroes { fua }
+        };
+        let submitted = match (&op, &req.data) {
+            (Op::Write { .. }, None) => None,
+            _ => self
+                .engine
+                .submit_forwarded(op, Range::new(req.offset, req.len)),
+        };
+        let Some(id) = submitted else {
+            let status = if req.kind == Kind::Write && req.data.is_none() {
+                libc::EINVAL
+            } else {
+                libc::EAGAIN
+            };
+            tokio::spawn(async move { conn.reply(req.request, status as u32, None).await });
+            return;
+        };
+        if let Some(d) = req.data {
+            self.bufs.insert(id, Arc::new(d));
+        }
+        self.replica_inflight += 1;
+        self.forwarded_replies.insert(id, (conn, req.request));
+    }
+
+    /// A forwarded write completed: answer the peer.
+    fn reply_forwarded(&mut self, conn: Arc<PeerConnection>, request: u64, ok: bool) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let status = if ok { 0 } else { libc::EIO as u32 };
+            conn.reply(request, status, None).await;
             let _ = tx.send(Input::ReplicaDone);
         });
     }
