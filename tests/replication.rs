@@ -631,6 +631,66 @@ async fn promoted_sync_target_serves_through_its_source() {
     assert_replicas_equal(&c).await;
 }
 
+/// A promoted sync target whose source goes away freezes its I/O (its own
+/// copy is incomplete, and no other copy may take over): a write waits,
+/// `status` says why, and it completes once the source is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoted_sync_target_freezes_while_its_source_is_away() {
+    let opts = ClusterOptions {
+        resync_rate_max_bytes_per_s: 1 << 20,
+        ..small()
+    };
+    let mut c = up("target-freeze", opts).await;
+    qemu_io(&c, 0, &["write -P 0x3c 0 4M", "flush"]);
+    swap_drive(&mut c, 1, 16 << 20).await;
+    let o = cli(&c, 0, &["secondary", "demo"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = cli(&c, 1, &["primary", "demo"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    c.kill(0);
+    c.wait_for(1, "source gone", WAIT, |s| {
+        s.peer.connection == "Disconnected"
+    })
+    .await
+    .expect("beta sees alpha gone");
+    let uri = nbd_uri(&c, 1);
+    let writer = std::thread::spawn(move || {
+        std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x5a 10M 64k", "-c", "flush"])
+            .arg(uri)
+            .output()
+            .expect("run qemu-io")
+    });
+    let s = c
+        .wait_for(1, "frozen write", WAIT, |s| s.frozen_requests > 0)
+        .await
+        .expect("the write waits for the source");
+    assert_eq!(s.disk.as_deref(), Some("Inconsistent"));
+    assert!(
+        !writer.is_finished(),
+        "the write completed without its source"
+    );
+    let text = cli(&c, 1, &["status", "demo"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("I/O FROZEN"),
+        "status does not say so:\n{text}"
+    );
+    c.restart(0).await.expect("restart alpha");
+    let out = writer.join().expect("writer thread");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && !log.contains("failed"), "{log}");
+    c.wait_in_sync(Duration::from_secs(60))
+        .await
+        .expect("the resync finishes");
+    qemu_io(&c, 1, &["read -P 0x3c 0 4M", "read -P 0x5a 10M 64k"]);
+    assert_replicas_equal(&c).await;
+}
+
 /// A full sync (drive swap) interrupted by a crash of its *source*, the
 /// primary, resumes where it stopped after the restart: the target took the
 /// source's bitmap base as its generation, so the remainder travels as a

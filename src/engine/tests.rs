@@ -1452,3 +1452,18 @@ fn once_failing_witness_crash_schedules_converge() {
         run_seed(seed, 400, true, true);
     }
 }
+
+/// Schedules that failed while promoted sync targets were being added
+/// (each replayed with the rule that fixed it disabled fails again): a
+/// target took the source's generation at the end of a resync but the link
+/// dropped before it confirmed (5208: every later resync was a full one
+/// until the histories no longer met; fixed by `Generations::rebase`); a
+/// secondary kept dirty chunks from a resync union announced before the
+/// last resync finished while its peer became primary (5938, 8453: each
+/// refused the other; fixed by the primary resyncing them).
+#[test]
+fn once_failing_sync_target_schedules_converge() {
+    run_seed(5208, 400, false, false);
+    run_seed(5938, 400, true, false);
+    run_seed(8453, 400, true, true);
+}
