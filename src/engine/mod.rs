@@ -1223,12 +1223,18 @@ impl Engine {
             return;
         }
         let rec = self.record;
-        let outdate = !self.quorum_waiters.is_empty()
-            || (self.role == Role::Primary
-                && self.disk == DiskState::UpToDate
-                && !self.replicating()
-                && rec.epoch > 0
-                && rec.peer_up_to_date);
+        // Only a copy that is up to date on disk (not just in memory, as
+        // right after a resync into a primary), with the generation it
+        // writes under on disk too, may have the witness drop its peer:
+        // after a crash it must still be the newer copy.
+        let durable = self.durable.0 == DiskState::UpToDate && self.durable.1 == self.gens;
+        let outdate = durable
+            && (!self.quorum_waiters.is_empty()
+                || (self.role == Role::Primary
+                    && self.disk == DiskState::UpToDate
+                    && !self.replicating()
+                    && rec.epoch > 0
+                    && rec.peer_up_to_date));
         let restore = rec.epoch > 0
             && rec.me_up_to_date
             && !rec.peer_up_to_date
@@ -1885,9 +1891,15 @@ impl Engine {
                 target_ready: false,
                 full,
             } = old
-                && view.sync_target
             {
-                self.target_ready(view, full);
+                if view.sync_target {
+                    self.target_ready(view, full);
+                } else {
+                    // The peer changed but is not our target yet: it may
+                    // have decided on an older view of ours (one that
+                    // announced no dirty chunks); tell it where we stand.
+                    self.actions.push_back(Action::AnnounceState);
+                }
             }
             return;
         }

@@ -1297,7 +1297,10 @@ fn run_seed(seed: u64, steps: usize, crashes: bool, witness: bool) -> Coverage {
     assert_eq!(
         b.eng.status().relation,
         Some(Relation::InSync),
-        "seed {seed}: peer not in sync"
+        "seed {seed}: peer not in sync;\n a {:?}\n b {:?}\n log {:?}",
+        a.eng.status(),
+        b.eng.status(),
+        &sim.log
     );
     assert_eq!(b.eng.disk, DiskState::UpToDate, "seed {seed}");
     assert_eq!(
@@ -1460,10 +1463,20 @@ fn once_failing_witness_crash_schedules_converge() {
 /// until the histories no longer met; fixed by `Generations::rebase`); a
 /// secondary kept dirty chunks from a resync union announced before the
 /// last resync finished while its peer became primary (5938, 8453: each
-/// refused the other; fixed by the primary resyncing them).
+/// refused the other; fixed by the primary resyncing them); a source
+/// decided on the target's durable (older) view and waited for a target
+/// that had decided they were in sync (78312; fixed by announcing again);
+/// a primary just resynced asked the witness to outdate its peer before
+/// its own up-to-date state was durable, then crashed (47206; fixed by
+/// waiting for it); a promoted primary had the witness outdate its peer
+/// before its new generation was durable and crashed, coming back level
+/// with the outdated copy (49539; fixed by waiting for that too).
 #[test]
 fn once_failing_sync_target_schedules_converge() {
     run_seed(5208, 400, false, false);
     run_seed(5938, 400, true, false);
     run_seed(8453, 400, true, true);
+    run_seed(78312, 400, true, false);
+    run_seed(47206, 400, true, true);
+    run_seed(49539, 400, true, true);
 }
