@@ -69,7 +69,9 @@ enum Command {
         volume: String,
     },
     /// Make this node the writer and export the volume here (the failover
-    /// hook; with a witness it needs the witness's consent).
+    /// hook; with a witness it needs the witness's consent). A copy still
+    /// being resynced may be promoted while its up-to-date source is
+    /// connected: it serves through the source until it is complete.
     #[command(visible_alias = "promote")]
     Primary {
         /// Volume name.

@@ -962,18 +962,20 @@ impl Shell {
             Action::VerifyChunk { id, range } => self.verify_chunk(id, range),
             Action::Complete { id, result } => {
                 self.bufs.remove(&id);
-                if let Some((conn, request)) = self.forwarded_replies.remove(&id) {
-                    return self.reply_forwarded(conn, request, result.is_ok());
-                }
-                if let Err(e) = &result {
-                    tracing::debug!("volume {}: request {id} failed: {e}", self.name);
-                }
+                // Application writes, ours or forwarded by a primary whose
+                // copy we resync, steer the resync rate (see RateController).
                 if let Some((t, bytes)) = self.write_started.remove(&id) {
                     self.rate_controller.app_write_done(
                         t.elapsed(),
                         bytes,
                         self.resync_started.is_some(),
                     );
+                }
+                if let Some((conn, request)) = self.forwarded_replies.remove(&id) {
+                    return self.reply_forwarded(conn, request, result.is_ok());
+                }
+                if let Err(e) = &result {
+                    tracing::debug!("volume {}: request {id} failed: {e}", self.name);
                 }
                 let data = self.read_results.remove(&id);
                 if let Some(w) = self.waiters.remove(&id) {
@@ -1421,6 +1423,7 @@ impl Shell {
             self.bufs.insert(id, Arc::new(d));
         }
         self.replica_inflight += 1;
+        self.write_started.insert(id, (Instant::now(), req.len));
         self.forwarded_replies.insert(id, (conn, req.request));
     }
 
