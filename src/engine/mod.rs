@@ -24,8 +24,16 @@ pub const RESYNC_WINDOW: usize = 32;
 /// Resync chunks in flight while application writes are running: little
 /// resync data queues in front of them on the link and the disks.
 pub const RESYNC_WINDOW_BUSY: usize = 4;
-/// Cleared bitmap bits are persisted after this many resynced chunks.
-pub const RESYNC_PERSIST_EVERY_CHUNKS: u64 = 256;
+/// While the application is idle, adjacent dirty chunks travel together in
+/// requests of up to this many bytes (fewer, larger requests: less work per
+/// byte on both nodes); with application writes running, one chunk each.
+pub const RESYNC_RUN_MAX_BYTES: u64 = 1 << 20;
+/// The target writes resync data without FUA; the source asks it to flush
+/// after this many bytes (and at the end of a pass) and only then stops
+/// tracking the chunks the flush covers, persisting that: an acknowledged
+/// chunk cannot be lost in a power cut of the target while the source
+/// thinks it copied it, and an interrupted resync resumes from there.
+pub const RESYNC_FLUSH_EVERY_BYTES: u64 = 2 << 20;
 
 /// Why a request failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -370,6 +378,11 @@ pub struct Engine {
     /// the last "sync done" sent, until it confirms (0: none). The bitmap
     /// has held every change since then.
     sync_done_current: u64,
+    /// Resynced chunks (first, count) the target acknowledged, not yet
+    /// covered by a flush there: still marked here.
+    resync_unflushed: Vec<(u64, u64)>,
+    /// The flush in flight on the target and the chunks it covers.
+    resync_flush: Option<(RequestId, Vec<(u64, u64)>)>,
 }
 
 impl Engine {
@@ -423,6 +436,8 @@ impl Engine {
             frozen: BTreeSet::new(),
             sync_done_flush: None,
             sync_done_current: 0,
+            resync_unflushed: Vec::new(),
+            resync_flush: None,
         }
     }
 
@@ -1458,6 +1473,11 @@ impl Engine {
     /// The peer leg of `id` finished (`ok` false: the peer reported an error
     /// or the link dropped).
     pub fn peer_done(&mut self, id: RequestId, ok: bool) {
+        if self.resync_flush.as_ref().is_some_and(|(f, _)| *f == id) {
+            self.resync_flushed(ok);
+            self.after_event();
+            return;
+        }
         let Some(r) = self.table.requests.get_mut(&id) else {
             return;
         };
@@ -2045,6 +2065,9 @@ impl Engine {
         self.announce_after = None;
         self.sync_done_after = None;
         self.sync_done_flush = None;
+        // Chunks not covered by a flush on the target stay marked.
+        self.resync_unflushed.clear();
+        self.resync_flush = None;
         self.after_event();
     }
 
@@ -2091,9 +2114,9 @@ impl Engine {
 
     /// Tracks an engine-internal request for one whole chunk (resync or
     /// verify); returns its id and whether it may start now.
-    fn insert_chunk_request(&mut self, op: Op, chunk: u64) -> (RequestId, bool) {
+    fn insert_chunk_request(&mut self, op: Op, chunk: u64, count: u64) -> (RequestId, bool) {
         let offset = chunk * self.cfg.chunk_bytes;
-        let len = self.cfg.chunk_bytes.min(self.cfg.data_bytes - offset);
+        let len = (count * self.cfg.chunk_bytes).min(self.cfg.data_bytes - offset);
         let id = self.next_internal;
         self.next_internal += 1;
         (
@@ -2137,7 +2160,7 @@ impl Engine {
             let chunk = prog.cursor;
             prog.cursor += 1;
             prog.inflight += 1;
-            let (id, may_start) = self.insert_chunk_request(Op::VerifyChunk, chunk);
+            let (id, may_start) = self.insert_chunk_request(Op::VerifyChunk, chunk, 1);
             if may_start {
                 started.push(id);
             }
@@ -2228,18 +2251,34 @@ impl Engine {
         ) {
             return;
         }
+        let run_max = if self.resync_window >= RESYNC_WINDOW {
+            (RESYNC_RUN_MAX_BYTES / self.cfg.chunk_bytes.max(1)).max(1)
+        } else {
+            1
+        };
+        let chunks = self.bitmap.chunks();
         while prog.inflight < self.resync_window {
             let Some(chunk) = self.bitmap.next_set(prog.cursor) else {
                 break;
             };
-            prog.cursor = chunk + 1;
+            let mut count = 1;
+            while count < run_max && chunk + count < chunks && self.bitmap.get(chunk + count) {
+                count += 1;
+            }
+            prog.cursor = chunk + count;
             prog.inflight += 1;
-            let (id, may_start) = self.insert_chunk_request(Op::ResyncChunk, chunk);
+            let (id, may_start) = self.insert_chunk_request(Op::ResyncChunk, chunk, count);
             if may_start {
                 self.start(id);
             }
         }
         if prog.inflight == 0 && self.bitmap.next_set(prog.cursor).is_none() {
+            if self.resync_flush.is_some() || !self.resync_unflushed.is_empty() {
+                // Copied chunks stay marked until the target flushed them.
+                self.resync = Some(prog);
+                self.flush_resynced(true);
+                return;
+            }
             if self.bitmap.set_count() > 0 {
                 // Bits set behind the cursor: another pass.
                 prog.cursor = 0;
@@ -2265,28 +2304,68 @@ impl Engine {
         let Some(r) = self.table.requests.get(&id) else {
             return;
         };
-        let chunk = r.range.offset / self.cfg.chunk_bytes;
+        let first = r.range.offset / self.cfg.chunk_bytes;
+        let count = r.range.len.div_ceil(self.cfg.chunk_bytes).max(1);
         if let Some(p) = self.resync.as_mut() {
             p.inflight = p.inflight.saturating_sub(1);
             if ok {
-                p.done_chunks += 1;
+                p.done_chunks += count;
             }
         }
-        if ok && let Some(page) = self.bitmap.clear(chunk) {
-            self.pages_to_persist.insert(page);
-            // Persist progress now and then, so that a resync interrupted by
-            // a crash of this node resumes instead of starting over.
-            if self
-                .resync
-                .is_some_and(|p| p.done_chunks % RESYNC_PERSIST_EVERY_CHUNKS == 0)
-            {
-                self.persist();
-            }
+        if ok {
+            self.resync_unflushed.push((first, count));
+            self.flush_resynced(false);
         }
         self.finish(id);
         if ok {
             self.pump_resync();
         }
+    }
+
+    /// Asks the target to flush the chunks it acknowledged (at the end of a
+    /// pass, or once `RESYNC_FLUSH_EVERY_BYTES` have piled up).
+    fn flush_resynced(&mut self, end_of_pass: bool) {
+        if self.resync_flush.is_some() || self.resync_unflushed.is_empty() {
+            return;
+        }
+        let chunks: u64 = self.resync_unflushed.iter().map(|(_, c)| c).sum();
+        if !end_of_pass && chunks.saturating_mul(self.cfg.chunk_bytes) < RESYNC_FLUSH_EVERY_BYTES {
+            return;
+        }
+        let id = self.next_internal;
+        self.next_internal += 1;
+        self.resync_flush = Some((id, std::mem::take(&mut self.resync_unflushed)));
+        self.actions.push_back(Action::PeerIo {
+            id,
+            op: Op::Flush,
+            range: Range::new(0, 0),
+            forward: false,
+        });
+    }
+
+    /// The target's flush finished: the chunks it covers are copied for
+    /// good (`ok`) and no longer tracked, durably. Failed: they stay marked
+    /// and are copied again.
+    fn resync_flushed(&mut self, ok: bool) {
+        let Some((_, chunks)) = self.resync_flush.take() else {
+            return;
+        };
+        if ok {
+            let mut cleared = false;
+            for (first, count) in chunks {
+                for chunk in first..first + count {
+                    if let Some(page) = self.bitmap.clear(chunk) {
+                        self.pages_to_persist.insert(page);
+                        cleared = true;
+                    }
+                }
+            }
+            if cleared {
+                self.persist();
+            }
+        }
+        self.flush_resynced(false);
+        self.pump_resync();
     }
 }
 

@@ -6,7 +6,6 @@
 pub mod aligned;
 pub mod backing;
 pub mod faulty;
-pub mod group_flush;
 pub mod uring;
 
 use std::fs::File;

@@ -235,7 +235,6 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
     ));
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
     tokio::spawn(control_sender(ctl_rx));
-    let resync_durable = Arc::new(crate::store::group_flush::GroupFlush::new(store.clone()));
     let shell = Shell {
         engine,
         name: opts.name,
@@ -276,7 +275,6 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         events: opts.events,
         promote_after_replicas: None,
         forwarded_replies: HashMap::new(),
-        resync_durable,
     };
     tokio::spawn(shell.run(rx));
     Ok(handle)
@@ -444,8 +442,6 @@ struct Shell {
     promote_after_replicas: Option<(bool, oneshot::Sender<Result<(), VolumeError>>)>,
     /// Writes forwarded by the peer, by engine id: where to reply.
     forwarded_replies: HashMap<u64, (Arc<PeerConnection>, u64)>,
-    /// Shared flushes that make resync data durable before its ack.
-    resync_durable: Arc<crate::store::group_flush::GroupFlush>,
 }
 
 impl Shell {
@@ -1319,9 +1315,6 @@ impl Shell {
         }
         self.replica_inflight += 1;
         let tx = self.tx.clone();
-        // Resync data is acknowledged only once durable: the source stops
-        // tracking the chunk then (flushes are shared among chunks).
-        let resync_durable = (req.flags & FLAG_RESYNC != 0).then(|| self.resync_durable.clone());
         tokio::spawn(async move {
             let fua = req.flags & FLAG_FUA != 0;
             let errno = |r: Result<(), crate::store::StoreError>| match r {
@@ -1338,16 +1331,7 @@ impl Shell {
                 match req.kind {
                     Kind::Write if accepts => {
                         let status = match req.data {
-                            Some(d) => {
-                                let mut r = store.write(req.offset, Arc::new(d), fua).await;
-                                if r.is_ok()
-                                    && !fua
-                                    && let Some(g) = &resync_durable
-                                {
-                                    r = g.after_write().await;
-                                }
-                                errno(r)
-                            }
+                            Some(d) => errno(store.write(req.offset, Arc::new(d), fua).await),
                             None => libc::EINVAL as u32,
                         };
                         conn.reply(req.request, status, None).await;
@@ -1356,10 +1340,6 @@ impl Shell {
                         let mut r = store.write_zeroes(req.offset, req.len).await;
                         if r.is_ok() && fua {
                             r = store.flush().await;
-                        } else if r.is_ok()
-                            && let Some(g) = &resync_durable
-                        {
-                            r = g.after_write().await;
                         }
                         conn.reply(req.request, errno(r), None).await;
                     }
