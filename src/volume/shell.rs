@@ -22,6 +22,10 @@ const DETACH_TOKEN: u64 = u64::MAX;
 /// Most dirty-chunk runs sent with a state message (fits the 64 KiB control
 /// payload); beyond that the peer falls back to a full resync.
 const DIRTY_RUNS_MAX: usize = 2000;
+/// Without a witness, how long `promote` waits for a connected peer to stop
+/// being primary (a cluster manager demotes one node and promotes the other
+/// right after; the demotion may still be on its way).
+const PROMOTE_WAIT_WITHOUT_WITNESS_MS: u64 = 2000;
 
 /// Called when the volume starts (true) or stops (false) being exported.
 pub type ExportHook = Arc<dyn Fn(&VolumeHandle, bool) + Send + Sync>;
@@ -637,10 +641,15 @@ impl Shell {
                 }
             }
             Input::Promote { force, reply } => {
-                let until_ms = self.lease.as_ref().map_or(0, |l| {
-                    crate::quorum::clock::now_ms() + 2 * l.peer_settings.lease_ms
-                });
-                self.promote(force, until_ms, reply)
+                // How long a promotion waits for the peer to stop being
+                // primary (its demotion may still be on the wire).
+                let wait_ms = self
+                    .lease
+                    .as_ref()
+                    .map_or(PROMOTE_WAIT_WITHOUT_WITNESS_MS, |l| {
+                        2 * l.peer_settings.lease_ms
+                    });
+                self.promote(force, crate::quorum::clock::now_ms() + wait_ms, reply)
             }
             Input::PromoteRetry {
                 force,
@@ -774,10 +783,6 @@ impl Shell {
         until_ms: u64,
         reply: oneshot::Sender<Result<(), VolumeError>>,
     ) {
-        let Some(lease) = self.lease.clone() else {
-            self.promote_now(force, reply);
-            return;
-        };
         // Connected, but the peer has not said yet whether it is primary:
         // wait for that like for a peer that is still primary.
         let check = match self.engine.promote_check(force) {
@@ -810,6 +815,10 @@ impl Shell {
             }
             Ok(()) => {}
         }
+        let Some(lease) = self.lease.clone() else {
+            self.promote_now(force, reply);
+            return;
+        };
         if self.engine.status_role() == Role::Primary {
             let _ = reply.send(Ok(()));
             return;
