@@ -11,7 +11,7 @@ use blkrep::control::Request;
 use blkrep::engine::{NodeView, Role};
 use blkrep::link::connection::{read_control, read_header};
 use blkrep::link::tls::TlsMaterial;
-use blkrep::link::wire::{FLAG_RESYNC, Header, Kind};
+use blkrep::link::wire::{FLAG_FORWARD, FLAG_RESYNC, Header, Kind};
 use blkrep::link::{HelloMsg, LinkSettings, VolumeStateMsg, transport_config};
 use blkrep::meta::{DiskState, Generations};
 use common::*;
@@ -200,15 +200,21 @@ async fn a_corrupted_frame_is_refused_and_nothing_is_written() {
     assert!(b.iter().all(|&x| x == 0x3c), "valid write applied");
 
     // Frames outside the window (past the end of the volume, straddling
-    // it) are refused; nothing is written. (A frame for a volume index the
-    // peer never announced closes the connection as a protocol error.)
+    // it) are refused; nothing is written. So is a write forwarded to a
+    // node that is not the sender's sync source. (A frame for a volume
+    // index the peer never announced closes the connection as a protocol
+    // error.)
     let before = std::fs::read(&c.nodes[0].disk).expect("alpha disk");
-    for (request, volume, offset) in [(3u64, 7u32, data_bytes), (4, 7, data_bytes - 2048)] {
+    for (request, volume, offset, flags) in [
+        (3u64, 7u32, data_bytes, FLAG_RESYNC),
+        (4, 7, data_bytes - 2048, FLAG_RESYNC),
+        (5, 7, 16384, FLAG_FORWARD),
+    ] {
         let mut h = Header::new(Kind::Write);
         h.volume = volume;
         h.request = request;
         h.offset = offset;
-        h.flags = FLAG_RESYNC;
+        h.flags = flags;
         send_frame(&mut send, h, &[0x66; 4096]).await;
         let (ack, _) = loop {
             let f = read_frame(&mut recv)

@@ -502,30 +502,56 @@ async fn swap_drive(c: &mut LocalCluster, i: usize, size: u64) {
     assert_eq!(s.peer.relation.as_deref(), Some("SyncTarget"));
 }
 
-/// Drive swap: a node's disk is replaced by a blank one; `create-md` on it
-/// and `attach` give a full sync from the up-to-date node; the node is
-/// UpToDate only when that finishes. While its source is unreachable it
-/// refuses promotion (exit 4) and says why.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drive_swap_gets_a_full_sync() {
+/// A 16 MiB cluster where alpha wrote 0x3c at 0-4 MiB and 0x4d at 12 MiB,
+/// then beta's drive was swapped: beta is the target of a full sync running
+/// at `rate_bytes_per_s`.
+async fn swapped_drive_cluster(tag: &str, rate_bytes_per_s: u64) -> LocalCluster {
     let opts = ClusterOptions {
-        resync_rate_max_bytes_per_s: 2 << 20,
+        resync_rate_max_bytes_per_s: rate_bytes_per_s,
         ..small()
     };
-    let mut c = up("drive-swap", opts).await;
+    let mut c = up(tag, opts).await;
     qemu_io(
         &c,
         0,
         &["write -P 0x3c 0 4M", "write -P 0x4d 12M 1M", "flush"],
     );
     swap_drive(&mut c, 1, 16 << 20).await;
-    // The source goes away: a copy still being synced is not promoted.
+    c
+}
+
+/// The cluster manager moves the primary role from alpha to beta, the sync
+/// target; exits of both commands must be 0.
+fn move_primary_to_the_sync_target(c: &LocalCluster) {
+    for (i, cmd) in [(0, "secondary"), (1, "primary")] {
+        let o = cli(c, i, &[cmd, "demo"]);
+        assert!(
+            o.status.success(),
+            "{cmd} on node {i}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// Kills alpha and waits until beta has noticed.
+async fn kill_the_source(c: &mut LocalCluster) {
     c.kill(0);
     c.wait_for(1, "source gone", WAIT, |s| {
         s.peer.connection == "Disconnected"
     })
     .await
     .expect("beta sees alpha gone");
+}
+
+/// Drive swap: a node's disk is replaced by a blank one; `create-md` on it
+/// and `attach` give a full sync from the up-to-date node; the node is
+/// UpToDate only when that finishes. While its source is unreachable it
+/// refuses promotion (exit 4) and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drive_swap_gets_a_full_sync() {
+    let mut c = swapped_drive_cluster("drive-swap", 2 << 20).await;
+    // The source goes away: a copy still being synced is not promoted.
+    kill_the_source(&mut c).await;
     let o = cli(&c, 1, &["primary", "demo"]);
     let why = String::from_utf8_lossy(&o.stderr);
     assert_eq!(
@@ -562,27 +588,9 @@ async fn drive_swap_gets_a_full_sync() {
 /// serves locally once the resync is done. Both copies end equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promoted_sync_target_serves_through_its_source() {
-    let opts = ClusterOptions {
-        // 16 MiB at 1 MiB/s: the copy is far from complete while we look.
-        resync_rate_max_bytes_per_s: 1 << 20,
-
-        ..small()
-    };
-    let mut c = up("promote-target", opts).await;
-    qemu_io(
-        &c,
-        0,
-        &["write -P 0x3c 0 4M", "write -P 0x4d 12M 1M", "flush"],
-    );
-    swap_drive(&mut c, 1, 16 << 20).await;
-    let o = cli(&c, 0, &["secondary", "demo"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = cli(&c, 1, &["primary", "demo"]);
-    assert!(
-        o.status.success(),
-        "a sync target with its source connected refused promotion: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    // 16 MiB at 1 MiB/s: the copy is far from complete while we look.
+    let c = swapped_drive_cluster("promote-target", 1 << 20).await;
+    move_primary_to_the_sync_target(&c);
     let text = cli(&c, 1, &["status", "demo"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
@@ -639,23 +647,9 @@ async fn promoted_sync_target_serves_through_its_source() {
 /// `status` says why, and it completes once the source is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promoted_sync_target_freezes_while_its_source_is_away() {
-    let opts = ClusterOptions {
-        resync_rate_max_bytes_per_s: 1 << 20,
-        ..small()
-    };
-    let mut c = up("target-freeze", opts).await;
-    qemu_io(&c, 0, &["write -P 0x3c 0 4M", "flush"]);
-    swap_drive(&mut c, 1, 16 << 20).await;
-    let o = cli(&c, 0, &["secondary", "demo"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = cli(&c, 1, &["primary", "demo"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    c.kill(0);
-    c.wait_for(1, "source gone", WAIT, |s| {
-        s.peer.connection == "Disconnected"
-    })
-    .await
-    .expect("beta sees alpha gone");
+    let mut c = swapped_drive_cluster("target-freeze", 1 << 20).await;
+    move_primary_to_the_sync_target(&c);
+    kill_the_source(&mut c).await;
     let uri = nbd_uri(&c, 1);
     let writer = std::thread::spawn(move || {
         std::process::Command::new("qemu-io")
@@ -711,14 +705,7 @@ async fn full_sync_interrupted_by_a_source_crash_resumes() {
     let mut c = up("full-resume", opts).await;
     // One activity-log extent (4 MiB) hot on the primary at its crash.
     qemu_io(&c, 0, &["write -P 0x5e 0 1M", "flush"]);
-    c.kill(1);
-    std::fs::remove_file(&c.nodes[1].disk).expect("remove old disk");
-    let f = std::fs::File::create(&c.nodes[1].disk).expect("new disk");
-    f.set_len(size).expect("size");
-    drop(f);
-    let o = cli(&c, 1, &["create-md", "demo"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    c.restart(1).await.expect("restart beta");
+    swap_drive(&mut c, 1, size).await;
     let volume_bytes = c.status(0).await.expect("status").size_bytes.expect("size");
     let progress = c
         .wait_for(0, "half of the full sync", WAIT, |s| {

@@ -831,8 +831,7 @@ impl Engine {
         if !self.accepts_forwarded_writes() || !matches!(op, Op::Write { .. } | Op::Zeroes { .. }) {
             return None;
         }
-        let id = self.next_internal;
-        self.next_internal += 1;
+        let id = self.internal_id();
         let req = Request {
             from_peer: true,
             ..Request::new(op, range)
@@ -973,7 +972,7 @@ impl Engine {
         let Some(r) = self.table.requests.get(&id) else {
             return;
         };
-        let (op, range) = (r.op, r.range);
+        let (op, range, from_peer, pinned) = (r.op, r.range, r.from_peer, r.al_pinned);
         if op == Op::VerifyChunk {
             self.actions.push_back(Action::VerifyChunk { id, range });
             if let Some(r) = self.table.requests.get_mut(&id) {
@@ -992,9 +991,7 @@ impl Engine {
         // activity log before either leg is issued. (A forwarding primary
         // writes locally too, once its sync source has the write. A write
         // forwarded by the peer is covered by the peer's log.)
-        let from_peer = self.table.requests.get(&id).is_some_and(|r| r.from_peer);
         if matches!(op, Op::Write { .. } | Op::Zeroes { .. }) && has_disk && !from_peer {
-            let pinned = self.table.requests.get(&id).is_some_and(|r| r.al_pinned);
             if !pinned {
                 match self.al.begin(range.offset, range.len) {
                     Ok(changed) => {
@@ -1074,12 +1071,7 @@ impl Engine {
         }
         if replicating {
             r.peer = Leg::Pending;
-            self.actions.push_back(Action::PeerIo {
-                id,
-                op,
-                range,
-                forward: false,
-            });
+            self.send_to_peer(id, op, range, false);
         }
         self.try_complete(id);
     }
@@ -1101,12 +1093,7 @@ impl Engine {
         r.peer = Leg::Pending;
         r.forwarded = true;
         let (op, range) = (r.op, r.range);
-        self.actions.push_back(Action::PeerIo {
-            id,
-            op,
-            range,
-            forward: true,
-        });
+        self.send_to_peer(id, op, range, true);
     }
 
     /// Frozen requests proceed once they can: forwarded again when the
@@ -1140,15 +1127,32 @@ impl Engine {
         }
     }
 
-    /// Fails every frozen request with `why` (this node stops being primary).
-    fn fail_frozen(&mut self, why: IoFailure) {
-        for id in std::mem::take(&mut self.frozen) {
+    /// Fails every request of `ids` with `why`.
+    fn fail_requests(&mut self, ids: BTreeSet<RequestId>, why: IoFailure) {
+        for id in ids {
             self.actions.push_back(Action::Complete {
                 id,
                 result: Err(why),
             });
             self.finish(id);
         }
+    }
+
+    /// A fresh id for a request of the engine's own.
+    fn internal_id(&mut self) -> RequestId {
+        let id = self.next_internal;
+        self.next_internal += 1;
+        id
+    }
+
+    /// Sends `op` on `range` to the peer for request `id`.
+    fn send_to_peer(&mut self, id: RequestId, op: Op, range: Range, forward: bool) {
+        self.actions.push_back(Action::PeerIo {
+            id,
+            op,
+            range,
+            forward,
+        });
     }
 
     fn try_complete(&mut self, id: RequestId) {
@@ -1222,12 +1226,7 @@ impl Engine {
             {
                 r.peer = Leg::Pending;
                 let (op, range) = (r.op, r.range);
-                self.actions.push_back(Action::PeerIo {
-                    id,
-                    op,
-                    range,
-                    forward: false,
-                });
+                self.send_to_peer(id, op, range, false);
             }
         }
     }
@@ -1356,13 +1355,8 @@ impl Engine {
 
     /// Fails every write waiting for quorum with EIO.
     fn fail_quorum_waiters(&mut self) {
-        for id in std::mem::take(&mut self.quorum_waiters) {
-            self.actions.push_back(Action::Complete {
-                id,
-                result: Err(IoFailure::NoQuorum),
-            });
-            self.finish(id);
-        }
+        let ids = std::mem::take(&mut self.quorum_waiters);
+        self.fail_requests(ids, IoFailure::NoQuorum);
     }
 
     /// The witness made the peer primary: stop being primary at once.
@@ -1372,7 +1366,8 @@ impl Engine {
         self.actions.push_back(Action::Export(false));
         self.actions.push_back(Action::Notify(Notice::Fenced));
         self.fail_quorum_waiters();
-        self.fail_frozen(IoFailure::NoQuorum);
+        let frozen = std::mem::take(&mut self.frozen);
+        self.fail_requests(frozen, IoFailure::NoQuorum);
         self.persist();
         self.actions.push_back(Action::AnnounceState);
     }
@@ -1778,7 +1773,8 @@ impl Engine {
         if busy > 0 {
             return Err(DemoteError::Busy(busy));
         }
-        self.fail_frozen(IoFailure::NoCopy);
+        let frozen = std::mem::take(&mut self.frozen);
+        self.fail_requests(frozen, IoFailure::NoCopy);
         self.role = Role::Secondary;
         self.export_after = None;
         self.actions.push_back(Action::Export(false));
@@ -2079,8 +2075,7 @@ impl Engine {
         if !matches!(self.peer, Some((_, Relation::SyncTarget))) || self.sync_done_flush.is_some() {
             return;
         }
-        let id = self.next_internal;
-        self.next_internal += 1;
+        let id = self.internal_id();
         self.sync_done_flush = Some((id, source));
         self.actions.push_back(Action::LocalIo {
             id,
@@ -2117,8 +2112,7 @@ impl Engine {
     fn insert_chunk_request(&mut self, op: Op, chunk: u64, count: u64) -> (RequestId, bool) {
         let offset = chunk * self.cfg.chunk_bytes;
         let len = (count * self.cfg.chunk_bytes).min(self.cfg.data_bytes - offset);
-        let id = self.next_internal;
-        self.next_internal += 1;
+        let id = self.internal_id();
         (
             id,
             self.table
@@ -2332,15 +2326,9 @@ impl Engine {
         if !end_of_pass && chunks.saturating_mul(self.cfg.chunk_bytes) < RESYNC_FLUSH_EVERY_BYTES {
             return;
         }
-        let id = self.next_internal;
-        self.next_internal += 1;
+        let id = self.internal_id();
         self.resync_flush = Some((id, std::mem::take(&mut self.resync_unflushed)));
-        self.actions.push_back(Action::PeerIo {
-            id,
-            op: Op::Flush,
-            range: Range::new(0, 0),
-            forward: false,
-        });
+        self.send_to_peer(id, Op::Flush, Range::new(0, 0), false);
     }
 
     /// The target's flush finished: the chunks it covers are copied for

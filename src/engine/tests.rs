@@ -1408,14 +1408,20 @@ fn outdated_copy_refuses_promotion_unless_forced() {
     assert!(sim.nodes[1].eng.promote(true).is_ok());
 }
 
-#[test]
-fn writes_while_disconnected_are_in_the_bitmap_and_resynced() {
-    let mut sim = Sim::new(5);
+/// A simulation whose primary wrote 10 times while the link was cut.
+fn written_while_cut(seed: u64) -> Sim {
+    let mut sim = Sim::new(seed);
     sim.cut();
     for _ in 0..10 {
         sim.submit_write();
         sim.run_until_quiet();
     }
+    sim
+}
+
+#[test]
+fn writes_while_disconnected_are_in_the_bitmap_and_resynced() {
+    let mut sim = written_while_cut(5);
     assert!(sim.nodes[0].eng.bitmap.set_count() > 0);
     assert_ne!(sim.nodes[0].eng.gens.bitmap, 0);
     sim.heal();
@@ -1429,12 +1435,7 @@ fn writes_while_disconnected_are_in_the_bitmap_and_resynced() {
 /// have lost them in a power cut), and the next resync copies them again.
 #[test]
 fn resynced_chunks_stay_marked_until_the_target_flushed_them() {
-    let mut sim = Sim::new(7);
-    sim.cut();
-    for _ in 0..10 {
-        sim.submit_write();
-        sim.run_until_quiet();
-    }
+    let mut sim = written_while_cut(7);
     let dirty = sim.nodes[0].eng.bitmap.set_count();
     assert!(dirty > 0);
     sim.heal();

@@ -943,7 +943,7 @@ impl Shell {
             resync_elapsed_s: self.resync_started.map(|t| t.elapsed().as_secs_f64()),
             lease_valid: self.lease.as_ref().map(|l| l.valid()),
             witness_reachable: self.lease.as_ref().map(|l| l.witness.reachable()),
-            frozen_requests: self.frozen.len() + self.engine.status().frozen_requests,
+            frozen_requests: self.frozen.len(),
             metadata_writes: self.metadata_writes.load(Ordering::Relaxed),
         }
     }
@@ -1393,20 +1393,19 @@ impl Shell {
         } else {
             Op::Zeroes { fua }
         };
-        let submitted = match (&op, &req.data) {
-            (Op::Write { .. }, None) => None,
-            _ => self
-                .engine
-                .submit_forwarded(op, Range::new(req.offset, req.len)),
+        let submitted = if req.kind == Kind::Write && req.data.is_none() {
+            Err(libc::EINVAL)
+        } else {
+            self.engine
+                .submit_forwarded(op, Range::new(req.offset, req.len))
+                .ok_or(libc::EAGAIN)
         };
-        let Some(id) = submitted else {
-            let status = if req.kind == Kind::Write && req.data.is_none() {
-                libc::EINVAL
-            } else {
-                libc::EAGAIN
-            };
-            tokio::spawn(async move { conn.reply(req.request, status as u32, None).await });
-            return;
+        let id = match submitted {
+            Ok(id) => id,
+            Err(status) => {
+                tokio::spawn(async move { conn.reply(req.request, status as u32, None).await });
+                return;
+            }
         };
         if let Some(d) = req.data {
             self.bufs.insert(id, Arc::new(d));
