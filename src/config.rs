@@ -539,11 +539,22 @@ impl Config {
                     format!("a volume has exactly two nodes, found {}", v.nodes.len()),
                 ));
             }
-            for n in v.nodes.keys() {
+            for (n, place) in &v.nodes {
                 if !self.nodes.contains_key(n) {
                     return Err(self.invalid(
                         format!("{key}.nodes.{n}"),
                         format!("node {n:?} is not listed under [nodes]"),
+                    ));
+                }
+                // A typo of "internal" must not become a file in whatever
+                // directory the command runs in.
+                if place.meta != "internal" && !Path::new(&place.meta).is_absolute() {
+                    return Err(self.invalid(
+                        format!("{key}.nodes.{n}.meta"),
+                        format!(
+                            "must be \"internal\" (at the end of the disk) or the absolute path of a metadata file, found {:?}",
+                            place.meta
+                        ),
                     ));
                 }
             }
@@ -647,5 +658,18 @@ nodes.beta = { disk = "/tmp/b.img", meta = "/tmp/b.meta" }
             .unwrap_err()
             .to_string();
         assert!(e.contains("DNS label"), "{e}");
+    }
+
+    #[test]
+    fn a_relative_metadata_path_is_refused() {
+        for typo in ["internl", "meta/b.meta", "./b.meta", ""] {
+            let e = parse(&GOOD.replace("meta = \"/tmp/b.meta\"", &format!("meta = {typo:?}")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("volume[0].nodes.beta.meta") && e.contains("absolute path"),
+                "{typo}: {e}"
+            );
+        }
     }
 }

@@ -499,7 +499,7 @@ fn volume_err(e: VolumeError) -> Response {
             ErrorCode::PeerPrimary
         }
         VolumeError::Promote(
-            PromoteError::NotUpToDate(_) | PromoteError::SyncTarget | PromoteError::Outdated,
+            PromoteError::NotUpToDate { .. } | PromoteError::SyncTarget | PromoteError::Outdated,
         ) => ErrorCode::Outdated,
         VolumeError::Promote(PromoteError::NoQuorum(_))
         | VolumeError::Io(crate::engine::IoFailure::NoQuorum) => ErrorCode::NoQuorum,

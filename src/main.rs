@@ -63,7 +63,8 @@ enum Command {
         /// Volume name.
         volume: String,
     },
-    /// Take a volume down on this node.
+    /// Take a volume down on this node (a primary demotes first, telling
+    /// the peer and the witness).
     Detach {
         /// Volume name.
         volume: String,
@@ -76,12 +77,17 @@ enum Command {
     Primary {
         /// Volume name.
         volume: String,
-        /// Promote a copy that is not known to be up to date (starts a new
-        /// data history; the first primary of a new volume needs this).
+        /// Promote a copy that is not known to be up to date (the first
+        /// primary of a new volume needs this). Only for a peer lost for
+        /// good: it starts a new data history marked forced; whatever this
+        /// copy lacks is gone from the volume, and if the other copy returns
+        /// both refuse to sync (split brain) until `resolve` picks the copy
+        /// to discard.
         #[arg(long)]
         force: bool,
     },
-    /// Stop being the writer on this node.
+    /// Stop being the writer on this node (returns once the witness, if
+    /// any, recorded it).
     #[command(visible_alias = "demote")]
     Secondary {
         /// Volume name.
@@ -373,8 +379,14 @@ fn create_md(config: &std::path::Path, volume: &str, force: bool) -> anyhow::Res
         v.chunk_bytes,
         force,
     )?;
+    let place = match node.meta_location() {
+        blkrep::config::MetaLocation::Internal => {
+            format!("internal, at the end of {}", node.disk.display())
+        }
+        blkrep::config::MetaLocation::External(p) => format!("in {}", p.display()),
+    };
     println!(
-        "wrote metadata for {volume} on {}: {} data bytes, bitmap chunk {} bytes",
+        "wrote metadata for {volume} ({place}): data on {}, {} data bytes, bitmap chunk {} bytes",
         node.disk.display(),
         layout.data_bytes,
         v.chunk_bytes

@@ -42,6 +42,22 @@ fn number_and_unit<'a>(text: &'a str, what: &str) -> Result<(u64, &'a str), Stri
     Ok((n, unit.trim()))
 }
 
+/// Renders a byte count for people: `512 B`, `1.5 KiB`, `499.9 MiB`.
+pub fn format_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -138,6 +138,48 @@ fn create_md_refuses_to_overwrite() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+/// A typo of `meta = "internal"` is refused with the key named, and
+/// nothing is written in the directory the command runs in; a good run
+/// says where the metadata went.
+#[test]
+fn a_metadata_typo_is_refused_and_writes_nothing() {
+    let c = cluster("md-typo", small());
+    let cfg = std::fs::read_to_string(&c.nodes[0].config).expect("config");
+    let name = &c.nodes[0].name;
+    let good = format!("nodes.{name} = {{ disk = ");
+    assert!(cfg.contains(&good), "{cfg}");
+    let typo_cfg = c.dir.join("typo.toml");
+    std::fs::write(
+        &typo_cfg,
+        cfg.replace("meta = \"internal\"", "meta = \"internl\""),
+    )
+    .expect("write");
+    let cwd = c.dir.join("cwd");
+    std::fs::create_dir_all(&cwd).expect("mkdir");
+    let o = Command::new(bin())
+        .current_dir(&cwd)
+        .arg("--config")
+        .arg(&typo_cfg)
+        .args(["create-md", "demo", "--force"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains(".meta") && e.contains("internl") && e.contains("absolute path"),
+        "{e}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&cwd).expect("read cwd").collect();
+    assert!(
+        left.is_empty(),
+        "create-md wrote into its working directory: {left:?}"
+    );
+    let o = cli(&c, 0, &["create-md", "demo", "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("internal, at the end of"), "{out}");
+}
+
 #[test]
 fn certificates_for_bad_node_names_are_refused() {
     let dir = blkrep::testkit::cluster::scratch_dir("cert");

@@ -691,3 +691,201 @@ async fn witness_refuses_unknown_nodes_and_foreign_certificates() {
     let q = s.quorum.expect("quorum");
     assert!(q.primary.as_deref() == Some("me") && q.up_to_date && q.peer_up_to_date);
 }
+
+/// A new user's data loss (issue 18, item 2): beta is the target of a
+/// resync from primary alpha when alpha dies. `promote` on beta is refused
+/// (exit 4) with advice that names what is missing and what `--force`
+/// costs; the operator forces it anyway and beta writes. When alpha, the
+/// copy holding every acknowledged write, comes back, both refuse to sync
+/// (split brain) and stay that way: alpha is never overwritten
+/// automatically, with or without a witness. `resolve --discard-local` on
+/// the forced copy then brings every acknowledged write back to both.
+async fn forced_promotion_of_an_interrupted_sync_target(tag: &str, witness: bool) {
+    let mut c = if witness {
+        let c = up(
+            tag,
+            ClusterOptions {
+                fault_injection: true,
+                ..opts()
+            },
+        )
+        .await;
+        c.wait_both_up_to_date(0, WAIT).await.expect("witness");
+        c
+    } else {
+        up(
+            tag,
+            ClusterOptions {
+                fault_injection: true,
+                event_log: true,
+                ..small()
+            },
+        )
+        .await
+    };
+    let mut acked = Acked::new();
+    must_write(&c, 0, 1, 0x01, &mut acked).await;
+    // beta goes away; alpha writes alone (one block in every other chunk,
+    // 96 chunks that travel one by one; outdating beta at the witness
+    // first).
+    c.kill(1);
+    for k in 0..96u64 {
+        must_write(&c, 0, 2 + k * 32, 0x40 + k as u8, &mut acked).await;
+    }
+    // beta returns behind a cut link with a slow disk: its resync crawls
+    // (32 chunks in flight, 2 s each).
+    c.cut(NetPath::AlphaBeta, true);
+    c.restart(1).await.expect("restart beta");
+    let (code, text) = exit_code(&c, 1, &["debug", "slow-disk", VOL, "--delay-ms", "2000"]);
+    assert_eq!(code, 0, "{text}");
+    c.cut(NetPath::AlphaBeta, false);
+    if let Err(e) = c
+        .wait_for(1, "resyncing", WAIT, |s| {
+            s.peer.relation.as_deref() == Some("SyncTarget")
+        })
+        .await
+    {
+        dump_all(&c);
+        panic!("{e}");
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let s = c.status(1).await.expect("status");
+    assert_eq!(s.disk.as_deref(), Some("Inconsistent"), "{s:?}");
+    // The primary dies in the middle of the resync.
+    c.kill(0);
+    c.wait_for(1, "alpha gone", WAIT, |s| {
+        s.peer.connection == "Disconnected"
+    })
+    .await
+    .expect("disconnect");
+    let (code, text) = exit_code(&c, 1, &["promote", VOL]);
+    assert_eq!(code, 4, "{text}");
+    for said in [
+        "Bring the source back",
+        "lacked",
+        "--force",
+        "split brain",
+        "resolve",
+    ] {
+        assert!(
+            text.contains(said),
+            "the refusal should say {said:?}: {text}"
+        );
+    }
+    let (code, text) = exit_code(&c, 1, &["debug", "slow-disk", VOL, "--delay-ms", "0"]);
+    assert_eq!(code, 0, "{text}");
+    // The operator forces it anyway: beta writes on its own history.
+    let (code, text) = exit_code(&c, 1, &["promote", VOL, "--force"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(write(&c, 1, 3, 0xb3, WAIT).await, "the forced copy serves");
+    // alpha comes back: a split brain, and it stays one.
+    c.restart(0).await.expect("restart alpha");
+    for i in 0..2 {
+        if let Err(e) = c
+            .wait_for(i, "split brain reported", WAIT, |s| {
+                s.peer.relation.as_deref() == Some("SplitBrain")
+            })
+            .await
+        {
+            dump_all(&c);
+            panic!("{e}");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..2 {
+        let s = c.status(i).await.expect("status");
+        assert_eq!(
+            s.peer.relation.as_deref(),
+            Some("SplitBrain"),
+            "node {i} left the split brain on its own: {s:?}"
+        );
+        assert!(s.resync.is_none(), "node {i} resyncs: {s:?}");
+    }
+    assert_acked_on(&c, 0, &acked);
+    assert!(
+        c.events(0).iter().any(|e| e == "split-brain demo"),
+        "{:?}",
+        c.events(0)
+    );
+    // The operator picks the forced copy as the victim.
+    let (code, text) = exit_code(&c, 1, &["demote", VOL]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = exit_code(&c, 1, &["resolve", VOL, "--discard-local"]);
+    assert_eq!(code, 0, "{text}");
+    if let Err(e) = c.wait_in_sync(Duration::from_secs(60)).await {
+        dump_all(&c);
+        panic!("{e}");
+    }
+    assert_acked_on(&c, 0, &acked);
+    assert_acked_on(&c, 1, &acked);
+    assert_replicas_equal(&c).await;
+    if witness {
+        c.wait_both_up_to_date(0, WAIT)
+            .await
+            .expect("the witness lists both again");
+    }
+    let (code, text) = exit_code(&c, 0, &["promote", VOL]);
+    assert_eq!(code, 0, "the complete copy serves again: {text}");
+    must_write(&c, 0, 4, 0x04, &mut acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_promotion_of_a_sync_target_never_overwrites_the_complete_copy() {
+    forced_promotion_of_an_interrupted_sync_target("q-force-w", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_promotion_of_a_sync_target_without_witness_stays_a_split_brain() {
+    forced_promotion_of_an_interrupted_sync_target("q-force-nw", false).await;
+}
+
+/// Issue 18, item 3: a peer that detached the volume counts as gone for
+/// promotion. `detach` of a primary demotes it first (telling the peer
+/// and the witness), so the other node takes over at once; and a secondary
+/// detached after a `demote` does not block the promotion either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_peer_does_not_block_failover() {
+    let c = up_with_witness("q-detach").await;
+    let mut acked = Acked::new();
+    must_write(&c, 0, 7, 0x07, &mut acked).await;
+    // Order 1: detach the primary directly.
+    let (code, text) = exit_code(&c, 0, &["detach", VOL]);
+    assert_eq!(code, 0, "{text}");
+    let started = Instant::now();
+    let (code, text) = exit_code(&c, 1, &["promote", VOL]);
+    assert_eq!(code, 0, "promote after the primary detached: {text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the promotion waited for a lease the detached primary gave up: {:?}",
+        started.elapsed()
+    );
+    must_write(&c, 1, 8, 0x08, &mut acked).await;
+    let (code, text) = exit_code(&c, 0, &["attach", VOL]);
+    assert_eq!(code, 0, "{text}");
+    if let Err(e) = c.wait_in_sync(WAIT).await {
+        dump_all(&c);
+        panic!("{e}");
+    }
+    // Order 2: demote, let the peer see it, then detach.
+    let (code, text) = exit_code(&c, 1, &["demote", VOL]);
+    assert_eq!(code, 0, "{text}");
+    c.wait_for(0, "peer secondary", WAIT, |s| {
+        s.peer.role.as_deref() == Some("Secondary")
+    })
+    .await
+    .expect("peer secondary");
+    let (code, text) = exit_code(&c, 1, &["detach", VOL]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = exit_code(&c, 0, &["promote", VOL]);
+    assert_eq!(code, 0, "promote after the secondary detached: {text}");
+    must_write(&c, 0, 9, 0x09, &mut acked).await;
+    let (code, text) = exit_code(&c, 1, &["attach", VOL]);
+    assert_eq!(code, 0, "{text}");
+    if let Err(e) = c.wait_in_sync(WAIT).await {
+        dump_all(&c);
+        panic!("{e}");
+    }
+    assert_acked_on(&c, 0, &acked);
+    assert_acked_on(&c, 1, &acked);
+    assert_replicas_equal(&c).await;
+}

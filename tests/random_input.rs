@@ -72,6 +72,7 @@ fn sample_superblock() -> Superblock {
             current: 5,
             bitmap: 4,
             history: [3, 2, 1, 0],
+            forced: 0,
         },
         attached: true,
         primary: true,

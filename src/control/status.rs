@@ -304,21 +304,6 @@ fn name_of_disk(d: crate::meta::DiskState) -> Option<String> {
     name(&d)
 }
 
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 /// Human-readable rendering of a status report.
 pub fn render_text(s: &NodeStatus) -> String {
     let mut out = String::new();
@@ -335,7 +320,7 @@ pub fn render_text(s: &NodeStatus) -> String {
             v.name,
             v.role.as_deref().unwrap_or("-"),
             v.disk.as_deref().unwrap_or("-"),
-            human_bytes(v.size_bytes.unwrap_or(0)),
+            crate::units::format_bytes(v.size_bytes.unwrap_or(0)),
         ));
         let p = &v.peer;
         out.push_str(&format!(
@@ -393,7 +378,7 @@ pub fn render_text(s: &NodeStatus) -> String {
         }
         out.push_str(&format!(
             "  out-of-sync: {}  in-flight: {}\n",
-            human_bytes(v.out_of_sync_bytes),
+            crate::units::format_bytes(v.out_of_sync_bytes),
             v.inflight_requests
         ));
         if let Some(r) = &v.resync {
@@ -408,11 +393,14 @@ pub fn resync_line(r: &ResyncReport) -> String {
     let mut line = format!(
         "{:.1}% ({} of {})",
         r.percent,
-        human_bytes(r.done_bytes),
-        human_bytes(r.total_bytes)
+        crate::units::format_bytes(r.done_bytes),
+        crate::units::format_bytes(r.total_bytes)
     );
     if let Some(rate) = r.rate_bytes_per_s {
-        line.push_str(&format!(" at {}/s", human_bytes(rate as u64)));
+        line.push_str(&format!(
+            " at {}/s",
+            crate::units::format_bytes(rate as u64)
+        ));
     }
     if let Some(eta) = r.eta_s {
         line.push_str(&format!(", ETA {}s", eta.ceil() as u64));
@@ -434,6 +422,9 @@ pub fn watch_line(v: &VolumeStatusReport) -> String {
     );
     match &v.resync {
         Some(r) => format!("{state} resync {}", resync_line(r)),
-        None => format!("{state} out-of-sync {}", human_bytes(v.out_of_sync_bytes)),
+        None => format!(
+            "{state} out-of-sync {}",
+            crate::units::format_bytes(v.out_of_sync_bytes)
+        ),
     }
 }

@@ -57,10 +57,14 @@ pub enum PromoteError {
     #[error("peer still primary: demote it first")]
     PeerPrimary,
     /// This copy may lack acknowledged writes.
-    #[error(
-        "local data is {0:?}: it may lack acknowledged writes (use --force to start a new data history from it)"
-    )]
-    NotUpToDate(DiskState),
+    #[error("{}", not_up_to_date_text(*disk, *missing_bytes))]
+    NotUpToDate {
+        /// The local disk state (Outdated or Inconsistent).
+        disk: DiskState,
+        /// What the interrupted resync still had to copy into this copy
+        /// when its source was last heard from (None: not known here).
+        missing_bytes: Option<u64>,
+    },
     /// No local disk.
     #[error("no local disk")]
     Diskless,
@@ -71,7 +75,7 @@ pub enum PromoteError {
     SyncTarget,
     /// The witness does not list this node as up to date.
     #[error(
-        "outdated: the witness does not list this node as up to date (the peer wrote without it); use --force only if the peer's data is lost"
+        "outdated: the witness does not list this node as up to date: the peer wrote without it, so this copy lacks acknowledged writes. Bring the peer back (it resyncs this copy, then promotion is safe). {FORCE_COST}"
     )]
     Outdated,
     /// The witness could not be asked or is still learning.
@@ -80,6 +84,24 @@ pub enum PromoteError {
     /// The old primary may still hold a lease.
     #[error("peer still primary: {0}")]
     PeerLease(String),
+}
+
+/// What `promote --force` on an incomplete copy costs, for error texts.
+const FORCE_COST: &str = "Only if the other copy is lost for good: `promote --force` makes this copy the writer anyway; whatever it lacks is then missing from the volume, and if the other copy returns, both refuse to sync (split brain) until `blkrep resolve VOL --discard-local` on one node picks the copy whose changes are thrown away";
+
+fn not_up_to_date_text(disk: DiskState, missing_bytes: Option<u64>) -> String {
+    match (disk, missing_bytes) {
+        (DiskState::Inconsistent, Some(b)) => format!(
+            "local data is Inconsistent: a resync into this copy did not finish and its source is not connected; this copy still lacked {} of the source's data (acknowledged writes among it) when the source was last heard from. Bring the source back: the resync resumes, and promotion is safe once it finished (or, with the source connected, at once). {FORCE_COST}",
+            crate::units::format_bytes(b)
+        ),
+        (DiskState::Inconsistent, None) => format!(
+            "local data is Inconsistent: a resync into this copy did not finish (or never started) and its source is not connected, so this copy lacks acknowledged writes. Bring the source back: the resync resumes, and promotion is safe once it finished (or, with the source connected, at once). {FORCE_COST}"
+        ),
+        (d, _) => format!(
+            "local data is {d:?}: the peer wrote without this copy, so it lacks acknowledged writes. Bring the peer back: it resyncs this copy, then promotion is safe. {FORCE_COST}"
+        ),
+    }
 }
 
 /// Why a verify or resync request was refused.
@@ -371,6 +393,11 @@ pub struct Engine {
     /// Requests of a primary on a copy still being resynced, held back
     /// while its sync source is unreachable (or refused them).
     frozen: BTreeSet<RequestId>,
+    /// Meaningful while this copy is Inconsistent and its sync source is
+    /// gone: what the source still had to copy into it when it was last
+    /// heard from (its dirty chunks, announced as the resync progresses).
+    /// None when no resync into this copy was seen since the node started.
+    interrupted_sync_missing_bytes: Option<u64>,
     /// As a sync target told the resync is done: the local flush that
     /// makes the resynced data durable first, and the source's generations.
     sync_done_flush: Option<(RequestId, Generations)>,
@@ -434,6 +461,7 @@ impl Engine {
             quorum_waiters: BTreeSet::new(),
             quorum_lost: false,
             frozen: BTreeSet::new(),
+            interrupted_sync_missing_bytes: None,
             sync_done_flush: None,
             sync_done_current: 0,
             resync_unflushed: Vec::new(),
@@ -446,9 +474,18 @@ impl Engine {
     /// generations say: the other side never completed a write of its own
     /// (rule 2), so overwriting its extra data loses nothing acknowledged.
     /// Bitmap-based when the generations allow it, else a full sync.
+    ///
+    /// Never across a forced promotion: when the two lineages were split by
+    /// one (`Generations::forced_apart`), the record names the forced copy
+    /// because the operator insisted, not because it holds every
+    /// acknowledged write, so diverged histories stay a split brain until
+    /// `resolve` picks the victim (rule 4).
     fn witness_direction(&self, view: &NodeView, negotiated: Relation) -> Option<Relation> {
         let rec = self.record;
         if self.cfg.quorum.is_none() || rec.epoch == 0 {
+            return None;
+        }
+        if negotiated == Relation::Diverged && self.gens.forced_apart(&view.generations) {
             return None;
         }
         // A copy left Inconsistent by an interrupted resync is finished
@@ -711,6 +748,7 @@ impl Engine {
             current: base,
             bitmap: 0,
             history: view.generations.history,
+            forced: view.generations.forced,
         };
         self.persist();
     }
@@ -1702,7 +1740,10 @@ impl Engine {
                 Err(PromoteError::Diskless)
             }
             DiskState::Outdated | DiskState::Inconsistent if !force => {
-                Err(PromoteError::NotUpToDate(self.disk))
+                Err(PromoteError::NotUpToDate {
+                    disk: self.disk,
+                    missing_bytes: self.interrupted_sync_missing_bytes,
+                })
             }
             _ => Ok(()),
         }
@@ -1715,10 +1756,15 @@ impl Engine {
         }
         self.promote_check(force)?;
         let forwarding = self.promotes_by_forwarding();
+        // (A copy the witness outdated is Outdated on disk by now: the
+        // record that outdated it marked it so.)
         if !forwarding && matches!(self.disk, DiskState::Outdated | DiskState::Inconsistent) {
-            // Forced: this copy starts a new data history.
+            // Forced: this copy starts a new data history, marked forced so
+            // that it never passes for one holding every acknowledged write.
+            assert!(force, "only a forced promotion starts a new history");
             let id = self.fresh_id();
-            self.gens.start_new_history(id);
+            self.gens
+                .start_new_history(id, self.disk != DiskState::Inconsistent);
             self.disk = DiskState::UpToDate;
         }
         self.role = Role::Primary;
@@ -1793,6 +1839,9 @@ impl Engine {
             self.witness_record(view.record.swapped());
         }
         let first = self.peer.is_none();
+        if first {
+            self.interrupted_sync_missing_bytes = None;
+        }
         let old = self.peer;
         let rel = old
             .map(|(_, r)| r)
@@ -2009,6 +2058,7 @@ impl Engine {
             || self.record.peer_up_to_date
             || self.gens.current == 0
             || view.generations.bitmap != self.gens.current
+            || self.gens.forced_apart(&view.generations)
         {
             return;
         }
@@ -2055,6 +2105,13 @@ impl Engine {
                 self.peer_leg_lost(id);
                 self.try_complete(id);
             }
+        }
+        if let Some((view, Relation::SyncTarget)) = self.peer {
+            self.interrupted_sync_missing_bytes = Some(
+                view.dirty_chunks
+                    .saturating_mul(self.cfg.chunk_bytes)
+                    .min(self.cfg.data_bytes),
+            );
         }
         self.peer = None;
         self.peer_dirty = None;
@@ -2350,6 +2407,10 @@ impl Engine {
             }
             if cleared {
                 self.persist();
+                // The target shows the progress (and knows what it still
+                // lacks if this node goes away): one state message per
+                // flushed batch (2 MiB or the end of a pass).
+                self.actions.push_back(Action::AnnounceState);
             }
         }
         self.flush_resynced(false);

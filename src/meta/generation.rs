@@ -7,6 +7,13 @@
 //! exactly what the peer (still at `bitmap`) is missing. Older identifiers
 //! move into `history`, so a node that is further behind is still recognised
 //! (and fully synced) rather than mistaken for a split brain.
+//!
+//! `forced` marks a lineage that an operator started by force from a copy
+//! that was not known to hold every acknowledged write. Two copies whose
+//! `forced` differ diverged across that point: the forced copy may lack
+//! acknowledged writes the other holds, so neither the witness's record nor
+//! the forced copy's ancestry decides which one is overwritten; only an
+//! explicit `resolve` does.
 
 /// How many past identifiers are kept beyond `bitmap`.
 pub const HISTORY_LEN: usize = 4;
@@ -21,6 +28,13 @@ pub struct Generations {
     pub bitmap: u64,
     /// Older identifiers, newest first.
     pub history: [u64; HISTORY_LEN],
+    /// The first identifier of the newest history in this copy's lineage
+    /// that was forced from a copy not known to be complete (0: none). It
+    /// stays while that lineage continues (tracking, resyncs from it) and
+    /// is replaced only by the next forced history or by a resync from a
+    /// copy of another lineage.
+    #[serde(default)]
+    pub forced: u64,
 }
 
 /// What to do when two nodes meet.
@@ -66,14 +80,32 @@ impl Generations {
     }
 
     /// A forced new history (forced promotion of a copy that is not known to be
-    /// up to date): everything older moves to history.
-    pub fn start_new_history(&mut self, new_id: u64) {
-        if self.bitmap != 0 {
-            self.push_history(self.bitmap);
-            self.bitmap = 0;
+    /// up to date). A consistent copy (`complete_ancestry`: Outdated, it holds
+    /// everything of its older generations) keeps them as history, so a peer
+    /// still at one of them is recognised as older. An Inconsistent copy holds
+    /// a mix of its old generation and part of a resync: it is the ancestor of
+    /// nothing, so it keeps no history and meets every copy with data as a
+    /// diverged one. Either way the lineage is marked `forced`.
+    pub fn start_new_history(&mut self, new_id: u64, complete_ancestry: bool) {
+        if complete_ancestry {
+            if self.bitmap != 0 {
+                self.push_history(self.bitmap);
+            }
+            self.push_history(self.current);
+        } else {
+            self.history = [0; HISTORY_LEN];
         }
-        self.push_history(self.current);
+        self.bitmap = 0;
         self.current = new_id;
+        self.forced = new_id;
+    }
+
+    /// Whether this copy and `peer` belong to lineages split by a forced
+    /// promotion (one of them, or each, forced a history the other does not
+    /// share). Their divergence then may hide acknowledged writes on both
+    /// sides, whatever the witness recorded after the force.
+    pub fn forced_apart(&self, peer: &Generations) -> bool {
+        self.forced != peer.forced
     }
 
     /// After this node fully synced its peer: the bitmap tracks nothing.
@@ -90,6 +122,7 @@ impl Generations {
             current: source.current,
             bitmap: 0,
             history: source.history,
+            forced: source.forced,
         };
         if source.bitmap != 0 {
             self.push_history(source.bitmap);
@@ -220,8 +253,37 @@ mod tests {
         c.current = 20;
         assert_eq!(a2.compare(&b), SyncDecision::LocalAheadFull);
         assert_eq!(b.compare(&a2), SyncDecision::PeerAheadFull);
-        c.start_new_history(99);
+        c.start_new_history(99, true);
         assert_eq!(c.compare(&a2), SyncDecision::LocalAheadFull);
+    }
+
+    #[test]
+    fn a_forced_incomplete_copy_is_the_ancestor_of_nothing() {
+        // An Inconsistent copy at the complete copy's own generation (a
+        // same-history resync into it was interrupted) is forced: it must
+        // not pass for a descendant of the complete copy (that would make
+        // it overwrite the complete copy with a full sync).
+        let complete = g(10);
+        let mut partial = g(10);
+        partial.start_new_history(42, false);
+        assert_eq!(partial.history, [0; HISTORY_LEN]);
+        assert_eq!(partial.compare(&complete), SyncDecision::Diverged);
+        assert_eq!(complete.compare(&partial), SyncDecision::Diverged);
+        assert!(partial.forced_apart(&complete) && complete.forced_apart(&partial));
+        // A fresh disk still gets a full sync from it, and the copy it
+        // receives carries the forced lineage along.
+        assert_eq!(partial.compare(&g(0)), SyncDecision::LocalAheadFull);
+        let mut fresh = g(0);
+        fresh.sync_target_done(&partial);
+        assert!(!fresh.forced_apart(&partial));
+        // Tracking continues the forced lineage.
+        partial.start_tracking(43);
+        assert_eq!(partial.forced, 42);
+        // A forced consistent (Outdated) copy keeps its older generations.
+        let mut outdated = g(10);
+        outdated.start_new_history(50, true);
+        assert_eq!(outdated.compare(&g(10)), SyncDecision::LocalAheadFull);
+        assert!(outdated.forced_apart(&g(10)));
     }
 
     #[test]

@@ -103,6 +103,7 @@ impl Superblock {
             let at = 120 + 8 * i;
             b[at..at + 8].copy_from_slice(&h.to_le_bytes());
         }
+        b[152..160].copy_from_slice(&g.forced.to_le_bytes());
         b[160..168].copy_from_slice(&self.record.epoch.to_le_bytes());
         b[168] = self.record.flags();
         let crc = crc32fast::hash(&b[..CRC_OFFSET]);
@@ -168,6 +169,8 @@ impl Superblock {
                 current: u64_at(b, 104),
                 bitmap: u64_at(b, 112),
                 history,
+                // (Zero in superblocks written before this field existed.)
+                forced: u64_at(b, 152),
             },
             attached,
             primary,
@@ -226,6 +229,7 @@ mod tests {
                 current: 11,
                 bitmap: 9,
                 history: [5, 3, 0, 0],
+                forced: 5,
             },
             attached: true,
             primary: false,

@@ -365,6 +365,11 @@ impl VolumeHandle {
 
     /// Detaches the volume (demotes first; refuses while busy).
     pub async fn detach(&self) -> Result<(), VolumeError> {
+        // A primary steps down first as `demote` does, telling the peer and
+        // the witness, so that the other node can take over at once.
+        if self.status().await?.engine.role == crate::engine::Role::Primary {
+            self.demote().await?;
+        }
         let (reply, rx) = oneshot::channel();
         self.send(Input::Detach { reply })?;
         rx.await.map_err(|_| VolumeError::Detached)?

@@ -271,6 +271,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         rate_controller: RateController::new(opts.resync_rate),
         write_started: HashMap::new(),
         detaching: None,
+        peer_detached: false,
         node: opts.node,
         lease,
         frozen: std::collections::VecDeque::new(),
@@ -437,6 +438,9 @@ struct Shell {
     /// Start time and length of application writes in flight.
     write_started: HashMap<u64, (Instant, u64)>,
     detaching: Option<oneshot::Sender<Result<(), VolumeError>>>,
+    /// Meaningful while `conn` is set: the peer told us it detached this
+    /// volume (its last state message had no view).
+    peer_detached: bool,
     node: String,
     lease: Option<Arc<super::VolumeLease>>,
     frozen: std::collections::VecDeque<Input>,
@@ -615,6 +619,7 @@ impl Shell {
                 if self.current_conn_id() != Some(conn_id) {
                     return;
                 }
+                self.peer_detached = msg.view.is_none();
                 match msg.view {
                     None => self.engine.peer_disconnected(),
                     Some(view) => {
@@ -676,26 +681,36 @@ impl Shell {
                     Ok(token) if !was_primary => self.wait_meta(token, reply),
                     Ok(token) => {
                         (self.events)(&self.name, "demoted");
-                        if let Some(l) = &self.lease {
-                            let (l, tx) = (l.clone(), self.tx.clone());
-                            let (volume, peer) = (self.name.clone(), self.peer_name.clone());
-                            let epoch = self.engine.record().epoch;
-                            tokio::spawn(async move {
-                                if let Ok(crate::witness::ChangeOutcome::Done(r)) = l
-                                    .witness
-                                    .change(
-                                        &volume,
-                                        &peer,
-                                        epoch,
-                                        crate::witness::WitnessOp::Demote,
-                                    )
-                                    .await
-                                {
+                        let Some(l) = self.lease.clone() else {
+                            return self.wait_meta(token, reply);
+                        };
+                        // The answer waits for the witness too (bounded by
+                        // its request timeout), so that a cluster manager's
+                        // promote on the other node finds the record free
+                        // instead of waiting out this node's lease. Best
+                        // effort: without an answer, the heartbeats tell
+                        // the witness (this node claims "not primary").
+                        let (meta_reply, meta_done) = oneshot::channel();
+                        self.wait_meta(token, meta_reply);
+                        let tx = self.tx.clone();
+                        let (volume, peer) = (self.name.clone(), self.peer_name.clone());
+                        let epoch = self.engine.record().epoch;
+                        tokio::spawn(async move {
+                            match l
+                                .witness
+                                .change(&volume, &peer, epoch, crate::witness::WitnessOp::Demote)
+                                .await
+                            {
+                                Ok(crate::witness::ChangeOutcome::Done(r)) => {
                                     let _ = tx.send(Input::WitnessRecord(r));
                                 }
-                            });
-                        }
-                        self.wait_meta(token, reply)
+                                other => tracing::warn!(
+                                    "volume {volume}: the witness did not record the demotion now ({other:?}); the next heartbeats tell it"
+                                ),
+                            }
+                            let done = meta_done.await.unwrap_or(Err(VolumeError::Detached));
+                            let _ = reply.send(done);
+                        });
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e.into()));
@@ -785,10 +800,10 @@ impl Shell {
     ) {
         // Connected, but the peer has not said yet whether it is primary:
         // wait for that like for a peer that is still primary.
+        // (A peer that detached the volume said so: it serves nothing and
+        // demoted first, so it counts as gone.)
         let check = match self.engine.promote_check(force) {
-            Ok(()) if self.conn.is_some() && self.engine.peer_view().is_none() => {
-                Err(crate::engine::PromoteError::PeerPrimary)
-            }
+            Ok(()) if self.peer_undecided() => Err(crate::engine::PromoteError::PeerPrimary),
             other => other,
         };
         match check {
@@ -834,6 +849,12 @@ impl Shell {
             reply,
         };
         tokio::spawn(req.run());
+    }
+
+    /// Connected, but the peer has not said yet whether it serves the
+    /// volume (its first state message is on its way).
+    fn peer_undecided(&self) -> bool {
+        self.conn.is_some() && !self.peer_detached && self.engine.peer_view().is_none()
     }
 
     fn promote_now(&mut self, force: bool, reply: oneshot::Sender<Result<(), VolumeError>>) {
@@ -912,6 +933,7 @@ impl Shell {
 
     fn connection_ready(&mut self, conn: Arc<PeerConnection>) {
         self.conn = Some(conn.clone());
+        self.peer_detached = false;
         self.announce(None);
         for input in std::mem::take(&mut self.stash) {
             self.handle_input(input);
