@@ -499,7 +499,10 @@ fn volume_err(e: VolumeError) -> Response {
             ErrorCode::PeerPrimary
         }
         VolumeError::Promote(
-            PromoteError::NotUpToDate { .. } | PromoteError::SyncTarget | PromoteError::Outdated,
+            PromoteError::NotUpToDate { .. }
+            | PromoteError::ForcedRecord
+            | PromoteError::SyncTarget
+            | PromoteError::Outdated,
         ) => ErrorCode::Outdated,
         VolumeError::Promote(PromoteError::NoQuorum(_))
         | VolumeError::Io(crate::engine::IoFailure::NoQuorum) => ErrorCode::NoQuorum,

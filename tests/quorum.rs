@@ -678,7 +678,15 @@ async fn witness_refuses_unknown_nodes_and_foreign_certificates() {
         let m = TlsMaterial::load(&ca, &cert, &key).expect("tls material");
         let client = WitnessClient::new("witness", w.address, &m, 1000).expect("client");
         let r = client
-            .change(VOL, "beta", 0, WitnessOp::Promote { force: true })
+            .change(
+                VOL,
+                "beta",
+                0,
+                WitnessOp::Promote {
+                    force: true,
+                    incomplete: false,
+                },
+            )
             .await;
         assert!(r.is_err(), "{} got an answer: {r:?}", cert.display());
     }

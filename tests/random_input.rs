@@ -308,7 +308,10 @@ fn fuzz_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
                 volume: "v".into(),
                 peer: "beta".into(),
                 expected_epoch: 4,
-                op: WitnessOp::Promote { force: false },
+                op: WitnessOp::Promote {
+                    force: false,
+                    incomplete: false,
+                },
             },
         ),
         ("heartbeat", WitnessRequest::Heartbeat { claims: vec![] }),

@@ -78,6 +78,11 @@ pub enum PromoteError {
         "outdated: the witness does not list this node as up to date: the peer wrote without it, so this copy lacks acknowledged writes. Bring the peer back (it resyncs this copy, then promotion is safe). {FORCE_COST}"
     )]
     Outdated,
+    /// The witness record was forced and this promotion is not.
+    #[error(
+        "the witness record was forced: an operator promoted a copy not known to be complete, and until both copies are in sync again (or `resolve` ended the split brain and the resync finished) a promotion needs --force. {FORCE_COST}"
+    )]
+    ForcedRecord,
     /// The witness could not be asked or is still learning.
     #[error("no quorum: {0}")]
     NoQuorum(String),
@@ -92,7 +97,7 @@ const FORCE_COST: &str = "Only if the other copy is lost for good: `promote --fo
 fn not_up_to_date_text(disk: DiskState, missing_bytes: Option<u64>) -> String {
     match (disk, missing_bytes) {
         (DiskState::Inconsistent, Some(b)) => format!(
-            "local data is Inconsistent: a resync into this copy did not finish and its source is not connected; this copy still lacked {} of the source's data (acknowledged writes among it) when the source was last heard from. Bring the source back: the resync resumes, and promotion is safe once it finished (or, with the source connected, at once). {FORCE_COST}",
+            "local data is Inconsistent: a resync into this copy did not finish and its source is not connected; this copy lacked up to {} of the source's data (acknowledged writes among it) by the source's last report. Bring the source back: the resync resumes, and promotion is safe once it finished (or, with the source connected, at once). {FORCE_COST}",
             crate::units::format_bytes(b)
         ),
         (DiskState::Inconsistent, None) => format!(
@@ -394,9 +399,10 @@ pub struct Engine {
     /// while its sync source is unreachable (or refused them).
     frozen: BTreeSet<RequestId>,
     /// Meaningful while this copy is Inconsistent and its sync source is
-    /// gone: what the source still had to copy into it when it was last
-    /// heard from (its dirty chunks, announced as the resync progresses).
-    /// None when no resync into this copy was seen since the node started.
+    /// gone: what the source still had to copy into it by its last state
+    /// message (its dirty chunks then: an upper bound, as the resync only
+    /// shrinks them). None when no resync into this copy was seen since the
+    /// node started.
     interrupted_sync_missing_bytes: Option<u64>,
     /// As a sync target told the resync is done: the local flush that
     /// makes the resynced data durable first, and the source's generations.
@@ -485,7 +491,12 @@ impl Engine {
         if self.cfg.quorum.is_none() || rec.epoch == 0 {
             return None;
         }
-        if negotiated == Relation::Diverged && self.gens.forced_apart(&view.generations) {
+        // (A record written by a forced promotion is no such proof either,
+        // whatever the peer announced so far: its forced state may not be
+        // durable, and so not announced, yet.)
+        if rec.forced
+            || (negotiated == Relation::Diverged && self.gens.forced_apart(&view.generations))
+        {
             return None;
         }
         // A copy left Inconsistent by an interrupted resync is finished
@@ -684,7 +695,15 @@ impl Engine {
             if rank(self.durable.0) < rank(self.disk) {
                 v.disk = self.durable.0;
             }
-            v.generations = self.durable.1;
+            // A forced history is announced at once, durable or not: the
+            // older generations no longer describe this copy, and a peer
+            // that took them (with this node primary) could decide to
+            // become its sync target. Early is harmless: the forced
+            // generations can only make the peer refuse, and after a crash
+            // before they are durable the older ones are announced again.
+            if self.gens.forced == self.durable.1.forced {
+                v.generations = self.durable.1;
+            }
         }
         v
     }
@@ -1431,6 +1450,7 @@ impl Engine {
                     self.peer,
                     Some((v, Relation::InSync)) if v.disk == DiskState::UpToDate
                 ),
+                forced: false,
             }
         };
         (view, self.role == Role::Primary)
@@ -1749,22 +1769,29 @@ impl Engine {
         }
     }
 
+    /// Whether a promotion now starts a forced history (it needs `force`):
+    /// this copy is not known to be complete (Outdated or Inconsistent; a
+    /// copy the witness outdated is Outdated on disk by then, as the record
+    /// that outdated it marked it so) and does not promote by forwarding
+    /// through its sync source.
+    pub fn promotion_is_forced(&self) -> bool {
+        self.role != Role::Primary
+            && !self.promotes_by_forwarding()
+            && matches!(self.disk, DiskState::Outdated | DiskState::Inconsistent)
+    }
+
     /// Makes this node primary. Returns the metadata token to wait for.
     pub fn promote(&mut self, force: bool) -> Result<u64, PromoteError> {
         if self.role == Role::Primary {
             return Ok(self.meta_issued);
         }
         self.promote_check(force)?;
-        let forwarding = self.promotes_by_forwarding();
-        // (A copy the witness outdated is Outdated on disk by now: the
-        // record that outdated it marked it so.)
-        if !forwarding && matches!(self.disk, DiskState::Outdated | DiskState::Inconsistent) {
+        if self.promotion_is_forced() {
             // Forced: this copy starts a new data history, marked forced so
             // that it never passes for one holding every acknowledged write.
             assert!(force, "only a forced promotion starts a new history");
             let id = self.fresh_id();
-            self.gens
-                .start_new_history(id, self.disk != DiskState::Inconsistent);
+            self.gens.start_new_history(id);
             self.disk = DiskState::UpToDate;
         }
         self.role = Role::Primary;
@@ -2056,6 +2083,7 @@ impl Engine {
             || self.record.epoch == 0
             || !self.record.me_up_to_date
             || self.record.peer_up_to_date
+            || self.record.forced
             || self.gens.current == 0
             || view.generations.bitmap != self.gens.current
             || self.gens.forced_apart(&view.generations)
@@ -2407,10 +2435,6 @@ impl Engine {
             }
             if cleared {
                 self.persist();
-                // The target shows the progress (and knows what it still
-                // lacks if this node goes away): one state message per
-                // flushed batch (2 MiB or the end of a pass).
-                self.actions.push_back(Action::AnnounceState);
             }
         }
         self.flush_resynced(false);

@@ -80,21 +80,15 @@ impl Generations {
     }
 
     /// A forced new history (forced promotion of a copy that is not known to be
-    /// up to date). A consistent copy (`complete_ancestry`: Outdated, it holds
-    /// everything of its older generations) keeps them as history, so a peer
-    /// still at one of them is recognised as older. An Inconsistent copy holds
-    /// a mix of its old generation and part of a resync: it is the ancestor of
-    /// nothing, so it keeps no history and meets every copy with data as a
-    /// diverged one. Either way the lineage is marked `forced`.
-    pub fn start_new_history(&mut self, new_id: u64, complete_ancestry: bool) {
-        if complete_ancestry {
-            if self.bitmap != 0 {
-                self.push_history(self.bitmap);
-            }
-            self.push_history(self.current);
-        } else {
-            self.history = [0; HISTORY_LEN];
-        }
+    /// up to date), marked `forced`. It keeps no older identifiers: the copy
+    /// may lack writes of any of them (an Inconsistent copy is a mix of its
+    /// old generation and part of a resync; an Outdated one may have missed
+    /// writes its peer acknowledged under a generation the copy still
+    /// lists), so it is the descendant of nothing and meets every copy with
+    /// data as a diverged one, which only `resolve` settles (rule 4). A
+    /// blank copy (generation 0) is still fully synced from it.
+    pub fn start_new_history(&mut self, new_id: u64) {
+        self.history = [0; HISTORY_LEN];
         self.bitmap = 0;
         self.current = new_id;
         self.forced = new_id;
@@ -253,19 +247,19 @@ mod tests {
         c.current = 20;
         assert_eq!(a2.compare(&b), SyncDecision::LocalAheadFull);
         assert_eq!(b.compare(&a2), SyncDecision::PeerAheadFull);
-        c.start_new_history(99, true);
-        assert_eq!(c.compare(&a2), SyncDecision::LocalAheadFull);
+        c.start_new_history(99);
+        assert_eq!(c.compare(&a2), SyncDecision::Diverged);
     }
 
     #[test]
-    fn a_forced_incomplete_copy_is_the_ancestor_of_nothing() {
+    fn a_forced_copy_is_the_ancestor_of_nothing() {
         // An Inconsistent copy at the complete copy's own generation (a
         // same-history resync into it was interrupted) is forced: it must
         // not pass for a descendant of the complete copy (that would make
         // it overwrite the complete copy with a full sync).
         let complete = g(10);
         let mut partial = g(10);
-        partial.start_new_history(42, false);
+        partial.start_new_history(42);
         assert_eq!(partial.history, [0; HISTORY_LEN]);
         assert_eq!(partial.compare(&complete), SyncDecision::Diverged);
         assert_eq!(complete.compare(&partial), SyncDecision::Diverged);
@@ -279,11 +273,13 @@ mod tests {
         // Tracking continues the forced lineage.
         partial.start_tracking(43);
         assert_eq!(partial.forced, 42);
-        // A forced consistent (Outdated) copy keeps its older generations.
+        // So does a forced Outdated copy: its older generations may lack
+        // writes the other copy acknowledged.
         let mut outdated = g(10);
-        outdated.start_new_history(50, true);
-        assert_eq!(outdated.compare(&g(10)), SyncDecision::LocalAheadFull);
-        assert!(outdated.forced_apart(&g(10)));
+        outdated.start_tracking(11);
+        outdated.start_new_history(50);
+        assert_eq!(outdated.compare(&g(10)), SyncDecision::Diverged);
+        assert_eq!(g(11).compare(&outdated), SyncDecision::Diverged);
     }
 
     #[test]

@@ -13,6 +13,14 @@ pub struct Record {
     pub primary: Option<String>,
     /// Nodes holding every completed write.
     pub up_to_date: BTreeSet<String>,
+    /// The primary was forced against this record (it was not listed up to
+    /// date): `up_to_date` names it because an operator insisted, which is
+    /// no proof that it holds every acknowledged write, nor that the node
+    /// it replaced lacks any. While set, the nodes follow their generations
+    /// alone (diverged histories stay a split brain until `resolve`).
+    /// Cleared when both nodes are listed again.
+    #[serde(default)]
+    pub forced: bool,
 }
 
 /// Who a record names, relative to one data node.
@@ -39,6 +47,9 @@ pub struct RecordView {
     pub me_up_to_date: bool,
     /// The peer is listed as up to date.
     pub peer_up_to_date: bool,
+    /// The record's `forced` flag.
+    #[serde(default)]
+    pub forced: bool,
 }
 
 impl RecordView {
@@ -53,6 +64,7 @@ impl RecordView {
             },
             me_up_to_date: r.up_to_date.contains(me),
             peer_up_to_date: r.up_to_date.contains(peer),
+            forced: r.forced,
         }
     }
 
@@ -73,6 +85,7 @@ impl RecordView {
                 Holder::Peer => Some(peer.to_string()),
             },
             up_to_date,
+            forced: self.forced,
         }
     }
 
@@ -87,6 +100,7 @@ impl RecordView {
             },
             me_up_to_date: self.peer_up_to_date,
             peer_up_to_date: self.me_up_to_date,
+            forced: self.forced,
         }
     }
 
@@ -97,12 +111,14 @@ impl RecordView {
             Holder::Me => 1,
             Holder::Peer => 2,
         };
-        p | (u8::from(self.me_up_to_date) << 2) | (u8::from(self.peer_up_to_date) << 3)
+        p | (u8::from(self.me_up_to_date) << 2)
+            | (u8::from(self.peer_up_to_date) << 3)
+            | (u8::from(self.forced) << 4)
     }
 
     /// Parses the superblock form; None for undefined bits.
     pub fn from_parts(epoch: u64, flags: u8) -> Option<Self> {
-        if flags & !0x0f != 0 {
+        if flags & !0x1f != 0 {
             return None;
         }
         let primary = match flags & 3 {
@@ -116,6 +132,7 @@ impl RecordView {
             primary,
             me_up_to_date: flags & 4 != 0,
             peer_up_to_date: flags & 8 != 0,
+            forced: flags & 16 != 0,
         })
     }
 }
@@ -130,6 +147,7 @@ mod tests {
             epoch: 7,
             primary: Some("alpha".into()),
             up_to_date: ["alpha".to_string()].into_iter().collect(),
+            forced: true,
         };
         let v = RecordView::of(&r, "alpha", "beta");
         assert_eq!(v.primary, Holder::Me);
@@ -137,7 +155,7 @@ mod tests {
         assert_eq!(v.to_record("alpha", "beta"), r);
         assert_eq!(v.swapped().to_record("beta", "alpha"), r);
         assert_eq!(RecordView::from_parts(v.epoch, v.flags()), Some(v));
-        assert_eq!(RecordView::from_parts(1, 0x13), None);
+        assert_eq!(RecordView::from_parts(1, 0x23), None);
         assert_eq!(RecordView::from_parts(1, 3), None);
     }
 }

@@ -106,6 +106,8 @@ pub(super) struct PromoteRequest {
     pub peer: String,
     pub epoch: u64,
     pub force: bool,
+    /// The promotion starts a forced history (`Engine::promotion_is_forced`).
+    pub incomplete: bool,
     pub peer_connected: bool,
     pub lease: Arc<VolumeLease>,
     pub tx: mpsc::UnboundedSender<Input>,
@@ -119,6 +121,7 @@ impl PromoteRequest {
             peer,
             mut epoch,
             force,
+            incomplete,
             peer_connected,
             lease,
             tx,
@@ -144,7 +147,12 @@ impl PromoteRequest {
             let sent = clock::now_ms();
             let outcome = lease
                 .witness
-                .change(&volume, &peer, epoch, WitnessOp::Promote { force })
+                .change(
+                    &volume,
+                    &peer,
+                    epoch,
+                    WitnessOp::Promote { force, incomplete },
+                )
                 .await;
             let result = match outcome {
                 Ok(ChangeOutcome::Done(record)) => {
@@ -173,6 +181,7 @@ impl PromoteRequest {
                     }
                 }
                 Ok(ChangeOutcome::Refused(Refusal::Outdated)) => fail(PromoteError::Outdated),
+                Ok(ChangeOutcome::Refused(Refusal::Forced)) => fail(PromoteError::ForcedRecord),
                 Ok(ChangeOutcome::Refused(r)) => fail(PromoteError::NoQuorum(r.to_string())),
                 Err(e) => fail(PromoteError::NoQuorum(format!(
                     "the witness must consent to a promotion and it cannot be asked: {e}"

@@ -843,6 +843,7 @@ impl Shell {
             peer: self.peer_name.clone(),
             epoch: self.engine.record().epoch,
             force,
+            incomplete: self.engine.promotion_is_forced(),
             peer_connected: self.conn.is_some(),
             lease,
             tx: self.tx.clone(),

@@ -170,7 +170,11 @@ impl Arbiter {
         }
         let key = record_key(volume, node, peer);
         let Some(current) = self.records.get(&key).cloned() else {
-            if let WitnessOp::Promote { force: true } = op {
+            if let WitnessOp::Promote {
+                force: true,
+                incomplete,
+            } = op
+            {
                 // The operator starts a history here; the epoch continues
                 // after anything either node claimed.
                 let epoch = self
@@ -180,10 +184,14 @@ impl Arbiter {
                     .unwrap_or(0)
                     .max(expected_epoch)
                     + 1;
+                // Marked forced when the copy is not known to be complete
+                // (a new volume's first primary too, until its peer has
+                // synced and is listed again).
                 let r = Record {
                     epoch,
                     primary: Some(node.to_string()),
                     up_to_date: [node.to_string()].into_iter().collect(),
+                    forced: incomplete,
                 };
                 self.records.insert(key.clone(), r.clone());
                 self.claims.remove(&key);
@@ -198,7 +206,13 @@ impl Arbiter {
         let mut next = current.clone();
         let me_up_to_date = current.up_to_date.contains(node);
         match op {
-            WitnessOp::Promote { force } => {
+            WitnessOp::Promote { force, incomplete } => {
+                // Only the operator's word made the forced copy the listed
+                // one, and a crash may have undone its forced state since:
+                // listing alone is no longer enough (rule 3).
+                if current.forced && !force {
+                    return (ChangeOutcome::Refused(Refusal::Forced), None);
+                }
                 if current.primary.as_deref() == Some(node) {
                     return (ChangeOutcome::Done(current), None);
                 }
@@ -219,7 +233,13 @@ impl Arbiter {
                 }
                 next.primary = Some(node.to_string());
                 if !me_up_to_date {
+                    // Forced against the record: say so (see Record::forced).
                     next.up_to_date = [node.to_string()].into_iter().collect();
+                    next.forced = true;
+                } else if force && incomplete {
+                    // Listed, but forced on a copy that is not complete: its
+                    // later writes alone will not make it the proof either.
+                    next.forced = true;
                 }
                 self.granted_ms.insert(node.to_string(), now_ms);
             }
@@ -242,6 +262,9 @@ impl Arbiter {
                     return (ChangeOutcome::Refused(Refusal::Outdated), None);
                 }
                 next.up_to_date.insert(peer.to_string());
+                // Both copies are equal again: the forced history is the
+                // only one left.
+                next.forced = false;
             }
             WitnessOp::Demote => {
                 if current.primary.as_deref() == Some(node) {
@@ -272,6 +295,14 @@ mod tests {
         }
     }
 
+    /// A promotion request of a copy known to be complete.
+    fn promote(force: bool) -> WitnessOp {
+        WitnessOp::Promote {
+            force,
+            incomplete: false,
+        }
+    }
+
     fn fresh() -> Arbiter {
         Arbiter::new(LeaseSettings::default(), 1000, BTreeMap::new())
     }
@@ -282,6 +313,7 @@ mod tests {
             primary,
             me_up_to_date: true,
             peer_up_to_date: true,
+            forced: false,
         }
     }
 
@@ -308,13 +340,13 @@ mod tests {
     #[test]
     fn promotion_waits_for_the_old_primary_lease_and_needs_up_to_date() {
         let mut w = fresh();
-        let (_, _) = w.change("a", 1000, "v", "b", 0, WitnessOp::Promote { force: true });
+        let (_, _) = w.change("a", 1000, "v", "b", 0, promote(true));
         let (_, _) = w.change("a", 1000, "v", "b", 1, WitnessOp::Restore);
         let view = RecordView::of(w.record(&record_key("v", "a", "b")).unwrap(), "a", "b");
         let (ans, _) = w.heartbeat("a", 5000, &[claim("b", view, true)]);
         assert!(ans[0].lease);
         let e = view.epoch;
-        let (o, _) = w.change("b", 5100, "v", "a", e, WitnessOp::Promote { force: false });
+        let (o, _) = w.change("b", 5100, "v", "a", e, promote(false));
         let ChangeOutcome::Wait { wait_ms, holder } = o else {
             panic!("{o:?}")
         };
@@ -324,10 +356,10 @@ mod tests {
             LeaseSettings::default().grantor_bound_ms(5000)
         );
         // Even forced, never while the lease may run.
-        let (o, _) = w.change("b", 5100, "v", "a", e, WitnessOp::Promote { force: true });
+        let (o, _) = w.change("b", 5100, "v", "a", e, promote(true));
         assert!(matches!(o, ChangeOutcome::Wait { .. }));
         let later = LeaseSettings::default().grantor_bound_ms(5000);
-        let (o, ch) = w.change("b", later, "v", "a", e, WitnessOp::Promote { force: false });
+        let (o, ch) = w.change("b", later, "v", "a", e, promote(false));
         let ChangeOutcome::Done(r) = o else { panic!() };
         assert_eq!(r.primary.as_deref(), Some("b"));
         assert!(ch.is_some());
@@ -340,14 +372,7 @@ mod tests {
         let (o, _) = w.change("b", later, "v", "a", r.epoch, WitnessOp::Outdate);
         let ChangeOutcome::Done(r) = o else { panic!() };
         assert!(!r.up_to_date.contains("a"));
-        let (o, _) = w.change(
-            "a",
-            later + 100_000,
-            "v",
-            "b",
-            r.epoch,
-            WitnessOp::Promote { force: false },
-        );
+        let (o, _) = w.change("a", later + 100_000, "v", "b", r.epoch, promote(false));
         assert_eq!(o, ChangeOutcome::Refused(Refusal::Outdated));
     }
 
@@ -360,17 +385,18 @@ mod tests {
                 epoch: 3,
                 primary: Some("a".into()),
                 up_to_date: ["a".to_string(), "b".to_string()].into_iter().collect(),
+                forced: false,
             },
         );
         let mut w = Arbiter::new(LeaseSettings::default(), 50, records);
-        let (o, _) = w.change("b", 60, "v", "a", 3, WitnessOp::Promote { force: false });
+        let (o, _) = w.change("b", 60, "v", "a", 3, promote(false));
         assert!(matches!(o, ChangeOutcome::Wait { .. }));
     }
 
     #[test]
     fn a_primary_that_demoted_unseen_is_cleared_by_its_heartbeat() {
         let mut w = fresh();
-        let (o, _) = w.change("a", 1000, "v", "b", 0, WitnessOp::Promote { force: true });
+        let (o, _) = w.change("a", 1000, "v", "b", 0, promote(true));
         let ChangeOutcome::Done(r) = o else { panic!() };
         let view = RecordView::of(&r, "a", "b");
         // An older view does not clear it (the promotion may be in flight).
@@ -386,7 +412,7 @@ mod tests {
     #[test]
     fn members_only() {
         let mut w = fresh();
-        let (o, _) = w.change("a", 1000, "v", "a", 0, WitnessOp::Promote { force: true });
+        let (o, _) = w.change("a", 1000, "v", "a", 0, promote(true));
         assert_eq!(o, ChangeOutcome::Refused(Refusal::NotMember));
     }
 }

@@ -49,6 +49,11 @@ pub enum WitnessOp {
     Promote {
         /// Operator override of the up-to-date check (never of the lease).
         force: bool,
+        /// The requester's copy is not known to be complete (Outdated or
+        /// Inconsistent): with `force`, the record is marked forced even
+        /// when it lists the requester (see `Record::forced`).
+        #[serde(default)]
+        incomplete: bool,
     },
     /// Move the peer out of `up_to_date` (rule 2); the requester must be
     /// the primary (or up to date while nobody is).
@@ -106,6 +111,11 @@ pub enum Refusal {
     /// The requester is not the primary.
     #[error("this node is not the primary at the witness")]
     NotPrimary,
+    /// The record was forced (see `Record::forced`) and the promotion is not.
+    #[error(
+        "the witness record was forced: an operator promoted a copy not known to be complete; until both copies are in sync again, a promotion needs --force"
+    )]
+    Forced,
     /// The requester is not one of the volume's nodes (or names itself).
     #[error("this node may not change that record")]
     NotMember,
@@ -200,7 +210,10 @@ mod tests {
             volume: "v".into(),
             peer: "b".into(),
             expected_epoch: 3,
-            op: WitnessOp::Promote { force: false },
+            op: WitnessOp::Promote {
+                force: false,
+                incomplete: false,
+            },
         };
         let f = encode(&req).unwrap();
         assert_eq!(decode::<WitnessRequest>(&f).unwrap(), req);

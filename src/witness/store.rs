@@ -123,6 +123,7 @@ mod tests {
             epoch: 9,
             primary: Some("a".into()),
             up_to_date: ["a".to_string()].into_iter().collect(),
+            forced: true,
         };
         s.save("v@a+b", &r).unwrap();
         s.save("v@a+b", &r).unwrap();
