@@ -142,7 +142,7 @@ pub struct LinkConfig {
 impl Default for LinkConfig {
     fn default() -> Self {
         LinkConfig {
-            peer_timeout_ms: 3000,
+            peer_timeout_ms: 2000,
             keepalive_interval_ms: 500,
             reconnect_backoff_max_ms: 2000,
             inflight_requests_max: 512,
@@ -619,7 +619,7 @@ nodes.beta = { disk = "/tmp/b.img", meta = "/tmp/b.meta" }
             c.volumes[0].nodes["beta"].meta_location(),
             MetaLocation::External("/tmp/b.meta".into())
         );
-        assert_eq!(c.link.peer_timeout_ms, 3000);
+        assert_eq!(c.link.peer_timeout_ms, 2000);
     }
 
     #[test]

@@ -56,6 +56,12 @@ struct Attached {
     faults: Arc<FaultPlan>,
 }
 
+/// How long `demote` and `detach` wait for requests in flight whose
+/// clients are gone.
+const STEP_DOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long `demote` and `detach` wait for clients that are closing their
+/// connections before calling the export in use.
+const CLIENT_GONE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 /// How long `promote` waits for the new primary's export to come up.
 const EXPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -99,6 +105,17 @@ impl Daemon {
                 source,
             })?;
         crate::quorum::clock::start();
+        // NBD sockets a crashed daemon left behind: clients get "no such
+        // file" (nothing exported here) instead of a refused connection.
+        // This daemon owns the control socket now, so none of them is live.
+        for v in &cfg.volumes {
+            let path = crate::frontend::nbd_socket_path(&cfg.run_dir, &v.name);
+            if std::fs::symlink_metadata(&path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
         let witness = match &cfg.witness {
             Some(w) => Some(WitnessClient::new(
                 &w.name,
@@ -418,11 +435,71 @@ impl Daemon {
         }
     }
 
-    async fn detach(&self, name: &str) -> Response {
+    /// The rule `demote` and `detach` share (as DRBD refuses `secondary`
+    /// and `down` while the device is open): an export in use (an NBD
+    /// client connected, the ublk device mounted or held open exclusively)
+    /// is refused with exit 9 unless `force`, which disconnects its users
+    /// first; their requests in flight fail or finish.
+    async fn release_export(&self, name: &str, force: bool) -> Result<(), Response> {
+        let users = || {
+            self.exports
+                .lock()
+                .ok()
+                .and_then(|x| x.get(name).and_then(Export::users))
+        };
+        // A client that has just closed its connection is gone once the
+        // server saw the close: give that a moment, so that the answer does
+        // not depend on timing.
+        let deadline = std::time::Instant::now() + CLIENT_GONE_GRACE;
+        let mut seen = users();
+        while seen.is_some() && !force && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            seen = users();
+        }
+        let Some(users) = seen else {
+            return Ok(());
+        };
+        if !force {
+            return Err(err(
+                ErrorCode::Busy,
+                format!(
+                    "volume {name} is in use: {users}; stop the application first, or use --force to disconnect it (its requests in flight fail)"
+                ),
+            ));
+        }
+        tracing::warn!("volume {name}: {users}; disconnecting them (--force)");
+        if let Some(mut e) = self.exports.lock().ok().and_then(|mut x| x.remove(name)) {
+            let _ = tokio::task::spawn_blocking(move || e.stop()).await;
+        }
+        Ok(())
+    }
+
+    /// Runs `step` (a demote or a detach) once the export is released;
+    /// requests still finishing after their client left are waited for
+    /// (bounded), so the outcome does not depend on timing.
+    async fn step_down<F, Fut>(&self, name: &str, force: bool, step: F) -> Result<(), Response>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), VolumeError>>,
+    {
+        self.release_export(name, force).await?;
+        let deadline = std::time::Instant::now() + STEP_DOWN_DRAIN;
+        loop {
+            match step().await {
+                Err(VolumeError::Demote(_)) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(volume_err(e)),
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
+    async fn detach(&self, name: &str, force: bool) -> Response {
         let Some(h) = self.volume(name) else {
             return not_attached(name);
         };
-        match h.detach().await {
+        match self.step_down(name, force, || h.detach()).await {
             Ok(()) => {
                 if let Ok(mut v) = self.volumes.lock() {
                     v.remove(name);
@@ -434,7 +511,7 @@ impl Daemon {
                     message: format!("volume {name} detached"),
                 }
             }
-            Err(e) => volume_err(e),
+            Err(response) => response,
         }
     }
 
@@ -518,7 +595,7 @@ impl ControlHandler for Daemon {
         Box::pin(async move {
             match req {
                 Request::Attach { volume } => self.attach(&volume),
-                Request::Detach { volume } => self.detach(&volume).await,
+                Request::Detach { volume, force } => self.detach(&volume, force).await,
                 Request::Primary { volume, force } => match self.volume(&volume) {
                     // The hook returns once applications can use the device.
                     Some(h) => match h.promote(force).await {
@@ -538,12 +615,12 @@ impl ControlHandler for Daemon {
                     },
                     None => not_attached(&volume),
                 },
-                Request::Secondary { volume } => match self.volume(&volume) {
-                    Some(h) => match h.demote().await {
+                Request::Secondary { volume, force } => match self.volume(&volume) {
+                    Some(h) => match self.step_down(&volume, force, || h.demote()).await {
                         Ok(()) => Response::Ok {
                             message: format!("{volume} is secondary on {}", self.cfg.node),
                         },
-                        Err(e) => volume_err(e),
+                        Err(response) => response,
                     },
                     None => not_attached(&volume),
                 },

@@ -21,13 +21,21 @@ const EXIT_FORBIDDEN: u8 = 10;
     about = "Userspace synchronous block replication: DRBD's job without a kernel module",
     after_help = "Exit status: 0 done, 1 failed, 2 bad request or usage, 3 not attached, \
 4 outdated (local data not up to date), 5 no quorum, 6 peer still primary, \
-7 diverged histories, 8 daemon not reachable, 9 busy (I/O in flight), \
+7 diverged histories, 8 daemon not reachable, 9 busy (the export is in use), \
 10 not allowed to use the control socket."
 )]
 struct Cli {
     /// Node configuration file.
     #[arg(long, short, global = true, env = "BLKREP_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
+    /// Log filter: error, warn, info, debug, trace, or per module
+    /// (`blkrep::link=debug,info`).
+    #[arg(long, global = true, env = "BLKREP_LOG", default_value = "info")]
+    log_level: String,
+    /// Append the log to this file instead of stderr (daemon and witness
+    /// log to stderr by default, which systemd sends to the journal).
+    #[arg(long, global = true, env = "BLKREP_LOG_FILE")]
+    log_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -64,10 +72,15 @@ enum Command {
         volume: String,
     },
     /// Take a volume down on this node (a primary demotes first, telling
-    /// the peer and the witness).
+    /// the peer and the witness; refused while the export is in use, as
+    /// `demote` is).
     Detach {
         /// Volume name.
         volume: String,
+        /// Disconnect the export's users (NBD clients, holders of the ublk
+        /// device) instead of refusing while they are there.
+        #[arg(long)]
+        force: bool,
     },
     /// Make this node the writer and export the volume here (the failover
     /// hook; with a witness it needs the witness's consent). A copy still
@@ -87,11 +100,17 @@ enum Command {
         force: bool,
     },
     /// Stop being the writer on this node (returns once the witness, if
-    /// any, recorded it).
+    /// any, recorded it). Refused (exit 9) while the export is in use: an
+    /// NBD client connected, the ublk device mounted or held open
+    /// exclusively.
     #[command(visible_alias = "demote")]
     Secondary {
         /// Volume name.
         volume: String,
+        /// Disconnect the export's users (NBD clients, holders of the ublk
+        /// device) instead of refusing while they are there.
+        #[arg(long)]
+        force: bool,
     },
     /// Show role, disk and peer state, export, resync progress.
     Status {
@@ -194,19 +213,64 @@ fn main() -> ExitCode {
         // before any thread is started.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BLKREP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("blkrep: {}", error_text(&e));
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("blkrep: {e:#}");
+            eprintln!("blkrep: {}", error_text(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// Logs to stderr (colour only on a terminal) or, with `--log-file`, to
+/// that file (no colour).
+fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .with_context(|| format!("bad --log-level / BLKREP_LOG {:?}", cli.log_level))?;
+    let (writer, ansi) = match &cli.log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open the log file {}", path.display()))?;
+            (BoxMakeWriter::new(std::sync::Mutex::new(file)), false)
+        }
+        None => (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::stderr().is_terminal(),
+        ),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(ansi)
+        .init();
+    Ok(())
+}
+
+/// An error and its causes, each said once (a message that already quotes
+/// its cause, as "cannot read config X: No such file", does not get the
+/// cause appended again).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -246,7 +310,18 @@ fn service_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {
-    Ok(Config::load(path)?)
+    Config::load(path).map_err(|e| with_config_hint(e.into(), path))
+}
+
+/// A config that is missing at the default path: say how to name another.
+fn with_config_hint(e: anyhow::Error, path: &std::path::Path) -> anyhow::Error {
+    if path == std::path::Path::new(DEFAULT_CONFIG_PATH) && !path.exists() {
+        e.context(format!(
+            "no config at the default path {DEFAULT_CONFIG_PATH}: write one (README, \"Quickstart\"), or name another with --config PATH or BLKREP_CONFIG"
+        ))
+    } else {
+        e
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -289,11 +364,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Resolve { volume, .. } => request(&cli.config, Request::Resolve { volume }, false),
         Command::Attach { volume } => request(&cli.config, Request::Attach { volume }, false),
-        Command::Detach { volume } => request(&cli.config, Request::Detach { volume }, false),
+        Command::Detach { volume, force } => {
+            request(&cli.config, Request::Detach { volume, force }, false)
+        }
         Command::Primary { volume, force } => {
             request(&cli.config, Request::Primary { volume, force }, false)
         }
-        Command::Secondary { volume } => request(&cli.config, Request::Secondary { volume }, false),
+        Command::Secondary { volume, force } => {
+            request(&cli.config, Request::Secondary { volume, force }, false)
+        }
         Command::Status {
             volume: Some(volume),
             watch: true,
@@ -372,6 +451,14 @@ fn create_md(config: &std::path::Path, volume: &str, force: bool) -> anyhow::Res
             anyhow::bail!("volume {volume} is attached; detach it before writing new metadata");
         }
     }
+    // Overwriting a disk that holds a filesystem with internal metadata:
+    // the volume is then smaller than the filesystem on it.
+    let signature = match node.meta_location() {
+        blkrep::config::MetaLocation::Internal if force => {
+            blkrep::meta::device::MetaDevice::data_signature(&node.disk).unwrap_or(None)
+        }
+        _ => None,
+    };
     let layout = blkrep::volume::create_metadata(
         &node.disk,
         &node.meta_location(),
@@ -391,6 +478,13 @@ fn create_md(config: &std::path::Path, volume: &str, force: bool) -> anyhow::Res
         layout.data_bytes,
         v.chunk_bytes
     );
+    if let Some(sig) = signature {
+        println!(
+            "warning: {} held {sig}: internal metadata takes its last bytes, so the volume ({} bytes) is smaller than that filesystem or volume expects and it will not fit (fsck through the export reports the size mismatch); recreate it on the volume, or use external metadata (meta = \"/absolute/path\") to keep the whole device",
+            node.disk.display(),
+            layout.data_bytes
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -490,6 +584,15 @@ fn verify(config: &std::path::Path, volume: &str) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The wall-clock time of day (UTC) for `--watch` lines: `14:03:07`.
+fn wall_clock_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let day = secs % 86_400;
+    format!("{:02}:{:02}:{:02}Z", day / 3600, day % 3600 / 60, day % 60)
+}
+
 /// `status VOL --watch`: a progress bar on a terminal, plain lines otherwise.
 fn watch(
     config: &std::path::Path,
@@ -530,7 +633,11 @@ fn watch(
         let Some(v) = report else {
             anyhow::bail!("no status for volume {volume}");
         };
-        let line = blkrep::control::status::watch_line(&v);
+        let line = format!(
+            "{} {}",
+            wall_clock_now(),
+            blkrep::control::status::watch_line(&v)
+        );
         if tty {
             let (len, pos) = match &v.resync {
                 Some(r) => (r.total_bytes.max(1), r.done_bytes),
@@ -539,6 +646,10 @@ fn watch(
             bar.set_length(len);
             bar.set_position(pos);
             bar.set_message(line);
+            // (Drawing is rate-limited: without this the first state drawn,
+            // before the position was set, stayed up until something
+            // changed, e.g. 0 % on a volume in sync.)
+            bar.force_draw();
         } else {
             println!("{line}");
         }

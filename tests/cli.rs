@@ -308,6 +308,14 @@ async fn status_watch_shows_resync_progress_in_a_terminal_and_as_lines() {
         text.contains("resync") && text.contains('%') && text.contains("ETA"),
         "{text}"
     );
+    // Each line starts with the time of day.
+    for line in text.lines() {
+        let t = line.split(' ').next().unwrap_or("").as_bytes();
+        assert!(
+            t.len() == 9 && t[2] == b':' && t[5] == b':' && t[8] == b'Z',
+            "no timestamp: {line}"
+        );
+    }
     // A real terminal (tmux): a progress bar.
     let session = format!("blkrep-watch-{}", std::process::id());
     let cmd = format!(
@@ -347,6 +355,50 @@ async fn status_watch_shows_resync_progress_in_a_terminal_and_as_lines() {
         .output();
     assert!(
         screen.contains("[=") && screen.contains("resync") && screen.contains('%'),
+        "screen: {screen}"
+    );
+    // A volume in sync shows a full bar from the first frame.
+    c.wait_in_sync(std::time::Duration::from_secs(120))
+        .await
+        .expect("in sync");
+    let cmd = format!(
+        "{} --config {} status demo --watch --interval-ms 5000 --count 2",
+        bin().display(),
+        c.nodes[0].config.display()
+    );
+    let session = format!("{session}-2");
+    let o = Command::new("tmux")
+        .args([
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            "120",
+            "-y",
+            "10",
+            &cmd,
+        ])
+        .output()
+        .expect("tmux");
+    assert!(o.status.success(), "tmux: {}", stderr(&o));
+    let mut screen = String::new();
+    for _ in 0..30 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let o = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &session])
+            .output()
+            .expect("capture");
+        screen = String::from_utf8_lossy(&o.stdout).into_owned();
+        if screen.contains('%') {
+            break;
+        }
+    }
+    let _ = Command::new("tmux")
+        .args(["kill-session", "-t", &session])
+        .output();
+    assert!(
+        screen.contains("100%") && screen.contains("InSync"),
         "screen: {screen}"
     );
 }

@@ -265,9 +265,15 @@ async fn wall_clock_jumps_do_not_touch_leases() {
 /// replacing a failed disk or freeing space).
 async fn reattach(c: &LocalCluster, i: usize) {
     let volume = || c.opts.volume.clone();
-    c.ok(i, Request::Detach { volume: volume() })
-        .await
-        .expect("detach");
+    c.ok(
+        i,
+        Request::Detach {
+            volume: volume(),
+            force: false,
+        },
+    )
+    .await
+    .expect("detach");
     c.ok(i, Request::Attach { volume: volume() })
         .await
         .expect("attach");

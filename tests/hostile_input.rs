@@ -442,7 +442,10 @@ async fn corrupted_metadata_is_detected_recovered_or_refused() {
     let layout =
         blkrep::meta::MetaLayout::internal(disk_bytes, c.opts.chunk_bytes).expect("layout");
     let vol = || "demo".to_string();
-    let detach = || Request::Detach { volume: vol() };
+    let detach = || Request::Detach {
+        volume: vol(),
+        force: false,
+    };
     let attach = || Request::Attach { volume: vol() };
 
     // One superblock copy damaged: the other is used, with a warning.

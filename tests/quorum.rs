@@ -218,9 +218,15 @@ async fn witness_records_both_nodes_and_refuses_a_second_primary() {
     assert_eq!(code, 6, "{text}");
     // A planned switchover: demote alpha, promote beta (no lease wait).
     let t = Instant::now();
-    c.ok(0, Request::Secondary { volume: VOL.into() })
-        .await
-        .expect("demote");
+    c.ok(
+        0,
+        Request::Secondary {
+            volume: VOL.into(),
+            force: false,
+        },
+    )
+    .await
+    .expect("demote");
     let (code, text) = exit_code(&c, 1, &["promote", VOL]);
     assert_eq!(code, 0, "{text}");
     assert!(
@@ -490,12 +496,24 @@ async fn ocf_agent_and_proxmox_hookscript_move_the_primary() {
 async fn ocf_tester_accepts_the_agent() {
     let c = up_with_witness("q-ocft").await;
     // Leave alpha stopped and nobody primary: ocf-tester starts from there.
-    c.ok(0, Request::Secondary { volume: VOL.into() })
-        .await
-        .expect("demote");
-    c.ok(0, Request::Detach { volume: VOL.into() })
-        .await
-        .expect("detach");
+    c.ok(
+        0,
+        Request::Secondary {
+            volume: VOL.into(),
+            force: false,
+        },
+    )
+    .await
+    .expect("demote");
+    c.ok(
+        0,
+        Request::Detach {
+            volume: VOL.into(),
+            force: false,
+        },
+    )
+    .await
+    .expect("detach");
     // ocf-tester runs the agent as `nobody` too: give it a world-readable copy.
     let agent = c.dir.join("ocf-blkrep");
     std::fs::copy(tool_path("ocf-blkrep"), &agent).expect("copy agent");

@@ -780,3 +780,93 @@ async fn nbdinfo_and_nbdcopy_work_against_the_export() {
     assert_replicas_equal(&c).await;
     assert_eq!(c.read_data(1, size).expect("beta"), data);
 }
+
+/// Issue 18, item 5: one rule for `demote` and `detach` (as DRBD refuses
+/// `secondary` and `down` while the device is open): an export with a
+/// client connected is in use, busy or idle, and both are refused (exit 9)
+/// while the client keeps working; `--force` disconnects the client and
+/// steps down. Without a client they succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demote_and_detach_refuse_an_export_in_use_unless_forced() {
+    let c = up("in-use", small()).await;
+    let run = |i: usize, args: &[&str]| {
+        let o = cli(&c, i, args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.code(), text)
+    };
+    let mut client = NbdClient::connect(&c.nbd_socket(0)).await.expect("connect");
+    client.write(0, &[0x5a; 4096], true).await.expect("write");
+    for verb in ["demote", "detach"] {
+        let (code, text) = run(0, &[verb, "demo"]);
+        assert_eq!(code, Some(9), "{verb} with an idle client: {text}");
+        assert!(
+            text.contains("in use") && text.contains("1 NBD client") && text.contains("--force"),
+            "{text}"
+        );
+    }
+    // Refused means nothing changed: the client still writes, alpha is
+    // still primary.
+    client
+        .write(4096, &[0x5b; 4096], true)
+        .await
+        .expect("write after the refusals");
+    assert_eq!(
+        c.status(0).await.expect("status").role.as_deref(),
+        Some("Primary")
+    );
+    // A busy client is refused the same way, every time.
+    let sock = c.nbd_socket(0);
+    let busy = tokio::spawn(async move {
+        let mut n = NbdClient::connect(&sock).await.expect("connect");
+        for k in 0..200u64 {
+            if n.write((16 + k % 64) * 4096, &[k as u8; 4096], false)
+                .await
+                .is_err()
+            {
+                return k;
+            }
+        }
+        200
+    });
+    for _ in 0..3 {
+        let (code, text) = run(0, &["demote", "demo"]);
+        assert_eq!(code, Some(9), "demote with a busy client: {text}");
+    }
+    // --force disconnects the clients and demotes.
+    let (code, text) = run(0, &["demote", "demo", "--force"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        client.write(8192, &[0x5c; 4096], true).await.is_err(),
+        "the forced demotion left the client connected"
+    );
+    let _ = busy.await;
+    assert_eq!(
+        c.status(0).await.expect("status").role.as_deref(),
+        Some("Secondary")
+    );
+    // The same for detach, on the other node.
+    let (code, text) = run(1, &["promote", "demo"]);
+    assert_eq!(code, Some(0), "{text}");
+    let mut client = NbdClient::connect(&c.nbd_socket(1)).await.expect("connect");
+    client.write(0, &[0x6a; 4096], true).await.expect("write");
+    let (code, text) = run(1, &["detach", "demo"]);
+    assert_eq!(code, Some(9), "{text}");
+    let (code, text) = run(1, &["detach", "demo", "--force"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        client.read(0, 4096).await.is_err(),
+        "detach --force left the client connected"
+    );
+    // Without clients, both succeed at once.
+    let (code, text) = run(1, &["attach", "demo"]);
+    assert_eq!(code, Some(0), "{text}");
+    c.wait_in_sync(WAIT).await.expect("in sync");
+    let (code, text) = run(0, &["promote", "demo"]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = run(0, &["demote", "demo"]);
+    assert_eq!(code, Some(0), "{text}");
+}

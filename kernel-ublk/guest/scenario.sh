@@ -142,8 +142,15 @@ check beta-promote-again wait_until 60 $B primary vol0
 check io-resumes-after-restart wait_until 120 test -e $C/bg-done
 check same-device test "$(export_of beta)" = "$DEVB"
 check file-after-recovery sh -c "grep -q '^$DEVB /mnt ' /proc/mounts && test \$(stat -c %s /mnt/during) = 262144"
+# demote and detach refuse a mounted device (exit 9, nothing changes) and
+# succeed once it is unmounted.
+check demote-refused-while-mounted sh -c "$B secondary vol0; test \$? = 9"
+check detach-refused-while-mounted sh -c "$B detach vol0; test \$? = 9"
+check still-mounted-and-writable sh -c "grep -q '^$DEVB /mnt ' /proc/mounts && echo still > /mnt/still && sync"
+check still-primary sh -c "$B status vol0 --json | grep -q '\"role\": \"Primary\"'"
 check umount-after-recovery umount /mnt
 check fsck-after-recovery /opt/e2fs/e2fsck -fn "$DEVB"
+check demote-when-unmounted $B secondary vol0
 
 # 6. both disks compare equal once the resync is done.
 check final-sync-alpha wait_until 300 in_sync alpha

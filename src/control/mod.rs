@@ -26,11 +26,13 @@ pub enum Request {
         /// Volume name.
         volume: String,
     },
-    /// Take an attached volume down. Demotes it first; refused while a
-    /// primary still has I/O in flight.
+    /// Take an attached volume down. Demotes it first (see `Secondary`).
     Detach {
         /// Volume name.
         volume: String,
+        /// Disconnect the export's users instead of refusing.
+        #[serde(default)]
+        force: bool,
     },
     /// Make this node the writer. Refused when the connected peer is primary,
     /// or when the local copy is not up to date (unless `force`, which starts
@@ -42,10 +44,16 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
-    /// Stop being the writer. Refused while I/O is in flight.
+    /// Stop being the writer. Refused while the export is in use (an NBD
+    /// client connected, the ublk device mounted or held open exclusively)
+    /// or I/O is in flight, unless `force`: then the export's users are
+    /// disconnected first (their requests in flight fail).
     Secondary {
         /// Volume name.
         volume: String,
+        /// Disconnect the export's users instead of refusing.
+        #[serde(default)]
+        force: bool,
     },
     /// Compare every chunk with the peer's copy (digests), while the volume
     /// is in use; differing chunks are marked out of sync. Allowed when

@@ -11,6 +11,7 @@
 pub mod nbd;
 pub mod ublk;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::volume::VolumeHandle;
@@ -74,6 +75,32 @@ impl Export {
         match self {
             Export::Nbd(s) => format!("nbd+unix:///?socket={}", s.path().display()),
             Export::Ublk(u) => u.device_path(),
+        }
+    }
+
+    /// Who uses the export now, in words (None: nobody). NBD: connected
+    /// clients. ublk: the device is mounted or held open exclusively (a
+    /// probe with O_EXCL; plain opens without O_EXCL are not visible to it).
+    pub fn users(&self) -> Option<String> {
+        match self {
+            Export::Nbd(s) => match s.clients() {
+                0 => None,
+                1 => Some("1 NBD client is connected".into()),
+                n => Some(format!("{n} NBD clients are connected")),
+            },
+            Export::Ublk(u) => {
+                let path = u.device_path();
+                let probe = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_EXCL)
+                    .open(&path);
+                match probe {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Some(format!(
+                        "{path} is in use (mounted, or held open exclusively)"
+                    )),
+                    _ => None,
+                }
+            }
         }
     }
 

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
@@ -92,6 +93,8 @@ pub enum NbdError {
 pub struct NbdServer {
     path: PathBuf,
     stop: watch::Sender<bool>,
+    /// Client connections open now (counted from accept to close).
+    clients: Arc<AtomicUsize>,
 }
 
 impl NbdServer {
@@ -103,11 +106,18 @@ impl NbdServer {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         let (stop, stop_rx) = watch::channel(false);
-        tokio::spawn(accept_loop(listener, volume, stop_rx));
+        let clients = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(accept_loop(listener, volume, stop_rx, clients.clone()));
         Ok(NbdServer {
             path: path.to_path_buf(),
             stop,
+            clients,
         })
+    }
+
+    /// How many clients are connected now.
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::Acquire)
     }
 
     /// The socket path.
@@ -132,6 +142,7 @@ async fn accept_loop(
     listener: UnixListener,
     volume: VolumeHandle,
     mut stop: watch::Receiver<bool>,
+    clients: Arc<AtomicUsize>,
 ) {
     loop {
         tokio::select! {
@@ -140,7 +151,9 @@ async fn accept_loop(
                 Ok((stream, _)) => {
                     let v = volume.clone();
                     let mut s = stop.clone();
+                    let open = ClientCount::enter(clients.clone());
                     tokio::spawn(async move {
+                        let _open = open;
                         tokio::select! {
                             _ = s.changed() => {}
                             r = serve(stream, v) => {
@@ -157,6 +170,22 @@ async fn accept_loop(
                 }
             }
         }
+    }
+}
+
+/// One open client connection in the export's count, until dropped.
+struct ClientCount(Arc<AtomicUsize>);
+
+impl ClientCount {
+    fn enter(count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        ClientCount(count)
+    }
+}
+
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

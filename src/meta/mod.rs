@@ -74,8 +74,15 @@ pub enum MetaError {
         now: u64,
     },
     /// The device is too small to hold data and metadata.
-    #[error("backing device of {0} bytes is too small for blkrep metadata")]
-    TooSmall(u64),
+    #[error(
+        "backing device of {device_bytes} bytes is too small for blkrep: it needs at least {min_bytes} bytes with this metadata placement"
+    )]
+    TooSmall {
+        /// The device's size.
+        device_bytes: u64,
+        /// The smallest size that works (one 4 KiB data block).
+        min_bytes: u64,
+    },
     /// Existing metadata or data would be overwritten.
     #[error("{0}; use --force to overwrite")]
     WouldOverwrite(String),
@@ -109,7 +116,10 @@ impl MetaLayout {
         let pages = bitmap_pages_for(aligned, chunk_bytes);
         let meta_bytes = BITMAP_OFFSET_BYTES + u64::from(pages) * BITMAP_PAGE_BYTES as u64;
         if aligned <= meta_bytes + BLOCK_BYTES {
-            return Err(MetaError::TooSmall(device_bytes));
+            return Err(MetaError::TooSmall {
+                device_bytes,
+                min_bytes: meta_bytes + 2 * BLOCK_BYTES,
+            });
         }
         let meta_offset_bytes = aligned - meta_bytes;
         Ok(MetaLayout {
@@ -124,7 +134,10 @@ impl MetaLayout {
     pub fn external(device_bytes: u64, chunk_bytes: u32) -> Result<Self, MetaError> {
         let data_bytes = device_bytes / BLOCK_BYTES * BLOCK_BYTES;
         if data_bytes == 0 {
-            return Err(MetaError::TooSmall(device_bytes));
+            return Err(MetaError::TooSmall {
+                device_bytes,
+                min_bytes: BLOCK_BYTES,
+            });
         }
         Ok(MetaLayout {
             meta_offset_bytes: 0,
