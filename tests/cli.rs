@@ -8,6 +8,42 @@ use std::process::Command;
 use blkrep::control::Request;
 use common::*;
 
+/// Runs `cmd` in a detached tmux session (a real terminal, 120x10) and
+/// returns its screen once `done` holds on it (or after 5 s).
+async fn tmux_screen(session: &str, cmd: &str, done: impl Fn(&str) -> bool) -> String {
+    let o = Command::new("tmux")
+        .args([
+            "new-session",
+            "-d",
+            "-s",
+            session,
+            "-x",
+            "120",
+            "-y",
+            "10",
+            cmd,
+        ])
+        .output()
+        .expect("tmux (apt-get install tmux)");
+    assert!(o.status.success(), "tmux: {}", stderr(&o));
+    let mut screen = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let o = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", session])
+            .output()
+            .expect("capture");
+        screen = String::from_utf8_lossy(&o.stdout).into_owned();
+        if done(&screen) {
+            break;
+        }
+    }
+    let _ = Command::new("tmux")
+        .args(["kill-session", "-t", session])
+        .output();
+    screen
+}
+
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -318,41 +354,17 @@ async fn status_watch_shows_resync_progress_in_a_terminal_and_as_lines() {
     }
     // A real terminal (tmux): a progress bar.
     let session = format!("blkrep-watch-{}", std::process::id());
-    let cmd = format!(
-        "{} --config {} status demo --watch --interval-ms 200 --count 50",
-        bin().display(),
-        c.nodes[0].config.display()
-    );
-    let o = Command::new("tmux")
-        .args([
-            "new-session",
-            "-d",
-            "-s",
-            &session,
-            "-x",
-            "120",
-            "-y",
-            "10",
-            &cmd,
-        ])
-        .output()
-        .expect("tmux (apt-get install tmux)");
-    assert!(o.status.success(), "tmux: {}", stderr(&o));
-    let mut screen = String::new();
-    for _ in 0..50 {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let o = Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", &session])
-            .output()
-            .expect("capture");
-        screen = String::from_utf8_lossy(&o.stdout).into_owned();
-        if screen.contains("[=") && screen.contains("resync") {
-            break;
-        }
-    }
-    let _ = Command::new("tmux")
-        .args(["kill-session", "-t", &session])
-        .output();
+    let watch = |args: &str| {
+        format!(
+            "{} --config {} status demo --watch {args}",
+            bin().display(),
+            c.nodes[0].config.display()
+        )
+    };
+    let screen = tmux_screen(&session, &watch("--interval-ms 200 --count 50"), |s| {
+        s.contains("[=") && s.contains("resync")
+    })
+    .await;
     assert!(
         screen.contains("[=") && screen.contains("resync") && screen.contains('%'),
         "screen: {screen}"
@@ -361,42 +373,12 @@ async fn status_watch_shows_resync_progress_in_a_terminal_and_as_lines() {
     c.wait_in_sync(std::time::Duration::from_secs(120))
         .await
         .expect("in sync");
-    let cmd = format!(
-        "{} --config {} status demo --watch --interval-ms 5000 --count 2",
-        bin().display(),
-        c.nodes[0].config.display()
-    );
-    let session = format!("{session}-2");
-    let o = Command::new("tmux")
-        .args([
-            "new-session",
-            "-d",
-            "-s",
-            &session,
-            "-x",
-            "120",
-            "-y",
-            "10",
-            &cmd,
-        ])
-        .output()
-        .expect("tmux");
-    assert!(o.status.success(), "tmux: {}", stderr(&o));
-    let mut screen = String::new();
-    for _ in 0..30 {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let o = Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", &session])
-            .output()
-            .expect("capture");
-        screen = String::from_utf8_lossy(&o.stdout).into_owned();
-        if screen.contains('%') {
-            break;
-        }
-    }
-    let _ = Command::new("tmux")
-        .args(["kill-session", "-t", &session])
-        .output();
+    let screen = tmux_screen(
+        &format!("{session}-2"),
+        &watch("--interval-ms 5000 --count 2"),
+        |s| s.contains('%'),
+    )
+    .await;
     assert!(
         screen.contains("100%") && screen.contains("InSync"),
         "screen: {screen}"
