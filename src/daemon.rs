@@ -535,7 +535,13 @@ impl Daemon {
                             .lock()
                             .ok()
                             .and_then(|e| e.get(&v.name).map(Export::endpoint));
-                        VolumeStatusReport::from_volume(&v.name, &s, export)
+                        let mut r = VolumeStatusReport::from_volume(&v.name, &s, export);
+                        let link = self.link.lock().ok().and_then(|l| l.clone());
+                        if let Some(p) = link.and_then(|l| l.connection_problem(peer)) {
+                            r.peer.last_error = Some(p.message);
+                            r.peer.last_error_at_unix_s = Some(p.at_unix_s);
+                        }
+                        r
                     }
                     Err(_) => VolumeStatusReport::detached(&v.name, &backing, peer),
                 },

@@ -31,13 +31,8 @@ async fn wait_log(path: &std::path::Path, needle: &str) -> bool {
     false
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peer_with_a_certificate_from_another_ca_is_refused() {
-    let mut c = cluster("foreign-ca", small());
-    let foreign = c.dir.join("foreign");
-    blkrep::cert::create_ca(&foreign).expect("foreign CA");
-    blkrep::cert::issue("beta", &foreign, &foreign, 30).expect("foreign beta cert");
-    use_identity(&c, 1, &foreign.join("beta.pem"), &foreign.join("beta.key"));
+/// Starts both daemons and attaches the volume on both (no primary).
+async fn start_and_attach(c: &mut blkrep::testkit::cluster::LocalCluster) {
     c.start(0).await.expect("alpha");
     c.start(1).await.expect("beta");
     for i in 0..2 {
@@ -50,6 +45,16 @@ async fn peer_with_a_certificate_from_another_ca_is_refused() {
         .await
         .expect("attach");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_with_a_certificate_from_another_ca_is_refused() {
+    let mut c = cluster("foreign-ca", small());
+    let foreign = c.dir.join("foreign");
+    blkrep::cert::create_ca(&foreign).expect("foreign CA");
+    blkrep::cert::issue("beta", &foreign, &foreign, 30).expect("foreign beta cert");
+    use_identity(&c, 1, &foreign.join("beta.pem"), &foreign.join("beta.key"));
+    start_and_attach(&mut c).await;
     // alpha dials beta and must reject beta's certificate.
     assert!(
         wait_log(&c.nodes[0].log, "invalid peer certificate").await,
@@ -59,10 +64,69 @@ async fn peer_with_a_certificate_from_another_ca_is_refused() {
         let s = c.status(i).await.expect("status");
         assert_eq!(s.peer.connection, "Disconnected");
     }
+    // status says why, on both sides (issue 18: it showed only
+    // "Disconnected"), with the time it happened.
+    let s = c
+        .wait_for(0, "the certificate problem in status", WAIT, |s| {
+            s.peer
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("beta's certificate is not accepted"))
+        })
+        .await
+        .expect("alpha's status names beta's certificate");
+    assert!(
+        s.peer
+            .last_error_at_unix_s
+            .is_some_and(|t| t > 1_700_000_000)
+    );
+    c.wait_for(1, "the refused handshake in status", WAIT, |s| {
+        s.peer
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("refused a replication connection"))
+    })
+    .await
+    .expect("beta's status says it refused or was refused");
+    let text = String::from_utf8_lossy(&cli(&c, 0, &["status", "demo"]).stdout).into_owned();
+    assert!(
+        text.contains("connection problem") && text.contains("certificate"),
+        "{text}"
+    );
     let beta_log = std::fs::read_to_string(&c.nodes[1].log).unwrap_or_default();
     assert!(
         !beta_log.contains("link to alpha is up"),
         "beta accepted a link: {beta_log}"
+    );
+}
+
+/// A wrong peer address: the dialing side says it gets no answer and
+/// what to check; the side that waits says nothing arrived and where.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_peer_address_is_explained_in_status() {
+    let mut c = cluster("wrong-addr", small());
+    let cfg = std::fs::read_to_string(&c.nodes[0].config).expect("config");
+    let right = c.nodes[1].address.to_string();
+    let unused = std::net::UdpSocket::bind("127.0.0.2:0").expect("port");
+    let wrong = unused.local_addr().expect("addr").to_string();
+    drop(unused);
+    assert!(cfg.contains(&right), "{cfg}");
+    std::fs::write(&c.nodes[0].config, cfg.replace(&right, &wrong)).expect("config");
+    start_and_attach(&mut c).await;
+    c.wait_for(0, "no answer in status", WAIT, |s| {
+        s.peer
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains(&wrong) && e.contains("[nodes.beta] address"))
+    })
+    .await
+    .expect("alpha's status names the address it dials");
+    let s = c.status(1).await.expect("status");
+    let e = s.peer.last_error.unwrap_or_default();
+    assert!(
+        e.contains("no connection from alpha")
+            && e.contains("[nodes.beta] address in alpha's config"),
+        "{e}"
     );
 }
 
@@ -310,18 +374,7 @@ async fn expired_certificate_is_refused() {
     let expired = c.dir.join("expired");
     blkrep::cert::issue("beta", &tls, &expired, -5).expect("expired beta cert");
     use_identity(&c, 1, &expired.join("beta.pem"), &expired.join("beta.key"));
-    c.start(0).await.expect("alpha");
-    c.start(1).await.expect("beta");
-    for i in 0..2 {
-        c.ok(
-            i,
-            Request::Attach {
-                volume: "demo".into(),
-            },
-        )
-        .await
-        .expect("attach");
-    }
+    start_and_attach(&mut c).await;
     assert!(
         wait_log(&c.nodes[0].log, "certificate expired").await,
         "alpha did not report the expired certificate: {}",
@@ -340,18 +393,7 @@ async fn valid_certificate_for_the_wrong_node_is_refused() {
     let mut c = cluster("wrong-name", small());
     let tls = c.dir.join("tls");
     use_identity(&c, 1, &tls.join("alpha.pem"), &tls.join("alpha.key"));
-    c.start(0).await.expect("alpha");
-    c.start(1).await.expect("beta");
-    for i in 0..2 {
-        c.ok(
-            i,
-            Request::Attach {
-                volume: "demo".into(),
-            },
-        )
-        .await
-        .expect("attach");
-    }
+    start_and_attach(&mut c).await;
     assert!(
         wait_log(&c.nodes[0].log, "certificate not valid for name").await,
         "alpha did not report the certificate name mismatch: {}",
@@ -375,18 +417,7 @@ async fn a_peer_volume_of_another_size_is_refused() {
     drop(f);
     let o = cli(&c, 1, &["create-md", "demo", "--force"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    c.start(0).await.expect("alpha");
-    c.start(1).await.expect("beta");
-    for i in 0..2 {
-        c.ok(
-            i,
-            Request::Attach {
-                volume: "demo".into(),
-            },
-        )
-        .await
-        .expect("attach");
-    }
+    start_and_attach(&mut c).await;
     let s = c
         .wait_for(0, "refused", WAIT, |s| {
             s.peer.relation.as_deref() == Some("Refused")

@@ -109,6 +109,14 @@ pub struct PeerReport {
     pub disk: Option<String>,
     /// Link round-trip time.
     pub rtt_us: Option<u64>,
+    /// While disconnected: why the link is not up (the last connection
+    /// failure, or that the peer has not dialed this node yet), and what
+    /// to check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When `last_error` happened (seconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error_at_unix_s: Option<u64>,
 }
 
 /// Online verify progress or result.
@@ -179,6 +187,8 @@ impl VolumeStatusReport {
                 role: None,
                 disk: None,
                 rtt_us: None,
+                last_error: None,
+                last_error_at_unix_s: None,
             },
             resync: None,
             last_resync: None,
@@ -268,6 +278,8 @@ impl VolumeStatusReport {
                 role: e.peer.as_ref().and_then(|p| name_of(&p.role)),
                 disk: peer_disk,
                 rtt_us: s.rtt_us,
+                last_error: None,
+                last_error_at_unix_s: None,
             },
             resync,
             last_resync,
@@ -337,6 +349,19 @@ pub fn render_text(s: &NodeStatus) -> String {
         ));
         if let Some(why) = &p.refused_reason {
             out.push_str(&format!("  refused: {why}\n"));
+        }
+        if let Some(e) = &p.last_error {
+            let ago = p
+                .last_error_at_unix_s
+                .and_then(|at| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .ok()?
+                        .as_secs();
+                    Some(format!(" ({} s ago)", now.saturating_sub(at)))
+                })
+                .unwrap_or_default();
+            out.push_str(&format!("  connection problem{ago}: {e}\n"));
         }
         if let Some(e) = &v.export {
             out.push_str(&format!("  export: {e}\n"));

@@ -119,6 +119,48 @@ struct PeerSlot {
     address: SocketAddr,
     current: Mutex<Option<Arc<PeerConnection>>>,
     lease: Arc<PeerLease>,
+    /// Why the last attempt to connect with this peer failed; cleared
+    /// when a connection comes up.
+    problem: Mutex<Option<ConnectionProblem>>,
+}
+
+/// Why the link to a peer is not up, for `status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionProblem {
+    /// What went wrong and what to check.
+    pub message: String,
+    /// When (seconds since the Unix epoch).
+    pub at_unix_s: u64,
+}
+
+impl ConnectionProblem {
+    fn now(message: String) -> Self {
+        let at_unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        ConnectionProblem { message, at_unix_s }
+    }
+}
+
+/// A dial error in words that say which side to fix.
+fn explain_dial_error(peer: &str, addr: SocketAddr, e: &LinkError) -> String {
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("invalid peer certificate") {
+        format!(
+            "{peer}'s certificate is not accepted here ({text}): it must be issued for the name {peer:?} by the CA in this node's [tls] ca"
+        )
+    } else if lower.contains("alert") || lower.contains("handshake failed") {
+        format!(
+            "{peer} refused the TLS handshake ({text}): most often {peer} does not accept this node's certificate; this node's [tls] cert must be issued by the cluster CA {peer} trusts, for this node's name"
+        )
+    } else if lower.contains("timed out") || matches!(e, LinkError::Timeout) {
+        format!(
+            "no answer from {peer} at {addr} ({text}): check [nodes.{peer}] address in this node's config, that {peer}'s daemon runs, and firewalls (UDP)"
+        )
+    } else {
+        format!("connecting to {peer} at {addr}: {text}")
+    }
 }
 
 /// The node's replication endpoint and its peer connections.
@@ -171,6 +213,7 @@ impl Link {
                             address: *a,
                             current: Mutex::new(None),
                             lease: Arc::new(PeerLease::default()),
+                            problem: Mutex::new(None),
                         },
                     )
                 })
@@ -194,6 +237,36 @@ impl Link {
         let slot = self.peers.get(peer)?;
         let c = slot.current.lock().ok()?.clone()?;
         c.is_open().then_some(c)
+    }
+
+    /// Why the link to `peer` is not up, when it is not: the last failure,
+    /// or, on the side that waits to be dialed, that nothing arrived.
+    pub fn connection_problem(&self, peer: &str) -> Option<ConnectionProblem> {
+        let slot = self.peers.get(peer)?;
+        if self.connection(peer).is_some() {
+            return None;
+        }
+        if let Some(p) = slot.problem.lock().ok().and_then(|p| p.clone()) {
+            return Some(p);
+        }
+        (peer < self.me.as_str()).then(|| {
+            let here = self
+                .endpoint
+                .local_addr()
+                .map_or_else(|_| "its replication address".to_string(), |a| a.to_string());
+            ConnectionProblem::now(format!(
+                "no connection from {peer} yet: {peer} dials this node at {here}; check [nodes.{}] address in {peer}'s config and that its daemon runs",
+                self.me
+            ))
+        })
+    }
+
+    fn note_problem(&self, peer: &str, message: String) {
+        if let Some(slot) = self.peers.get(peer)
+            && let Ok(mut p) = slot.problem.lock()
+        {
+            *p = Some(ConnectionProblem::now(message));
+        }
     }
 
     /// The lease bookkeeping with `peer` (rule 7).
@@ -229,12 +302,14 @@ impl Link {
                     self.run(peer.clone(), quic, send, recv).await;
                 }
                 Err(e) => {
+                    let why = explain_dial_error(&peer, addr, &e);
                     // Say it once per outage, then keep trying quietly.
                     if failures == 0 {
-                        tracing::warn!("connecting to {peer} at {addr}: {e}; retrying");
+                        tracing::warn!("{why}; retrying");
                     } else {
-                        tracing::debug!("connecting to {peer} at {addr}: {e}");
+                        tracing::debug!("{why}");
                     }
+                    self.note_problem(&peer, why);
                     failures += 1;
                 }
             }
@@ -273,7 +348,19 @@ impl Link {
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
                 if let Err(e) = link.accept_one(incoming).await {
-                    tracing::warn!("refused replication connection from {remote}: {e}");
+                    let why = format!("refused a replication connection from {remote}: {e}");
+                    tracing::warn!("{why}");
+                    // (The peer may not be known from a refused handshake:
+                    // every peer that dials this node hears of it.)
+                    let dialers: Vec<String> = link
+                        .peers
+                        .keys()
+                        .filter(|n| n.as_str() < link.me.as_str())
+                        .cloned()
+                        .collect();
+                    for peer in dialers {
+                        link.note_problem(&peer, why.clone());
+                    }
                 }
             });
         }
@@ -315,6 +402,9 @@ impl Link {
         let Some(slot) = self.peers.get(&peer) else {
             return;
         };
+        if let Ok(mut p) = slot.problem.lock() {
+            *p = None;
+        }
         let conn = PeerConnection::start(
             peer.clone(),
             quic,
