@@ -323,6 +323,27 @@ async fn status_watch_shows_resync_progress_in_a_terminal_and_as_lines() {
     c.wait_for(0, "resync running", WAIT, |s| s.resync.is_some())
         .await
         .expect("resync starts");
+    // The target shows the resync too (issue 18: it said `out-of-sync 0 B`
+    // and no progress), and its progress moves.
+    let first = c
+        .wait_for(1, "progress on the target", WAIT, |s| {
+            s.resync.as_ref().is_some_and(|r| r.done_bytes > 0)
+        })
+        .await
+        .expect("the target reports the resync");
+    let r = first.resync.clone().expect("resync");
+    assert!(
+        r.total_bytes >= 15 << 20 && r.done_bytes <= r.total_bytes,
+        "{r:?}"
+    );
+    assert!(first.out_of_sync_bytes > 0, "{first:?}");
+    c.wait_for(1, "the target's progress moves", WAIT, |s| {
+        s.resync
+            .as_ref()
+            .is_some_and(|x| x.done_bytes > r.done_bytes)
+    })
+    .await
+    .expect("progress moves on the target");
     // Not a terminal: plain lines.
     let o = cli(
         &c,

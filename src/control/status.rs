@@ -235,6 +235,30 @@ impl VolumeStatusReport {
             }
             r
         });
+        // A sync target shows the resync too, from its own count of what
+        // arrived against what the source announced at the start (as DRBD's
+        // `done:` shows on both sides).
+        let target = s.target_progress.filter(|_| resync.is_none()).map(|t| {
+            let total = t.total_bytes;
+            let done = t.received_bytes.min(total);
+            let rate = (t.elapsed_s > 0.0).then(|| done as f64 / t.elapsed_s);
+            ResyncReport {
+                total_bytes: total,
+                done_bytes: done,
+                percent: if total == 0 {
+                    100.0
+                } else {
+                    done as f64 * 100.0 / total as f64
+                },
+                rate_bytes_per_s: rate,
+                eta_s: rate.filter(|r| *r > 0.0).map(|r| (total - done) as f64 / r),
+            }
+        });
+        let out_of_sync_bytes = match &target {
+            Some(t) => e.out_of_sync_bytes.max(t.total_bytes - t.done_bytes),
+            None => e.out_of_sync_bytes,
+        };
+        let resync = resync.or(target);
         let last_resync = e.last_resync.map(report);
         let verify_report = |v: &crate::engine::VerifyProgress| VerifyReport {
             checked_bytes: (v.checked_chunks * s.chunk_bytes).min(s.data_bytes),
@@ -261,7 +285,7 @@ impl VolumeStatusReport {
             backing: s.disk_path.display().to_string(),
             export,
             inflight_requests: e.inflight_requests,
-            out_of_sync_bytes: e.out_of_sync_bytes,
+            out_of_sync_bytes,
             peer: PeerReport {
                 name: s.peer_name.clone(),
                 connection: if s.connected {

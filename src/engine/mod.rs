@@ -804,6 +804,11 @@ impl Engine {
         self.peer.map(|(v, _)| v)
     }
 
+    /// Whether this node receives a resync now (cheap).
+    pub fn is_sync_target(&self) -> bool {
+        matches!(self.peer, Some((_, Relation::SyncTarget)))
+    }
+
     /// Whether metadata up to `token` is already durable.
     pub fn meta_durable(&self, token: u64) -> bool {
         token <= self.meta_persisted

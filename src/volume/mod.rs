@@ -92,6 +92,23 @@ pub struct VolumeStatus {
     /// Metadata writes (bitmap pages, activity log, superblock; one per
     /// group commit) since attach.
     pub metadata_writes: u64,
+    /// While this node is a sync target: what the source announced it had
+    /// to copy when the resync started, what arrived since, and for how
+    /// long (the source keeps the authoritative count).
+    pub target_progress: Option<TargetProgress>,
+}
+
+/// A sync target's view of its resync (see `VolumeStatus::target_progress`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TargetProgress {
+    /// Bytes the source had marked to copy when the resync started.
+    pub total_bytes: u64,
+    /// Resync bytes received and written since (a chunk copied again, or
+    /// application writes mirrored meanwhile, can make it overshoot: it is
+    /// capped at `total_bytes` in reports).
+    pub received_bytes: u64,
+    /// Seconds since the resync started.
+    pub elapsed_s: f64,
 }
 
 pub(crate) enum Input {

@@ -266,6 +266,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         exported: false,
         peer_primary_seen: false,
         resync_started: None,
+        target_sync: None,
         checksum_resync: false,
         resync_pacer: Pacer::new(opts.resync_rate.max_bytes_per_s),
         rate_controller: RateController::new(opts.resync_rate),
@@ -405,6 +406,13 @@ async fn control_sender(mut rx: mpsc::UnboundedReceiver<(Arc<PeerConnection>, Vo
     }
 }
 
+/// A sync target's count of its resync (reported as `TargetProgress`).
+struct TargetSync {
+    total_bytes: u64,
+    received_bytes: u64,
+    started: Instant,
+}
+
 struct Shell {
     engine: Engine,
     name: String,
@@ -432,6 +440,8 @@ struct Shell {
     exported: bool,
     peer_primary_seen: bool,
     resync_started: Option<Instant>,
+    /// Set while this node is a sync target (see `TargetProgress`).
+    target_sync: Option<TargetSync>,
     checksum_resync: bool,
     resync_pacer: Pacer,
     rate_controller: RateController,
@@ -484,6 +494,18 @@ impl Shell {
             match (self.engine.resync_running(), self.resync_started.is_some()) {
                 (true, false) => self.resync_started = Some(Instant::now()),
                 (false, true) => self.resync_started = None,
+                _ => {}
+            }
+            match (self.engine.is_sync_target(), &self.target_sync) {
+                (true, None) => {
+                    let dirty = self.engine.peer_view().map_or(0, |v| v.dirty_chunks);
+                    self.target_sync = Some(TargetSync {
+                        total_bytes: dirty.saturating_mul(self.chunk_bytes).min(self.data_bytes),
+                        received_bytes: 0,
+                        started: Instant::now(),
+                    });
+                }
+                (false, Some(_)) => self.target_sync = None,
                 _ => {}
             }
             if self.detaching.is_some() && self.ready_to_stop() {
@@ -968,6 +990,11 @@ impl Shell {
             witness_reachable: self.lease.as_ref().map(|l| l.witness.reachable()),
             frozen_requests: self.frozen.len(),
             metadata_writes: self.metadata_writes.load(Ordering::Relaxed),
+            target_progress: self.target_sync.as_ref().map(|t| super::TargetProgress {
+                total_bytes: t.total_bytes,
+                received_bytes: t.received_bytes,
+                elapsed_s: t.started.elapsed().as_secs_f64(),
+            }),
         }
     }
 
@@ -1338,6 +1365,14 @@ impl Shell {
         let serves_reads = self.engine.serves_peer_reads() && current;
         let range_ok = crate::store::check_range(req.offset, req.len, self.data_bytes).is_ok()
             || req.kind == Kind::Flush;
+        if accepts
+            && range_ok
+            && matches!(req.kind, Kind::Write | Kind::Zeroes)
+            && req.flags & FLAG_RESYNC != 0
+            && let Some(t) = &mut self.target_sync
+        {
+            t.received_bytes = t.received_bytes.saturating_add(req.len);
+        }
         if range_ok
             && current
             && req.flags & FLAG_FORWARD != 0
