@@ -160,6 +160,28 @@ pub struct ResyncReport {
     pub eta_s: Option<f64>,
 }
 
+impl ResyncReport {
+    /// Progress of `done_bytes` (capped) out of `total_bytes`; with the
+    /// seconds it has run, the rate and the time left.
+    fn new(total_bytes: u64, done_bytes: u64, elapsed_s: Option<f64>) -> Self {
+        let done = done_bytes.min(total_bytes);
+        let rate = elapsed_s.filter(|t| *t > 0.0).map(|t| done as f64 / t);
+        ResyncReport {
+            total_bytes,
+            done_bytes: done,
+            percent: if total_bytes == 0 {
+                100.0
+            } else {
+                done as f64 * 100.0 / total_bytes as f64
+            },
+            rate_bytes_per_s: rate,
+            eta_s: rate
+                .filter(|r| *r > 0.0)
+                .map(|r| (total_bytes - done) as f64 / r),
+        }
+    }
+}
+
 fn name<T: Serialize>(v: &T) -> Option<String> {
     serde_json::to_value(v)
         .ok()
@@ -210,56 +232,24 @@ impl VolumeStatusReport {
             (None, false) if e.generations.bitmap != 0 => Some("Outdated".to_string()),
             _ => None,
         };
-        let report = |r: crate::engine::ResyncProgress| {
+        let report = |r: crate::engine::ResyncProgress, elapsed_s: Option<f64>| {
             let total = (r.total_chunks * s.chunk_bytes).min(s.data_bytes);
-            let done = (r.done_chunks * s.chunk_bytes).min(total);
-            ResyncReport {
-                total_bytes: total,
-                done_bytes: done,
-                percent: if total == 0 {
-                    100.0
-                } else {
-                    done as f64 * 100.0 / total as f64
-                },
-                rate_bytes_per_s: None,
-                eta_s: None,
-            }
+            ResyncReport::new(total, r.done_chunks * s.chunk_bytes, elapsed_s)
         };
-        let resync = e.resync.map(report).map(|mut r| {
-            if let Some(t) = s.resync_elapsed_s.filter(|t| *t > 0.0) {
-                let rate = r.done_bytes as f64 / t;
-                r.rate_bytes_per_s = Some(rate);
-                if rate > 0.0 {
-                    r.eta_s = Some((r.total_bytes - r.done_bytes) as f64 / rate);
-                }
-            }
-            r
-        });
+        let resync = e.resync.map(|r| report(r, s.resync_elapsed_s));
         // A sync target shows the resync too, from its own count of what
         // arrived against what the source announced at the start (as DRBD's
         // `done:` shows on both sides).
-        let target = s.target_progress.filter(|_| resync.is_none()).map(|t| {
-            let total = t.total_bytes;
-            let done = t.received_bytes.min(total);
-            let rate = (t.elapsed_s > 0.0).then(|| done as f64 / t.elapsed_s);
-            ResyncReport {
-                total_bytes: total,
-                done_bytes: done,
-                percent: if total == 0 {
-                    100.0
-                } else {
-                    done as f64 * 100.0 / total as f64
-                },
-                rate_bytes_per_s: rate,
-                eta_s: rate.filter(|r| *r > 0.0).map(|r| (total - done) as f64 / r),
-            }
-        });
+        let target = s
+            .target_progress
+            .filter(|_| resync.is_none())
+            .map(|t| ResyncReport::new(t.total_bytes, t.received_bytes, Some(t.elapsed_s)));
         let out_of_sync_bytes = match &target {
             Some(t) => e.out_of_sync_bytes.max(t.total_bytes - t.done_bytes),
             None => e.out_of_sync_bytes,
         };
         let resync = resync.or(target);
-        let last_resync = e.last_resync.map(report);
+        let last_resync = e.last_resync.map(|r| report(r, None));
         let verify_report = |v: &crate::engine::VerifyProgress| VerifyReport {
             checked_bytes: (v.checked_chunks * s.chunk_bytes).min(s.data_bytes),
             total_bytes: s.data_bytes,
