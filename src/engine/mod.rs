@@ -645,6 +645,12 @@ impl Engine {
         self.persist()
     }
 
+    /// After a clean attach: the activity log's numbering continues after
+    /// `al_seq`, the newest snapshot on disk.
+    pub fn continue_activity_log(&mut self, al_seq: u64) {
+        self.al.set_seq(al_seq);
+    }
+
     /// Activity-log snapshots written so far (metadata cost).
     pub fn activity_log_updates(&self) -> u64 {
         self.al.updates

@@ -4,8 +4,14 @@
 //! set is treated as out of sync, so the resync covers every region where the
 //! two copies may differ, without a full resync.
 //!
-//! On disk: two 4 KiB slots written alternately (newest valid wins), each a
-//! full snapshot of the set:
+//! On disk: two 4 KiB slots, each a full snapshot of the set; the highest
+//! valid sequence number wins. Writes alternate between the slots by
+//! physical write, not by sequence number (group commit skips numbers): so a
+//! torn write can only damage the slot being written, and the other one
+//! holds the snapshot written just before, which covers every extent a
+//! write was admitted into until then. The sequence continues across
+//! attaches (from the newest snapshot on disk), so an older attach's
+//! snapshot never outranks a newer one:
 //!
 //! ```text
 //! 0 magic "BLKREPAL"  8 seq u64  16 extent_bytes u32  20 count u32
@@ -85,20 +91,24 @@ impl AlSnapshot {
             extents: (0..count).map(|i| u32_at(24 + 4 * i)).collect(),
         }))
     }
-
-    /// Slot this snapshot is written to.
-    pub fn slot(&self) -> usize {
-        (self.seq % 2) as usize
-    }
 }
 
 /// Picks the newest valid snapshot of two slots. A damaged slot next to a
 /// valid one is ignored (a torn AL write); both damaged is an error, because
 /// then the regions to resync are unknown.
 pub fn choose(a: &[u8], b: &[u8]) -> Result<Option<AlSnapshot>, MetaError> {
-    match (AlSnapshot::decode(a), AlSnapshot::decode(b)) {
+    Ok(choose_slot(a, b)?.map(|(s, _)| s))
+}
+
+/// As [`choose`], with the slot (0 or 1) the newest snapshot is in.
+pub fn choose_slot(a: &[u8], b: &[u8]) -> Result<Option<(AlSnapshot, usize)>, MetaError> {
+    let tag = |slot: usize| move |s: Option<AlSnapshot>| s.map(|s| (s, slot));
+    match (
+        AlSnapshot::decode(a).map(tag(0)),
+        AlSnapshot::decode(b).map(tag(1)),
+    ) {
         (Ok(x), Ok(y)) => Ok(match (x, y) {
-            (Some(x), Some(y)) => Some(if x.seq >= y.seq { x } else { y }),
+            (Some(x), Some(y)) => Some(if x.0.seq >= y.0.seq { x } else { y }),
             (x, y) => x.or(y),
         }),
         (Ok(x), Err(_)) | (Err(_), Ok(x)) => Ok(x),

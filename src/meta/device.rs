@@ -18,6 +18,9 @@ pub struct MetaDevice {
     file: File,
     path: PathBuf,
     layout: MetaLayout,
+    /// The activity-log slot the next snapshot goes to: the one not holding
+    /// the newest snapshot (set when the log is read; writes alternate).
+    al_next_slot: std::sync::atomic::AtomicUsize,
 }
 
 impl MetaDevice {
@@ -31,6 +34,7 @@ impl MetaDevice {
             file,
             path: path.to_path_buf(),
             layout,
+            al_next_slot: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -74,18 +78,31 @@ impl MetaDevice {
         self.write_block(self.layout.superblock_offset(sb.slot()), &bytes)
     }
 
-    /// Reads the activity log (newest valid snapshot; None if never written).
+    /// Reads the activity log (newest valid snapshot; None if never
+    /// written). The next snapshot written goes to the other slot. (Read it
+    /// once when attaching, before any write.)
     pub fn read_activity_log(&self) -> Result<Option<AlSnapshot>, MetaError> {
         let base = self.layout.meta_offset_bytes + 2 * SUPERBLOCK_BYTES as u64;
         let a = self.read_block(base, AL_SLOT_BYTES)?;
         let b = self.read_block(base + AL_SLOT_BYTES as u64, AL_SLOT_BYTES)?;
-        activity_log::choose(a.as_slice(), b.as_slice())
+        let newest = activity_log::choose_slot(a.as_slice(), b.as_slice())?;
+        let next = newest.as_ref().map_or(0, |(_, slot)| 1 - slot);
+        self.al_next_slot
+            .store(next, std::sync::atomic::Ordering::Relaxed);
+        Ok(newest.map(|(s, _)| s))
     }
 
-    /// Durably writes an activity-log snapshot into its slot.
+    /// Durably writes an activity-log snapshot into the slot after the one
+    /// written last (see [`activity_log`]); its sequence number must be
+    /// higher than every snapshot written before.
     pub fn write_activity_log(&self, snap: &AlSnapshot) -> Result<(), MetaError> {
+        use std::sync::atomic::Ordering::Relaxed;
         let base = self.layout.meta_offset_bytes + 2 * SUPERBLOCK_BYTES as u64;
-        self.write_block(base + (snap.slot() * AL_SLOT_BYTES) as u64, &snap.encode()?)
+        let slot = self.al_next_slot.load(Relaxed);
+        debug_assert!(slot < 2);
+        self.write_block(base + (slot * AL_SLOT_BYTES) as u64, &snap.encode()?)?;
+        self.al_next_slot.store(1 - slot, Relaxed);
+        Ok(())
     }
 
     /// Loads the persisted bitmap; returns the pages that failed their
@@ -180,7 +197,7 @@ pub fn signature(b: &[u8]) -> Option<&'static str> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -191,5 +208,56 @@ mod tests {
         b[0x439] = 0xEF;
         assert_eq!(signature(&b), Some("an ext2/3/4 filesystem"));
         assert_eq!(signature(&b[..10]), None);
+    }
+
+    /// A zeroed metadata file with external layout (empty AL slots).
+    pub(crate) fn scratch_meta(tag: &str) -> (MetaDevice, PathBuf) {
+        let dir = crate::testkit::cluster::scratch_dir(tag);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("meta");
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("meta file");
+        let layout = MetaLayout::external(16 << 20, 65536).expect("layout");
+        (MetaDevice::open(&path, layout).expect("open"), path)
+    }
+
+    fn snap(seq: u64) -> AlSnapshot {
+        AlSnapshot {
+            seq,
+            extent_bytes: 4 << 20,
+            extents: vec![seq as u32],
+        }
+    }
+
+    /// Issue 13, hole 2b: group commit skips sequence numbers, so slots
+    /// chosen by `seq % 2` could take two consecutive writes in the same
+    /// slot and a torn third write there would leave no recent snapshot.
+    /// Slots alternate by write: the last two writes are always both there.
+    #[test]
+    fn the_last_two_activity_log_writes_are_in_different_slots() {
+        let (dev, path) = scratch_meta("al-slots");
+        assert_eq!(dev.read_activity_log().unwrap(), None);
+        for seq in [1, 3, 5, 7] {
+            dev.write_activity_log(&snap(seq)).unwrap();
+        }
+        let base = dev.layout.meta_offset_bytes + 2 * SUPERBLOCK_BYTES as u64;
+        let slot = |i: u64| {
+            let b = dev
+                .read_block(base + i * AL_SLOT_BYTES as u64, AL_SLOT_BYTES)
+                .unwrap();
+            AlSnapshot::decode(b.as_slice()).unwrap().map(|s| s.seq)
+        };
+        let mut seqs = [slot(0), slot(1)];
+        seqs.sort();
+        assert_eq!(seqs, [Some(5), Some(7)]);
+        // Reopened (an attach): the next write goes to the slot of the older.
+        let dev = MetaDevice::open(&path, dev.layout).unwrap();
+        assert_eq!(dev.read_activity_log().unwrap().map(|s| s.seq), Some(7));
+        dev.write_activity_log(&snap(8)).unwrap();
+        let mut seqs = [slot(0), slot(1)];
+        seqs.sort();
+        assert_eq!(seqs, [Some(7), Some(8)]);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

@@ -183,28 +183,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
     };
     let mut engine = Engine::new(cfg, disk_state, sb.generations, bitmap, seed);
     engine.set_record(sb.record);
-    if crashed_primary {
-        // Rule 6: every extent this node may have been writing to when it
-        // crashed may differ from the peer.
-        match meta.read_activity_log() {
-            Ok(Some(al)) => {
-                tracing::warn!(
-                    "volume {}: this node crashed while primary; marking the {} extents of its activity log out of sync",
-                    opts.name,
-                    al.extents.len()
-                );
-                engine.recover_activity_log(&al.extents, u64::from(al.extent_bytes), al.seq);
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(
-                    "volume {}: this node crashed while primary and its activity log is unreadable ({e}); marking the whole volume out of sync",
-                    opts.name
-                );
-                engine.mark_all_out_of_sync();
-            }
-        }
-    }
+    resume_activity_log(&meta, &mut engine, crashed_primary, &opts.name);
     sb.attached = true;
     sb.primary = false;
     sb.seq += 1;
@@ -406,9 +385,39 @@ async fn control_sender(mut rx: mpsc::UnboundedReceiver<(Arc<PeerConnection>, Vo
     }
 }
 
+/// Reads the activity log when attaching (before anything writes it).
+/// After a crash of this node as primary, every extent of the log is marked
+/// out of sync (rule 6). Either way the log's numbering continues after the
+/// newest snapshot on disk, so that no snapshot of an earlier attach can
+/// outrank the ones this attach writes (issue 13, hole 2a).
+fn resume_activity_log(meta: &MetaDevice, engine: &mut Engine, crashed_primary: bool, name: &str) {
+    match meta.read_activity_log() {
+        Ok(Some(al)) if crashed_primary => {
+            tracing::warn!(
+                "volume {name}: this node crashed while primary; marking the {} extents of its activity log out of sync",
+                al.extents.len()
+            );
+            engine.recover_activity_log(&al.extents, u64::from(al.extent_bytes), al.seq);
+        }
+        Ok(Some(al)) => engine.continue_activity_log(al.seq),
+        Ok(None) => {}
+        Err(e) if crashed_primary => {
+            tracing::warn!(
+                "volume {name}: this node crashed while primary and its activity log is unreadable ({e}); marking the whole volume out of sync"
+            );
+            engine.mark_all_out_of_sync();
+        }
+        Err(e) => tracing::warn!(
+            "volume {name}: the activity log is unreadable ({e}); it is written afresh"
+        ),
+    }
+}
+
 /// A sync target's count of its resync (reported as `TargetProgress`).
 struct TargetSync {
     total_bytes: u64,
+    /// The source's dirty chunks as last announced.
+    announced_chunks: u64,
     received_bytes: u64,
     started: Instant,
 }
@@ -496,14 +505,28 @@ impl Shell {
                 (false, true) => self.resync_started = None,
                 _ => {}
             }
-            match (self.engine.is_sync_target(), &self.target_sync) {
+            let announced = self.engine.peer_view().map_or(0, |v| v.dirty_chunks);
+            match (self.engine.is_sync_target(), &mut self.target_sync) {
                 (true, None) => {
-                    let dirty = self.engine.peer_view().map_or(0, |v| v.dirty_chunks);
                     self.target_sync = Some(TargetSync {
-                        total_bytes: dirty.saturating_mul(self.chunk_bytes).min(self.data_bytes),
+                        total_bytes: announced
+                            .saturating_mul(self.chunk_bytes)
+                            .min(self.data_bytes),
+                        announced_chunks: announced,
                         received_bytes: 0,
                         started: Instant::now(),
                     });
+                }
+                (true, Some(t)) if t.announced_chunks != announced => {
+                    // A newer announcement (the first one may predate the
+                    // source's marking of what it copies): what arrived
+                    // plus what it still has to copy.
+                    t.announced_chunks = announced;
+                    let left = announced.saturating_mul(self.chunk_bytes);
+                    t.total_bytes = t
+                        .total_bytes
+                        .max(t.received_bytes.saturating_add(left))
+                        .min(self.data_bytes);
                 }
                 (false, Some(_)) => self.target_sync = None,
                 _ => {}
@@ -1497,6 +1520,60 @@ mod tests {
     use super::*;
     use crate::meta::activity_log::AlSnapshot;
     use crate::meta::bitmap::BITMAP_PAGE_BYTES;
+
+    /// Issue 13, hole 2a: a clean attach continues the activity log's
+    /// numbering after the newest snapshot on disk. (It restarted at 0, so
+    /// the previous attach's snapshot outranked this attach's first ones and
+    /// a crash recovery would have used the stale extents.)
+    #[test]
+    fn a_clean_attach_continues_the_activity_log_numbering() {
+        let (meta, path) = crate::meta::device::tests::scratch_meta("al-resume");
+        meta.read_activity_log().expect("read");
+        for seq in [10, 11] {
+            let old = AlSnapshot {
+                seq,
+                extent_bytes: 4 << 20,
+                extents: vec![0],
+            };
+            meta.write_activity_log(&old).expect("write");
+        }
+        // Attach again (cleanly), become primary, write to a new extent.
+        let meta = MetaDevice::open(&path, *meta.layout()).expect("reopen");
+        let cfg = EngineConfig {
+            data_bytes: 16 << 20,
+            chunk_bytes: 65536,
+            tie_winner: true,
+            al_extent_bytes: 4 << 20,
+            al_extents: 16,
+            quorum: None,
+        };
+        let gens = crate::meta::Generations {
+            current: 5,
+            ..Default::default()
+        };
+        let bitmap = Bitmap::new(16 << 20, 65536);
+        let mut engine = Engine::new(cfg, DiskState::UpToDate, gens, bitmap, 1);
+        resume_activity_log(&meta, &mut engine, false, "v");
+        engine.promote(false).expect("promote");
+        engine.submit(1, Op::Write { fua: false }, Range::new(8 << 20, 4096));
+        let mut written = None;
+        while let Some(a) = engine.poll_action() {
+            if let Action::PersistMeta {
+                activity_log: Some(al),
+                ..
+            } = a
+            {
+                meta.write_activity_log(&al).expect("write");
+                written = Some(al);
+            }
+        }
+        let written = written.expect("the new extent is logged");
+        assert_eq!(written.extents, vec![2]);
+        // Recovery after a crash now would use this snapshot, not extent 0.
+        let meta = MetaDevice::open(&path, *meta.layout()).expect("reopen");
+        assert_eq!(meta.read_activity_log().expect("read"), Some(written));
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
 
     fn job(token: u64, al_seq: Option<u64>, pages: &[(u32, u8)]) -> MetaJob {
         MetaJob {
