@@ -55,6 +55,15 @@ async fn exit_codes_are_stable() {
     let o = cli(&c, 0, &["status"]);
     assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
     c.start(0).await.expect("alpha");
+    // A second daemon on the same control socket is refused, said once.
+    let o = cli(&c, 0, &["daemon"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).matches("another daemon is listening").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
     // Not attached.
     let o = cli(&c, 0, &["primary", "demo"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
@@ -172,6 +181,55 @@ fn create_md_refuses_to_overwrite() {
     );
     let o = cli(&c, 1, &["create-md", "demo", "--force"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // Forced over a filesystem with internal metadata: a warning that the
+    // volume is now smaller than that filesystem.
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("warning") && out.contains("smaller") && out.contains("ext2/3/4"),
+        "{out}"
+    );
+    // A disk too small says how large it must be.
+    let tiny = c.dir.join("tiny.img");
+    std::fs::File::create(&tiny)
+        .and_then(|f| f.set_len(8192))
+        .expect("tiny disk");
+    let cfg = std::fs::read_to_string(&c.nodes[0].config).expect("config");
+    let disk = c.nodes[0].disk.display().to_string();
+    let tiny_cfg = c.dir.join("tiny.toml");
+    std::fs::write(&tiny_cfg, cfg.replace(&disk, &tiny.display().to_string())).expect("write");
+    let o = Command::new(bin())
+        .arg("--config")
+        .arg(&tiny_cfg)
+        .args(["create-md", "demo", "--force"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("too small") && e.contains("at least"), "{e}");
+}
+
+/// Error texts say each cause once ("X: No such file or directory", not
+/// the cause twice); a missing config at the default path says how to
+/// name another one.
+#[test]
+fn errors_say_each_cause_once_and_name_the_config_options() {
+    let o = Command::new(bin())
+        .args(["--config", "/nonexistent/blkrep.toml", "status"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+    if !std::path::Path::new(blkrep::config::DEFAULT_CONFIG_PATH).exists() {
+        let o = Command::new(bin())
+            .env_remove("BLKREP_CONFIG")
+            .arg("status")
+            .output()
+            .expect("run");
+        let e = stderr(&o);
+        assert!(e.contains("--config") && e.contains("BLKREP_CONFIG"), "{e}");
+        assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+    }
 }
 
 /// A typo of `meta = "internal"` is refused with the key named, and

@@ -870,3 +870,18 @@ async fn demote_and_detach_refuse_an_export_in_use_unless_forced() {
     let (code, text) = run(0, &["demote", "demo"]);
     assert_eq!(code, Some(0), "{text}");
 }
+
+/// Issue 18: the NBD socket a crashed primary left behind is removed when
+/// its daemon starts again, so that clients get "no such file" (nothing is
+/// exported here) instead of a refused connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primarys_nbd_socket_is_removed_when_it_restarts() {
+    let mut c = up("stale-sock", small()).await;
+    let sock = c.nbd_socket(0);
+    assert!(sock.exists());
+    c.kill(0);
+    assert!(sock.exists(), "a kill -9 leaves the socket file");
+    c.start(0).await.expect("restart alpha");
+    let e = std::os::unix::net::UnixStream::connect(&sock).expect_err("nothing exported");
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
+}
