@@ -126,6 +126,26 @@ pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
     Ok(ok)
 }
 
+/// The last `lines` lines of each daemon's and the witness's log.
+fn log_tails(c: &LocalCluster, lines: usize) -> String {
+    let mut out = String::new();
+    let logs = c
+        .nodes
+        .iter()
+        .map(|n| (n.name.as_str(), &n.log))
+        .chain(c.witness.iter().map(|w| ("witness", &w.log)));
+    for (name, path) in logs {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        out.push_str(&format!("----- {name} log (last {lines} lines) -----\n"));
+        for l in &all[all.len().saturating_sub(lines)..] {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Whether this machine can run ublk devices for us: the kernel has the
 /// driver and we are root.
 fn ublk_available() -> bool {
@@ -320,7 +340,11 @@ async fn run_demo(args: DemoArgs) -> Result<(bool, LocalCluster), DemoError> {
         },
     )
     .await?;
-    c.wait_in_sync(Duration::from_secs(300)).await?;
+    if let Err(e) = c.wait_in_sync(Duration::from_secs(300)).await {
+        // The cluster's files go with it: show why first.
+        eprintln!("{}", log_tails(&c, 40));
+        return Err(e.into());
+    }
     report.resync_done_ms = t0.elapsed().as_millis() as u64;
     report.volume_bytes = size;
     report.export = export.to_string();

@@ -177,7 +177,7 @@ mkdir -p /demo
 check demo-fs mount -t ext4 /dev/loop2 /demo
 blkrep demo --size 32M --duration 2s --json --dir /demo/run >$C/demo.json 2>$C/demo.err
 echo "BLKREP-INFO: demo exit $?: $(cat $C/demo.json)"
-tail -n 20 $C/demo.err
+tail -n 150 $C/demo.err
 check demo-on-ublk grep -q '"export":"ublk"' $C/demo.json
 check demo-acked-writes grep -q '"acked_writes":[1-9]' $C/demo.json
 check demo-no-loss grep -q '"acked_writes_lost":0,' $C/demo.json
