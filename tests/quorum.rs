@@ -115,6 +115,14 @@ impl Forbidden {
     }
 }
 
+/// `demote VOL` as the control request (no --force).
+fn demote_request() -> Request {
+    Request::Secondary {
+        volume: VOL.into(),
+        force: false,
+    }
+}
+
 fn dump_all(c: &LocalCluster) {
     dump_logs(c);
     if let Some(w) = &c.witness {
@@ -218,15 +226,7 @@ async fn witness_records_both_nodes_and_refuses_a_second_primary() {
     assert_eq!(code, 6, "{text}");
     // A planned switchover: demote alpha, promote beta (no lease wait).
     let t = Instant::now();
-    c.ok(
-        0,
-        Request::Secondary {
-            volume: VOL.into(),
-            force: false,
-        },
-    )
-    .await
-    .expect("demote");
+    c.ok(0, demote_request()).await.expect("demote");
     let (code, text) = exit_code(&c, 1, &["promote", VOL]);
     assert_eq!(code, 0, "{text}");
     assert!(
@@ -496,15 +496,7 @@ async fn ocf_agent_and_proxmox_hookscript_move_the_primary() {
 async fn ocf_tester_accepts_the_agent() {
     let c = up_with_witness("q-ocft").await;
     // Leave alpha stopped and nobody primary: ocf-tester starts from there.
-    c.ok(
-        0,
-        Request::Secondary {
-            volume: VOL.into(),
-            force: false,
-        },
-    )
-    .await
-    .expect("demote");
+    c.ok(0, demote_request()).await.expect("demote");
     c.ok(
         0,
         Request::Detach {
