@@ -49,6 +49,7 @@ fn engine_step(c: &mut Criterion) {
         al_extent_bytes: 4 << 20,
         al_extents: 1000,
         quorum: None,
+        volatile_cache: true,
     };
     let gens = Generations {
         current: 7,
@@ -70,6 +71,8 @@ fn engine_step(c: &mut Criterion) {
         sync_target: false,
         full_sync_base: 0,
         record: Default::default(),
+        cache_lost: false,
+        volatile_cache: true,
     });
     let _ = e.promote(false);
     while e.poll_action().is_some() {}
@@ -87,8 +90,21 @@ fn engine_step(c: &mut Criterion) {
             e.local_done(id, true);
             e.peer_done(id, true);
             let mut done = false;
+            let mut flushes = Vec::new();
             while let Some(a) = e.poll_action() {
                 done |= matches!(a, Action::Complete { .. });
+                // The engine's own flushes (bounded unflushed writes).
+                if let Action::LocalIo {
+                    id, op: Op::Flush, ..
+                } = a
+                {
+                    flushes.push(id);
+                }
+            }
+            for f in flushes {
+                e.local_done(f, true);
+                e.peer_done(f, true);
+                while e.poll_action().is_some() {}
             }
             black_box(done)
         })

@@ -342,6 +342,48 @@ pub struct VolumeNodeConfig {
     /// `internal` (at the end of the disk) or the path of a metadata file.
     #[serde(default = "default_meta")]
     pub meta: String,
+    /// Whether the disk's write cache may lose completed writes in a power
+    /// cut: "auto" (default; volatile unless the kernel reports the block
+    /// device "write through"), "volatile", or "power-loss-protected"
+    /// (declared non-volatile: blkrep then takes a completed write as
+    /// durable and skips the flushes it would otherwise wait for).
+    /// Dangerous when wrong: a power cut can then lose acknowledged writes.
+    #[serde(default)]
+    pub disk_cache: DiskCache,
+}
+
+/// What a node's disk cache does in a power cut (see `disk_cache`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskCache {
+    /// Volatile unless the kernel reports the device write-through.
+    #[default]
+    Auto,
+    /// May lose completed writes until a flush covers them.
+    Volatile,
+    /// Keeps every completed write through a power cut (capacitor-backed
+    /// drives, battery-backed controllers).
+    PowerLossProtected,
+}
+
+impl VolumeNodeConfig {
+    /// Whether this node's disk may lose completed writes in a power cut.
+    pub fn volatile_cache(&self) -> bool {
+        match self.disk_cache {
+            DiskCache::Volatile => true,
+            DiskCache::PowerLossProtected => false,
+            DiskCache::Auto => !crate::store::backing::kernel_reports_write_through(&self.disk),
+        }
+    }
+
+    /// Parsed metadata location.
+    pub fn meta_location(&self) -> MetaLocation {
+        if self.meta == "internal" {
+            MetaLocation::Internal
+        } else {
+            MetaLocation::External(PathBuf::from(&self.meta))
+        }
+    }
 }
 
 /// Switches for tests and drills.
@@ -351,6 +393,11 @@ pub struct DebugConfig {
     /// Allow `blkrep debug fail-disk` to inject local disk faults.
     #[serde(default)]
     pub fault_injection: bool,
+    /// Drills only (needs `fault_injection`): give every local data disk a
+    /// volatile write cache held in the daemon's memory, which `blkrep
+    /// debug power-cut` drops (see `store::faulty`).
+    #[serde(default)]
+    pub volatile_cache: bool,
 }
 
 fn default_control_socket() -> PathBuf {
@@ -382,17 +429,6 @@ pub enum MetaLocation {
     Internal,
     /// In a separate file.
     External(PathBuf),
-}
-
-impl VolumeNodeConfig {
-    /// Parsed metadata location.
-    pub fn meta_location(&self) -> MetaLocation {
-        if self.meta == "internal" {
-            MetaLocation::Internal
-        } else {
-            MetaLocation::External(PathBuf::from(&self.meta))
-        }
-    }
 }
 
 /// Whether `name` is a valid node name: a DNS label (it is the certificate's

@@ -183,8 +183,20 @@ impl Daemon {
             })
             .unwrap_or_default();
         for (name, h) in handles {
-            if let Err(e) = h.detach().await {
-                tracing::warn!("volume {name}: not detached cleanly: {e}");
+            // A primary flushes what it completed on both copies before it
+            // steps down (a `Demote` error while that runs): retry a while.
+            let deadline = std::time::Instant::now() + STEP_DOWN_DRAIN;
+            loop {
+                match h.detach().await {
+                    Err(VolumeError::Demote(_)) if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!("volume {name}: not detached cleanly: {e}");
+                        break;
+                    }
+                    Ok(()) => break,
+                }
             }
         }
         if let Some(link) = self.link.lock().ok().and_then(|l| l.clone()) {
@@ -214,6 +226,47 @@ impl Daemon {
             .ok()
             .and_then(|v| v.get(volume).map(|a| a.faults.clone()))
             .ok_or_else(|| not_attached(volume))
+    }
+
+    /// `debug power-cut`: see `Request::PowerCut`. Returns only when it
+    /// cannot cut (no volatile caches).
+    fn power_cut(&self, seed: u64) -> Response {
+        if !self.cfg.debug.fault_injection || !self.cfg.debug.volatile_cache {
+            return err(
+                ErrorCode::BadRequest,
+                "a power cut needs debug.fault_injection and debug.volatile_cache".into(),
+            );
+        }
+        // The next start must see another boot (see `debug_boot_id`).
+        let boot = crate::testkit::rng::SplitMix64(seed ^ 0xb007).next_u64();
+        let _ = std::fs::write(fake_boot_id_path(&self.cfg), format!("{boot:032x}"));
+        let mut lost = Vec::new();
+        if let Ok(volumes) = self.volumes.lock() {
+            for (i, (name, a)) in volumes.iter().enumerate() {
+                let disk = self
+                    .cfg
+                    .volumes
+                    .iter()
+                    .find(|v| &v.name == name)
+                    .and_then(|v| v.nodes.get(&self.cfg.node))
+                    .map(|n| n.disk.clone());
+                if let Some(disk) = disk {
+                    match a.faults.power_cut(&disk, seed ^ i as u64) {
+                        Ok((kept, dropped)) => {
+                            lost.push(format!("{name}: kept {kept}, lost {dropped}"))
+                        }
+                        Err(e) => lost.push(format!("{name}: {e}")),
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "blkrep: power cut (cached writes per volume: {})",
+            lost.join("; ")
+        );
+        // SAFETY: _exit ends the process at once, as a power cut does:
+        // nothing runs after it, so no state can be observed half-updated.
+        unsafe { libc::_exit(137) }
     }
 
     /// Waits (bounded) until the export of a volume that just became
@@ -386,6 +439,9 @@ impl Daemon {
             .position(|v| v.name == name)
             .unwrap_or(0) as u32;
         let faults = FaultPlan::healthy();
+        if self.cfg.debug.fault_injection && self.cfg.debug.volatile_cache {
+            faults.enable_volatile_cache();
+        }
         let opts = AttachOptions {
             name: name.to_string(),
             index,
@@ -401,6 +457,8 @@ impl Daemon {
                 ),
             },
             al_extents: vcfg.al_extents,
+            volatile_cache: node_cfg.volatile_cache() || self.cfg.debug.volatile_cache,
+            boot_id: debug_boot_id(&self.cfg).or_else(crate::store::backing::boot_id),
             ring: self.ring.clone(),
             faults: self.cfg.debug.fault_injection.then(|| faults.clone()),
             export: self.export_hook(),
@@ -585,6 +643,7 @@ fn volume_err(e: VolumeError) -> Response {
             PromoteError::NotUpToDate { .. }
             | PromoteError::ForcedRecord
             | PromoteError::SyncTarget
+            | PromoteError::CacheLost
             | PromoteError::Outdated,
         ) => ErrorCode::Outdated,
         VolumeError::Promote(PromoteError::NoQuorum(_))
@@ -683,6 +742,7 @@ impl ControlHandler for Daemon {
                     }
                     Err(e) => e,
                 },
+                Request::PowerCut { seed } => self.power_cut(seed),
                 Request::SlowDisk { volume, delay_ms } => match self.fault_plan(&volume) {
                     Ok(p) => {
                         p.write_delay_ms
@@ -799,4 +859,20 @@ impl InboundHandler for Daemon {
             tokio::spawn(async move { c.reply(req.request, libc::EPERM as u32, None).await });
         }
     }
+}
+
+/// Where a drill's power cut leaves the boot id the next start sees.
+fn fake_boot_id_path(cfg: &Config) -> std::path::PathBuf {
+    cfg.run_dir.join("debug-boot-id")
+}
+
+/// With fault injection: the boot id a drill's power cut left (so that the
+/// restarted daemon sees another boot, as after a real power cut).
+fn debug_boot_id(cfg: &Config) -> Option<[u8; 16]> {
+    if !cfg.debug.fault_injection {
+        return None;
+    }
+    let text = std::fs::read_to_string(fake_boot_id_path(cfg)).ok()?;
+    let v = u128::from_str_radix(text.trim(), 16).ok()?;
+    Some(v.to_be_bytes())
 }

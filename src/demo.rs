@@ -4,7 +4,10 @@
 //! promoted through the failover hook (`blkrep promote`, as a cluster manager
 //! calls it; the witness consents once the dead primary's lease ran out) and
 //! holds every acknowledged write; the dead node comes back, resyncs, and
-//! both copies are byte-for-byte equal.
+//! both copies are byte-for-byte equal. With `--power-cut` the kill is a
+//! power cut: the nodes' disks get a volatile write cache (held in each
+//! daemon's memory, as the drills do), and alpha loses what no flush
+//! covered yet when it goes.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -39,6 +42,11 @@ pub struct DemoArgs {
     /// Leave the cluster running at the end and print how to poke at it.
     #[arg(long)]
     pub keep: bool,
+    /// Cut alpha's power instead of killing it: the disks get a volatile
+    /// write cache (in the daemons' memory), and alpha loses every write
+    /// that no flush or FUA covered yet (a seeded half of them).
+    #[arg(long)]
+    pub power_cut: bool,
     /// Print one JSON object instead of the timeline.
     #[arg(long)]
     pub json: bool,
@@ -73,6 +81,8 @@ pub enum DemoError {
 /// What the demo measured.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct DemoReport {
+    /// The primary lost power (`--power-cut`) instead of being killed.
+    pub power_cut: bool,
     /// Writes acknowledged to the clients before the kill.
     pub acked_writes: u64,
     /// Distinct blocks whose last acknowledged write was checked.
@@ -219,6 +229,7 @@ async fn run_demo(args: DemoArgs) -> Result<(bool, LocalCluster), DemoError> {
         disk_bytes: args.size_bytes,
         witness: true,
         export: export.into(),
+        volatile_cache: args.power_cut,
         ..Default::default()
     };
     let mut c = LocalCluster::create(&bin, &dir, opts)?;
@@ -243,22 +254,38 @@ async fn run_demo(args: DemoArgs) -> Result<(bool, LocalCluster), DemoError> {
     let target = target_of(&c, 0).await?;
     say(&format!("alpha exports it through {export}: {target:?}"));
     let storm = Storm::start_on(target, args.writers, size / STORM_BLOCK_BYTES - 1, 0x5eed);
+    let fate = if args.power_cut {
+        "loses power"
+    } else {
+        "is killed"
+    };
     say(&format!(
-        "write storm: {} writers on alpha for {} ms, then alpha is killed mid-storm",
+        "write storm: {} writers on alpha for {} ms (with FUA writes and flushes), then alpha {fate} mid-storm",
         args.writers, args.duration_ms
     ));
     let storm_start = Instant::now();
     tokio::time::sleep(Duration::from_millis(args.duration_ms)).await;
     let t0 = Instant::now();
-    c.kill(0);
+    if args.power_cut {
+        c.power_cut(0, 0x5eed).await?;
+    } else {
+        c.kill(0);
+    }
     let storm_ms = storm_start.elapsed().as_millis() as u64;
     let ledger = storm.stop().await;
     say(&format!(
-        "T+0      alpha killed with SIGKILL after {} acknowledged writes ({} more were in flight)",
+        "T+0      alpha {} after {} acknowledged writes ({} flushes; {} more were in flight)",
+        if args.power_cut {
+            "lost power (its disk kept a seeded half of the writes no flush covered)"
+        } else {
+            "killed with SIGKILL"
+        },
         ledger.acked_writes(),
+        ledger.flushes(),
         ledger.unacknowledged()
     ));
     let mut report = DemoReport {
+        power_cut: args.power_cut,
         acked_writes: ledger.acked_writes(),
         blocks_checked: ledger.blocks().count() as u64,
         unacked_in_flight: ledger.unacknowledged() as u64,

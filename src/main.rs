@@ -193,6 +193,14 @@ enum DebugCommand {
         /// Volume name.
         volume: String,
     },
+    /// Cut this node's power (drills: needs `debug.fault_injection` and
+    /// `debug.volatile_cache`): every volume keeps a seeded subset of the
+    /// writes no flush covered, and the daemon ends at once.
+    PowerCut {
+        /// Seeds which unflushed writes survive.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Make every local write of VOLUME wait DELAY_MS first (0: normal
     /// again; needs `debug.fault_injection = true`).
     SlowDisk {
@@ -392,6 +400,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Debug(DebugCommand::TearWrite { volume }) => {
             request(&cli.config, Request::TearWrite { volume }, false)
+        }
+        Command::Debug(DebugCommand::PowerCut { seed }) => {
+            request(&cli.config, Request::PowerCut { seed }, false)
         }
         Command::Debug(DebugCommand::SlowDisk { volume, delay_ms }) => {
             request(&cli.config, Request::SlowDisk { volume, delay_ms }, false)

@@ -224,6 +224,8 @@ async fn a_corrupted_frame_is_refused_and_nothing_is_written() {
             sync_target: false,
             full_sync_base: 0,
             record: Default::default(),
+            cache_lost: false,
+            volatile_cache: true,
         }),
         sync_done: None,
         dirty_runs: None,

@@ -77,6 +77,8 @@ fn sample_superblock() -> Superblock {
         attached: true,
         primary: true,
         record: Default::default(),
+        boot_id: [9; 16],
+        cache_lost: false,
     }
 }
 

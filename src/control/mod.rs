@@ -105,6 +105,14 @@ pub enum Request {
         /// Added latency per write.
         delay_ms: u64,
     },
+    /// Drill only (needs `debug.fault_injection` and `debug.volatile_cache`):
+    /// this node loses power. Every volume's volatile cache keeps a seeded
+    /// subset of its writes (the rest is lost), the next start sees another
+    /// boot, and the daemon ends at once without answering.
+    PowerCut {
+        /// Seeds which cached writes survive.
+        seed: u64,
+    },
 }
 
 /// Stable error codes; the CLI maps each to a documented exit status.

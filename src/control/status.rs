@@ -64,6 +64,15 @@ pub struct VolumeStatusReport {
     /// still being resynced and its sync source is unreachable.
     #[serde(default)]
     pub frozen_requests: usize,
+    /// This node lost power (an unclean stop, then another boot) and has
+    /// not synced with its peer since: its disk may lack acknowledged
+    /// writes no flush covered, so it does not promote until it synced.
+    #[serde(default)]
+    pub power_lost: bool,
+    /// Completed writes not yet covered by a flush on every copy (the
+    /// primary flushes on its own within about 100 ms).
+    #[serde(default)]
+    pub unflushed_writes: usize,
     /// Quorum state (null without a witness).
     #[serde(default)]
     pub quorum: Option<QuorumReport>,
@@ -220,6 +229,8 @@ impl VolumeStatusReport {
             metadata_writes: 0,
             generation: None,
             frozen_requests: 0,
+            power_lost: false,
+            unflushed_writes: 0,
             quorum: None,
         }
     }
@@ -302,6 +313,8 @@ impl VolumeStatusReport {
             activity_log_updates: e.activity_log_updates,
             metadata_writes: s.metadata_writes,
             frozen_requests: e.frozen_requests,
+            power_lost: e.cache_lost,
+            unflushed_writes: e.unflushed_writes,
             generation: (e.generations.current != 0)
                 .then(|| format!("{:016x}", e.generations.current)),
             quorum: s.lease_valid.map(|lease_valid| QuorumReport {
@@ -413,6 +426,12 @@ pub fn render_text(s: &NodeStatus) -> String {
             out.push_str(&format!(
                 "  I/O FROZEN: {} requests wait for the sync source {} (this copy is incomplete)\n",
                 v.frozen_requests, p.name
+            ));
+        }
+        if v.power_lost {
+            out.push_str(&format!(
+                "  LOST POWER: this copy may lack writes {} acknowledged; it promotes only once it synced from {}\n",
+                p.name, p.name
             ));
         }
         out.push_str(&format!(

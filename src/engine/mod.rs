@@ -5,6 +5,7 @@
 //! Same inputs, same outputs: the simulator in `tests/` drives it with seeded
 //! faults.
 
+pub mod durability;
 pub mod peer;
 pub mod request;
 
@@ -18,6 +19,7 @@ use crate::meta::bitmap::BITMAP_PAGE_BYTES;
 use crate::meta::{Bitmap, DiskState, Generations};
 use crate::quorum::{Holder, NoQuorumPolicy, RecordView};
 use crate::witness::WitnessOp;
+use durability::{Unflushed, UnflushedWrite};
 
 /// Resync (and verify) chunks in flight at once, at most.
 pub const RESYNC_WINDOW: usize = 32;
@@ -73,6 +75,11 @@ pub enum PromoteError {
         "a resync to this node is in progress and its source is not up to date and connected to serve reads; wait for the resync to finish"
     )]
     SyncTarget,
+    /// This copy lost power with writes no flush covered.
+    #[error(
+        "this node lost power (it was not shut down cleanly and the machine has rebooted since), so its disk may have dropped writes the peer acknowledged and still holds. Start the peer: it resyncs what this copy may lack, then promotion is safe. {FORCE_COST}"
+    )]
+    CacheLost,
     /// The witness does not list this node as up to date.
     #[error(
         "outdated: the witness does not list this node as up to date: the peer wrote without it, so this copy lacks acknowledged writes. Bring the peer back (it resyncs this copy, then promotion is safe). {FORCE_COST}"
@@ -132,6 +139,11 @@ pub enum DemoteError {
     /// Client requests are still in flight.
     #[error("{0} requests still in flight; stop the application first")]
     Busy(usize),
+    /// Completed writes are being flushed on both copies first (a power
+    /// cut of the demoted node must not lose what the new primary lacks
+    /// marks for); the caller retries.
+    #[error("flushing {0} completed writes on both copies first")]
+    Flushing(usize),
 }
 
 /// What the shell must do.
@@ -199,6 +211,11 @@ pub enum Action {
         activity_log: Option<AlSnapshot>,
         /// The witness record as last seen.
         record: RecordView,
+        /// This copy lost power and has not synced since (see
+        /// `Engine::power_lost`).
+        cache_lost: bool,
+        /// Flush the data disk before writing (a new generation starts).
+        flush_data: bool,
     },
     /// Send this node's current `NodeView` to the peer.
     AnnounceState,
@@ -264,6 +281,11 @@ pub struct EngineConfig {
     /// With a witness: what to do when quorum is lost (None: no witness,
     /// two-node mode; the primary writes on alone when the peer is gone).
     pub quorum: Option<NoQuorumPolicy>,
+    /// This node's disk may lose completed writes in a power cut until a
+    /// flush covers them (the default). False only for a disk declared
+    /// power-loss protected (or reported write-through by the kernel):
+    /// then a completed write counts as durable and no flush is waited for.
+    pub volatile_cache: bool,
 }
 
 /// Progress of a resync in which this node is the source.
@@ -337,6 +359,10 @@ pub struct EngineStatus {
     pub frozen_requests: usize,
     /// The last witness change failed and writes wait for it.
     pub quorum_lost: bool,
+    /// Completed writes not yet covered by a flush on every copy.
+    pub unflushed_writes: usize,
+    /// This copy lost power and has not synced with its peer since.
+    pub cache_lost: bool,
 }
 
 /// Where reads are served from.
@@ -416,6 +442,23 @@ pub struct Engine {
     resync_unflushed: Vec<(u64, u64)>,
     /// The flush in flight on the target and the chunks it covers.
     resync_flush: Option<(RequestId, Vec<(u64, u64)>)>,
+    /// Finished writes not yet durable on every copy that has them, in
+    /// epochs closed by flushes; each keeps its activity-log pin.
+    unflushed: Unflushed,
+    /// The flush this engine issued on its own (bounds, activity-log
+    /// pressure, age, demotion), while in flight.
+    engine_flush: Option<RequestId>,
+    /// Ticks in a row that saw finished writes waiting for a flush.
+    unflushed_ticks: u32,
+    /// A flush is wanted as soon as none is in flight (demotion).
+    flush_wanted: bool,
+    /// This copy lost power with writes no flush covered and has not
+    /// synced with its peer since: it may lack writes the peer still
+    /// holds. Meaningful while UpToDate; persisted.
+    cache_lost: bool,
+    /// The next metadata write flushes the data disk first (see
+    /// `start_tracking`).
+    meta_flush_data: bool,
 }
 
 impl Engine {
@@ -472,6 +515,34 @@ impl Engine {
             sync_done_current: 0,
             resync_unflushed: Vec::new(),
             resync_flush: None,
+            unflushed: Unflushed::default(),
+            engine_flush: None,
+            unflushed_ticks: 0,
+            flush_wanted: false,
+            cache_lost: false,
+            meta_flush_data: false,
+        }
+    }
+
+    /// The persisted "lost power" mark, as read at attach (no write).
+    pub fn set_cache_lost(&mut self, lost: bool) {
+        self.cache_lost = lost && self.disk == DiskState::UpToDate;
+    }
+
+    /// The shell found at attach that this node lost power since its last
+    /// unclean stop (the machine rebooted): completed writes that no flush
+    /// covered may be gone from this disk. An up-to-date copy then may lack
+    /// writes the peer acknowledged; it says so until it synced. Called
+    /// before any other event; the shell records the mark (`status()
+    /// .cache_lost`) in the superblock it writes at attach, and every
+    /// metadata write carries it from then on.
+    pub fn power_lost(&mut self) {
+        assert!(
+            self.actions.is_empty(),
+            "power_lost comes before any other event"
+        );
+        if self.cfg.volatile_cache && self.disk == DiskState::UpToDate {
+            self.cache_lost = true;
         }
     }
 
@@ -729,6 +800,8 @@ impl Engine {
                 && !self.has_local_client_writes(),
             full_sync_base: self.full_sync_base(),
             record: self.record,
+            cache_lost: self.cache_lost,
+            volatile_cache: self.cfg.volatile_cache,
         }
     }
 
@@ -802,6 +875,8 @@ impl Engine {
             quorum_waiting: self.quorum_waiters.len(),
             quorum_lost: self.quorum_lost,
             frozen_requests: self.frozen.len(),
+            unflushed_writes: self.unflushed.len(),
+            cache_lost: self.cache_lost,
         }
     }
 
@@ -966,6 +1041,17 @@ impl Engine {
         Generations::fresh_id(self.rng)
     }
 
+    /// A new generation starts (writes this copy completes from now on are
+    /// ones the peer lacks). The metadata write that records it flushes
+    /// the data disk first: after a power cut this copy may then only have
+    /// lost writes of the new generation, which no other copy holds; the
+    /// older ones the peer may hold too are durable here, and a resync
+    /// from this copy cannot undo them.
+    fn start_tracking(&mut self, id: u64) {
+        self.gens.start_tracking(id);
+        self.meta_flush_data = true;
+    }
+
     fn persist(&mut self) -> u64 {
         self.meta_issued += 1;
         if self.disk == DiskState::Diskless {
@@ -991,6 +1077,8 @@ impl Engine {
             pages,
             activity_log: self.al_to_persist.take(),
             record: self.record,
+            cache_lost: self.cache_lost,
+            flush_data: std::mem::take(&mut self.meta_flush_data) && self.cfg.volatile_cache,
         });
         self.meta_issued
     }
@@ -1005,16 +1093,122 @@ impl Engine {
             && self.disk == DiskState::UpToDate
         {
             let id = self.fresh_id();
-            self.gens.start_tracking(id);
+            self.start_tracking(id);
             self.persist();
             self.actions.push_back(Action::Notify(Notice::PeerOutdated));
+        }
+        if self.replicating && !now {
+            self.peer_acks_lost();
         }
         if now && !self.replicating {
             self.resend_quorum_waiters();
         }
         self.replicating = now;
         self.resume_frozen(false);
+        if self.cache_lost && matches!(self.peer, Some((_, Relation::InSync))) {
+            // Synced with the peer (or nothing was marked on either side):
+            // this copy holds what the peer holds.
+            self.cache_lost = false;
+            self.persist();
+        }
+        self.flush_if_needed();
         self.want_witness();
+    }
+
+    // ---- durability of completed writes (see `durability`) ----
+
+    /// The peer stopped receiving writes: what it acknowledged without a
+    /// flush covering it may be lost in a power cut there, so it goes into
+    /// the bitmap (durably, before any activity-log snapshot that could
+    /// drop the extents: metadata is written in order).
+    fn peer_acks_lost(&mut self) {
+        let (mut marked, done) = self.unflushed.peer_lost();
+        for r in self.table.requests.values_mut() {
+            if r.peer == Leg::Done && r.op.volatile_write() && !r.forwarded && !r.peer_marked {
+                r.peer_marked = true;
+                r.needs_local_flush = true;
+                marked.push(r.range);
+            }
+        }
+        if self.disk != DiskState::Diskless && !marked.is_empty() {
+            for range in marked {
+                let pages = self.bitmap.set_range(range.offset, range.len);
+                self.pages_to_persist.extend(pages);
+            }
+            self.persist();
+        }
+        self.release_pins(done);
+    }
+
+    /// Writes durable on every copy: their activity-log extents may go.
+    fn release_pins(&mut self, writes: Vec<UnflushedWrite>) {
+        if writes.is_empty() {
+            return;
+        }
+        for w in writes {
+            self.al.end(w.range.offset, w.range.len);
+        }
+        for waiting in std::mem::take(&mut self.al_waiting) {
+            if self.table.requests.contains_key(&waiting) {
+                self.start(waiting);
+            }
+        }
+    }
+
+    /// Issues a flush of the engine's own when finished writes wait and a
+    /// bound says so: too many of them, writes waiting for an extent the
+    /// unflushed ones pin, a mostly pinned activity log, their age (ticks),
+    /// or a demotion.
+    fn flush_if_needed(&mut self) {
+        if self.engine_flush.is_some() || !self.unflushed.has_open() {
+            return;
+        }
+        let wanted = self.flush_wanted
+            || self.unflushed.open_full()
+            || !self.al_waiting.is_empty()
+            || self.al.mostly_busy()
+            || self.unflushed_ticks >= 2;
+        if !wanted {
+            return;
+        }
+        let id = self.internal_id();
+        self.table
+            .insert(id, Request::new(Op::Flush, Range::new(0, 0)));
+        let has_disk = self.disk != DiskState::Diskless;
+        let to_peer = self.replicating() && !self.forwarding();
+        if let Some(r) = self.table.requests.get_mut(&id) {
+            if has_disk {
+                r.local = Leg::Pending;
+            }
+            if to_peer {
+                r.peer = Leg::Pending;
+            }
+        }
+        if has_disk {
+            self.actions.push_back(Action::LocalIo {
+                id,
+                op: Op::Flush,
+                range: Range::new(0, 0),
+            });
+        }
+        if to_peer {
+            self.send_to_peer(id, Op::Flush, Range::new(0, 0), false);
+        }
+        self.unflushed.close(id);
+        self.engine_flush = Some(id);
+        self.flush_wanted = false;
+        self.unflushed_ticks = 0;
+        if !has_disk && !to_peer {
+            // Nothing to flush on (no disk, no peer): what is tracked
+            // cannot become more durable than it is.
+            self.try_complete(id);
+        }
+    }
+
+    /// Every finished write is durable on both copies now (for tests and
+    /// shutdown checks).
+    pub fn all_flushed(&self) -> bool {
+        self.unflushed.is_empty()
     }
 
     // ---- client requests ----
@@ -1098,10 +1292,13 @@ impl Engine {
         }
         if from_peer {
             // The peer forwarded it: this disk only (the peer writes its own
-            // copy once this one has it).
+            // copy once this one has it). With FUA: this copy is the only
+            // complete one, and the forwarding primary completes the write
+            // once it is here, so a power cut here must not lose it.
             if let Some(r) = self.table.requests.get_mut(&id) {
                 r.local = Leg::Pending;
             }
+            let op = op.with_fua();
             self.actions.push_back(Action::LocalIo { id, op, range });
             return;
         }
@@ -1125,10 +1322,27 @@ impl Engine {
                 token = self.meta_issued;
             }
         }
+        if op == Op::Flush && !replicating && has_disk && self.meta_issued > self.meta_persisted {
+            // A flush that completes without the peer promises durability
+            // on this copy alone: only once this copy is the newer one on
+            // disk (the generation change), or after a power cut here the
+            // peer's copy, which may lack what it covers, would be chosen.
+            token = self.meta_issued;
+        }
+        // In sync again, but the witness does not list the peer yet: the
+        // record names this copy alone as holding every acknowledged write,
+        // so a power cut here must not lose one the peer holds too.
+        let alone_at_witness = self.cfg.quorum.is_some()
+            && self.record.epoch > 0
+            && !self.record.peer_up_to_date
+            && replicating;
         let Some(r) = self.table.requests.get_mut(&id) else {
             return;
         };
         r.meta_token = token;
+        if alone_at_witness && op.volatile_write() {
+            r.needs_local_flush = true;
+        }
         if op != Op::Read && has_disk {
             if token != 0 {
                 r.local_deferred = true;
@@ -1140,6 +1354,10 @@ impl Engine {
         if replicating {
             r.peer = Leg::Pending;
             self.send_to_peer(id, op, range, false);
+        }
+        if op == Op::Flush {
+            // It covers every write finished before it was issued.
+            self.unflushed.close(id);
         }
         self.try_complete(id);
     }
@@ -1162,6 +1380,9 @@ impl Engine {
         r.forwarded = true;
         let (op, range) = (r.op, r.range);
         self.send_to_peer(id, op, range, true);
+        if op == Op::Flush {
+            self.unflushed.close(id);
+        }
     }
 
     /// Frozen requests proceed once they can: forwarded again when the
@@ -1231,6 +1452,14 @@ impl Engine {
         let Some(r) = self.table.requests.get(&id) else {
             return;
         };
+        if self.engine_flush == Some(id) {
+            // The engine's own flush: nobody to answer.
+            if r.local != Leg::Pending && r.peer != Leg::Pending {
+                self.engine_flush = None;
+                self.finish(id);
+            }
+            return;
+        }
         if r.local == Leg::Pending
             || r.peer == Leg::Pending
             || r.local_deferred
@@ -1240,6 +1469,24 @@ impl Engine {
         }
         if matches!(r.op, Op::ResyncChunk | Op::VerifyChunk) {
             return; // finished in resync_chunk_finished / verify_done
+        }
+        if r.needs_local_flush
+            && r.local == Leg::Done
+            && r.op.volatile_write()
+            && self.cfg.volatile_cache
+        {
+            // See `Request::needs_local_flush`: its local leg once more,
+            // as a flush.
+            if let Some(r) = self.table.requests.get_mut(&id) {
+                r.needs_local_flush = false;
+                r.local = Leg::Pending;
+            }
+            self.actions.push_back(Action::LocalIo {
+                id,
+                op: Op::Flush,
+                range: Range::new(0, 0),
+            });
+            return;
         }
         let ok = r.local == Leg::Done || r.peer == Leg::Done;
         if ok && self.needs_quorum(r) && self.role == Role::Primary {
@@ -1366,6 +1613,14 @@ impl Engine {
     /// Periodic: retry a failed witness change.
     pub fn tick(&mut self) {
         self.witness_backoff = false;
+        // Finished writes do not wait for a flush for longer than about
+        // two ticks (the shell ticks every 50 ms).
+        if self.unflushed.has_open() {
+            self.unflushed_ticks = self.unflushed_ticks.saturating_add(1);
+        } else {
+            self.unflushed_ticks = 0;
+        }
+        self.flush_if_needed();
         self.want_witness();
     }
 
@@ -1429,6 +1684,16 @@ impl Engine {
 
     /// The witness made the peer primary: stop being primary at once.
     fn fence(&mut self) {
+        // Whatever may still be lost in a power cut of either copy is
+        // marked: the new primary does not know of it.
+        let writes = self.unflushed.take_all();
+        if self.disk != DiskState::Diskless {
+            for w in &writes {
+                let pages = self.bitmap.set_range(w.range.offset, w.range.len);
+                self.pages_to_persist.extend(pages);
+            }
+        }
+        self.release_pins(writes);
         self.role = Role::Secondary;
         self.export_after = None;
         self.actions.push_back(Action::Export(false));
@@ -1473,11 +1738,34 @@ impl Engine {
     }
 
     fn finish(&mut self, id: RequestId) {
+        if let Some(r) = self.table.requests.get(&id) {
+            if r.op == Op::Flush {
+                let done = self
+                    .unflushed
+                    .flushed(id, r.local == Leg::Done, r.peer == Leg::Done);
+                self.release_pins(done);
+            }
+        }
         if let Some(r) = self.table.requests.get(&id)
             && r.al_pinned
         {
-            let range = r.range;
-            self.al.end(range.offset, range.len);
+            // A finished write keeps its extents in the activity log until
+            // it is durable on every copy that has it (rule 6).
+            let peer_volatile = self.peer.is_none_or(|(v, _)| v.volatile_cache);
+            let w = UnflushedWrite {
+                range: r.range,
+                local: r.local == Leg::Done && r.op.volatile_write() && self.cfg.volatile_cache,
+                peer: r.peer == Leg::Done
+                    && r.op.volatile_write()
+                    && !r.forwarded
+                    && !r.peer_marked
+                    && peer_volatile,
+            };
+            if w.durable() {
+                self.al.end(w.range.offset, w.range.len);
+            } else {
+                self.unflushed.add(w);
+            }
         }
         for next in self.table.remove(id) {
             self.start(next);
@@ -1585,13 +1873,15 @@ impl Engine {
             self.frozen.insert(id);
             return;
         }
+        // Sent, so the peer may have applied it.
+        r.needs_local_flush = true;
         let (op, range) = (r.op, r.range);
         if matches!(op, Op::Write { .. } | Op::Zeroes { .. }) {
             // The generation change must be recorded before any write
             // completes without the peer.
             if self.replicating && self.role == Role::Primary && self.disk == DiskState::UpToDate {
                 let id = self.fresh_id();
-                self.gens.start_tracking(id);
+                self.start_tracking(id);
                 self.replicating = false;
                 self.actions.push_back(Action::Notify(Notice::PeerOutdated));
             }
@@ -1720,6 +2010,8 @@ impl Engine {
             return;
         }
         self.disk = DiskState::Diskless;
+        let done = self.unflushed.local_lost();
+        self.release_pins(done);
         self.meta_persisted = self.meta_issued; // nothing more can be persisted
         self.pending_durable.clear();
         self.durable = (DiskState::Diskless, self.gens);
@@ -1766,6 +2058,9 @@ impl Engine {
                 return Err(PromoteError::SyncTarget);
             }
         }
+        if self.cache_lost && !force {
+            return Err(PromoteError::CacheLost);
+        }
         match self.disk {
             DiskState::Diskless if !matches!(self.peer, Some((_, Relation::DisklessClient))) => {
                 Err(PromoteError::Diskless)
@@ -1788,7 +2083,8 @@ impl Engine {
     pub fn promotion_is_forced(&self) -> bool {
         self.role != Role::Primary
             && !self.promotes_by_forwarding()
-            && matches!(self.disk, DiskState::Outdated | DiskState::Inconsistent)
+            && (matches!(self.disk, DiskState::Outdated | DiskState::Inconsistent)
+                || self.cache_lost)
     }
 
     /// Makes this node primary. Returns the metadata token to wait for.
@@ -1803,7 +2099,9 @@ impl Engine {
             assert!(force, "only a forced promotion starts a new history");
             let id = self.fresh_id();
             self.gens.start_new_history(id);
+            self.meta_flush_data = true;
             self.disk = DiskState::UpToDate;
+            self.cache_lost = false;
         }
         self.role = Role::Primary;
         if self.peer.is_some() {
@@ -1812,7 +2110,7 @@ impl Engine {
         if !self.replicating() && self.disk == DiskState::UpToDate && self.gens.bitmap == 0 {
             // Writing without the peer from the start: track changes for it.
             let id = self.fresh_id();
-            self.gens.start_tracking(id);
+            self.start_tracking(id);
         }
         self.replicating = self.replicating();
         let token = self.persist();
@@ -1856,6 +2154,13 @@ impl Engine {
         let busy = self.status().inflight_requests - self.frozen.len();
         if busy > 0 {
             return Err(DemoteError::Busy(busy));
+        }
+        if !self.unflushed.is_empty() {
+            // The new primary will not know what this copy may still lose
+            // in a power cut: make it durable here and there first.
+            self.flush_wanted = true;
+            self.flush_if_needed();
+            return Err(DemoteError::Flushing(self.unflushed.len()));
         }
         let frozen = std::mem::take(&mut self.frozen);
         self.fail_requests(frozen, IoFailure::NoCopy);
@@ -2029,7 +2334,7 @@ impl Engine {
                     // adopt (see `adopt_full_sync_base`).
                     if self.gens.bitmap == 0 {
                         let id = self.fresh_id();
-                        self.gens.start_tracking(id);
+                        self.start_tracking(id);
                     }
                     let pages = self.bitmap.set_all();
                     self.pages_to_persist.extend(pages);
@@ -2055,7 +2360,7 @@ impl Engine {
                 // The peer's old disk will need everything once it returns.
                 if self.gens.bitmap == 0 {
                     let id = self.fresh_id();
-                    self.gens.start_tracking(id);
+                    self.start_tracking(id);
                 }
                 let pages = self.bitmap.set_all();
                 self.pages_to_persist.extend(pages);
@@ -2160,6 +2465,8 @@ impl Engine {
         // Chunks not covered by a flush on the target stay marked.
         self.resync_unflushed.clear();
         self.resync_flush = None;
+        // Writes it acknowledged but never flushed (issue 13, hole 1).
+        self.peer_acks_lost();
         self.after_event();
     }
 
@@ -2383,6 +2690,11 @@ impl Engine {
                 self.peer = Some((v, Relation::InSync));
             }
             self.replicating = self.replicating();
+            // What the target now holds (copied from this disk's cache) is
+            // durable here before the target counts as up to date: until
+            // the witness lists it again, a power cut here must not lose
+            // writes only the target would still have.
+            self.meta_flush_data = true;
             let token = self.persist();
             self.sync_done_after = Some(token);
             return;

@@ -37,6 +37,20 @@ pub struct NodeView {
     /// The witness record as this node last saw it.
     #[serde(default)]
     pub record: crate::quorum::RecordView,
+    /// This copy lost power with writes no flush covered (found at
+    /// attach): it may lack writes its peer acknowledged, so it syncs from
+    /// a peer that did not lose them and promotes only once it did.
+    #[serde(default)]
+    pub cache_lost: bool,
+    /// This node's disk may lose completed writes in a power cut until a
+    /// flush covers them (false: declared power-loss protected, its
+    /// acknowledgements are durable).
+    #[serde(default = "volatile_by_default")]
+    pub volatile_cache: bool,
+}
+
+fn volatile_by_default() -> bool {
+    true
 }
 
 /// How this node relates to its connected peer.
@@ -159,6 +173,18 @@ pub fn negotiate(
             // activity-log extents of a crash).
             (Outdated, UpToDate) => target(),
             (UpToDate, Outdated) => source(peer.dirty_chunks > 0 && !peer_dirty_known),
+            // One copy lost power: it may lack writes the other still
+            // holds (acknowledged, not yet flushed), and every region where
+            // it may is in a bitmap (the other's marks of what it did not
+            // see flushed, its own activity log). The copy that kept power
+            // is the source, whatever the roles; no marks, nothing to copy.
+            (UpToDate, UpToDate) if me.cache_lost != peer.cache_lost => {
+                match (me.dirty_chunks > 0 || peer.dirty_chunks > 0, me.cache_lost) {
+                    (false, _) => Relation::InSync,
+                    (true, true) => target(),
+                    (true, false) => source(peer.dirty_chunks > 0 && !peer_dirty_known),
+                }
+            }
             _ => match (me.dirty_chunks > 0, peer.dirty_chunks > 0) {
                 (false, false) => Relation::InSync,
                 // A primary's copy is the authoritative one: it holds every
@@ -204,6 +230,8 @@ mod tests {
             sync_target: false,
             full_sync_base: 0,
             record: Default::default(),
+            cache_lost: false,
+            volatile_cache: true,
         }
     }
 
@@ -267,5 +295,32 @@ mod tests {
             }
         );
         assert_eq!(rb, Relation::SyncTarget);
+    }
+
+    #[test]
+    fn the_copy_that_kept_power_is_the_source_even_for_a_primary() {
+        // A primary lost power and restarted as a secondary with its
+        // activity log marked; the old secondary was promoted meanwhile
+        // without writing (same generations).
+        let mut lost = view(Role::Secondary, DiskState::UpToDate, 5);
+        lost.cache_lost = true;
+        lost.dirty_chunks = 2;
+        let kept = view(Role::Primary, DiskState::UpToDate, 5);
+        assert_eq!(negotiate(&lost, &kept, true, true), Relation::SyncTarget);
+        assert_eq!(
+            negotiate(&kept, &lost, false, true),
+            Relation::SyncSource {
+                target_ready: false,
+                full: false
+            }
+        );
+        // A secondary with marks of its own still takes the other's copy.
+        let mut kept = view(Role::Secondary, DiskState::UpToDate, 5);
+        kept.dirty_chunks = 1;
+        lost.dirty_chunks = 0;
+        assert_eq!(negotiate(&lost, &kept, true, true), Relation::SyncTarget);
+        // Nothing marked anywhere: nothing was unflushed, nothing to copy.
+        kept.dirty_chunks = 0;
+        assert_eq!(negotiate(&lost, &kept, true, true), Relation::InSync);
     }
 }

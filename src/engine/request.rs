@@ -62,6 +62,20 @@ pub enum Op {
 }
 
 impl Op {
+    /// The same write, durable on completion (other ops unchanged).
+    pub fn with_fua(self) -> Op {
+        match self {
+            Op::Write { .. } => Op::Write { fua: true },
+            Op::Zeroes { .. } => Op::Zeroes { fua: true },
+            other => other,
+        }
+    }
+
+    /// A write without FUA: completed is not yet durable.
+    pub fn volatile_write(self) -> bool {
+        matches!(self, Op::Write { fua: false } | Op::Zeroes { fua: false })
+    }
+
     /// Whether the op changes data and so must hold its range exclusively.
     pub fn locks_range(self) -> bool {
         matches!(
@@ -112,6 +126,16 @@ pub struct Request {
     pub forwarded: bool,
     /// A write forwarded by the peer (this node is its sync source).
     pub from_peer: bool,
+    /// Its peer leg was acknowledged, and then the peer stopped receiving
+    /// writes before a flush there covered it: its range is in the bitmap
+    /// already, so it is not tracked as unflushed on the peer.
+    pub peer_marked: bool,
+    /// It was sent to the peer, which stopped receiving writes before the
+    /// request finished: the peer may hold it, so it completes only once
+    /// it is durable here too (a local flush after its local write), or a
+    /// power cut here could make this copy, the newer one, resync older
+    /// data over it.
+    pub needs_local_flush: bool,
 }
 
 impl Request {
@@ -129,6 +153,8 @@ impl Request {
             al_pinned: false,
             forwarded: false,
             from_peer: false,
+            peer_marked: false,
+            needs_local_flush: false,
         }
     }
 }

@@ -69,6 +69,7 @@ enum Msg {
     Write {
         id: RequestId,
         data: Vec<(u64, u64)>,
+        fua: bool,
     },
     /// A write of a primary whose copy the receiver is resyncing.
     Forward {
@@ -101,12 +102,17 @@ enum Pending {
         id: RequestId,
         data: Vec<(u64, u64)>,
         range: Range,
-        flush: bool,
+        /// A flush: the blocks unflushed when it was issued.
+        flush: Option<Vec<u64>>,
+        fua: bool,
     },
-    /// A replica write on the secondary: apply, then ack over the link.
+    /// A replica write (or flush) on the secondary: apply, then ack over
+    /// the link.
     Replica {
         id: RequestId,
         data: Vec<(u64, u64)>,
+        flush: Option<Vec<u64>>,
+        fua: bool,
     },
 }
 
@@ -119,6 +125,7 @@ struct Persisted {
     bitmap_pages: BTreeMap<u32, Box<[u8; crate::meta::bitmap::BITMAP_PAGE_BYTES]>>,
     al: Option<crate::meta::activity_log::AlSnapshot>,
     record: RecordView,
+    cache_lost: bool,
 }
 
 struct MetaWrite {
@@ -129,11 +136,19 @@ struct MetaWrite {
     primary: bool,
     pages: Vec<(u32, Box<[u8; crate::meta::bitmap::BITMAP_PAGE_BYTES]>)>,
     al: Option<crate::meta::activity_log::AlSnapshot>,
+    cache_lost: bool,
+    flush_data: bool,
 }
 
 struct Node {
     eng: Engine,
+    /// What reads see: the media plus the disk's volatile cache.
     disk: Disk,
+    /// What survives a power cut: written with FUA or covered by a flush.
+    durable: Disk,
+    /// Per block, the completed versions no flush or FUA covered yet,
+    /// oldest first: a power cut keeps the durable one or any of these.
+    unflushed: BTreeMap<u64, Vec<u64>>,
     pending: Vec<Pending>,
     meta: VecDeque<MetaWrite>,
     persisted: Persisted,
@@ -173,6 +188,24 @@ struct Sim {
     rng2: Rng,
     /// Set once an operator forced an incomplete copy (see `ForcedRun`).
     forced: Option<ForcedRun>,
+    /// Whether `step` cuts power too (besides killing processes).
+    power_cuts: bool,
+    /// P1: per block, the newest version a completed flush or FUA
+    /// promised durable.
+    promised: BTreeMap<u64, u64>,
+    /// Client flushes in flight: the acknowledged versions when each was
+    /// submitted.
+    flushes: BTreeMap<RequestId, BTreeMap<u64, u64>>,
+    /// Client writes in flight with FUA.
+    fua_writes: std::collections::BTreeSet<RequestId>,
+    /// Client writes in flight: the power cuts injected before each was
+    /// submitted.
+    write_cuts: BTreeMap<RequestId, u64>,
+    /// The node promoted last (a cluster manager's memory).
+    last_primary: usize,
+    /// Scripted tests: a power cut drops every unflushed write (instead
+    /// of a seeded subset).
+    cut_drops_everything: bool,
 }
 
 /// A forced promotion of an incomplete copy while the complete one was
@@ -204,6 +237,12 @@ struct Coverage {
     hand_overs: u64,
     /// Steps at which a forwarding primary held requests back.
     frozen_steps: u64,
+    /// Power cuts injected.
+    power_cuts: u64,
+    /// Blocks whose newest completed version a power cut dropped.
+    dropped_writes: u64,
+    /// Writes in flight that a power cut tore (some blocks landed).
+    torn_writes: u64,
 }
 
 /// A small activity log so that eviction and waiting are exercised.
@@ -218,6 +257,7 @@ fn config(tie: bool, quorum: bool) -> EngineConfig {
         tie_winner: tie,
         al_extent_bytes: AL_EXTENT,
         al_extents: AL_CAPACITY,
+        volatile_cache: true,
     }
 }
 
@@ -236,6 +276,8 @@ fn new_node(seed: u64, tie: bool, quorum: bool) -> Node {
             seed,
         ),
         disk: Disk::new(),
+        durable: Disk::new(),
+        unflushed: BTreeMap::new(),
         pending: vec![],
         meta: VecDeque::new(),
         persisted: Persisted {
@@ -245,6 +287,7 @@ fn new_node(seed: u64, tie: bool, quorum: bool) -> Node {
             bitmap_pages: BTreeMap::new(),
             al: None,
             record: RecordView::default(),
+            cache_lost: false,
         },
         payload: BTreeMap::new(),
         inbox: VecDeque::new(),
@@ -290,6 +333,13 @@ impl Sim {
             cov: Coverage::default(),
             rng2: Rng(seed ^ 0x5eed_5eed),
             forced: None,
+            power_cuts: false,
+            promised: BTreeMap::new(),
+            flushes: BTreeMap::new(),
+            fua_writes: Default::default(),
+            write_cuts: BTreeMap::new(),
+            last_primary: 0,
+            cut_drops_everything: false,
         };
         s.heal();
         s.run_until_quiet();
@@ -330,9 +380,12 @@ impl Sim {
             let pending = std::mem::take(&mut self.nodes[n].pending);
             for p in pending {
                 match p {
-                    Pending::Replica { data, .. } => {
-                        for (b, v) in data {
-                            self.nodes[n].disk.insert(b, v);
+                    Pending::Replica {
+                        data, fua, flush, ..
+                    } => {
+                        self.land(n, &data, fua);
+                        if let Some(blocks) = flush {
+                            self.flushed(n, &blocks);
                         }
                     }
                     local => self.nodes[n].pending.push(local),
@@ -393,11 +446,13 @@ impl Sim {
                         _ => vec![],
                     };
                     assert_no_overlap(&node.pending, range, op, &self.log);
+                    let flush = (op == Op::Flush).then(|| node.unflushed.keys().copied().collect());
                     node.pending.push(Pending::Local {
                         id,
                         data,
                         range,
-                        flush: op == Op::Flush,
+                        flush,
+                        fua: matches!(op, Op::Write { fua: true } | Op::Zeroes { fua: true }),
                     });
                 }
                 Action::PeerIo {
@@ -427,7 +482,11 @@ impl Sim {
                             data,
                         }
                     } else {
-                        Msg::Write { id, data }
+                        Msg::Write {
+                            id,
+                            data,
+                            fua: !op.volatile_write(),
+                        }
                     };
                     if self.connected {
                         self.send(1 - n, m);
@@ -440,7 +499,14 @@ impl Sim {
                         .map(|b| (b, self.nodes[n].disk.get(&b).copied().unwrap_or(0)))
                         .collect();
                     if self.connected {
-                        self.send(1 - n, Msg::Write { id, data });
+                        self.send(
+                            1 - n,
+                            Msg::Write {
+                                id,
+                                data,
+                                fua: false,
+                            },
+                        );
                     } else {
                         self.nodes[n].eng.peer_done(id, false);
                     }
@@ -466,14 +532,31 @@ impl Sim {
                         }
                         continue;
                     }
+                    if let Some(snapshot) = self.flushes.remove(&id)
+                        && result.is_ok()
+                    {
+                        // P1: every write acknowledged before this flush
+                        // was submitted is promised durable now.
+                        for (b, v) in snapshot {
+                            let e = self.promised.entry(b).or_insert(0);
+                            *e = (*e).max(v);
+                        }
+                        continue;
+                    }
+                    let fua = self.fua_writes.remove(&id);
                     if let Some(data) = self.nodes[n].payload.remove(&id)
                         && result.is_ok()
                     {
-                        self.check_rule1(n, &data);
+                        let cuts = self.write_cuts.remove(&id).unwrap_or(0);
+                        self.check_rule1(n, &data, cuts != self.cov.power_cuts);
                         self.completed_writes += 1;
                         for &(b, v) in &data {
                             let e = self.acked.entry(b).or_insert(0);
                             *e = (*e).max(v & !ZERO_FLAG);
+                            if fua {
+                                let e = self.promised.entry(b).or_insert(0);
+                                *e = (*e).max(v & !ZERO_FLAG);
+                            }
                         }
                     }
                 }
@@ -485,6 +568,8 @@ impl Sim {
                     pages,
                     activity_log,
                     record,
+                    cache_lost,
+                    flush_data,
                 } => self.nodes[n].meta.push_back(MetaWrite {
                     record,
                     token,
@@ -493,6 +578,8 @@ impl Sim {
                     primary,
                     pages,
                     al: activity_log,
+                    cache_lost,
+                    flush_data,
                 }),
                 Action::AnnounceState => {
                     let v = self.nodes[n].eng.announced_view();
@@ -529,7 +616,10 @@ impl Sim {
 
     /// Rule 1: a completed write is on the writer's disk and on the peer's,
     /// unless the writer's persisted bitmap covers it.
-    fn check_rule1(&self, n: usize, data: &[(u64, u64)]) {
+    /// (`cut_since`: a node lost power since the write was submitted; the
+    /// peer may have acknowledged it and lost it since: then the bitmap
+    /// must cover it, and that peer may not promote until it synced.)
+    fn check_rule1(&self, n: usize, data: &[(u64, u64)], cut_since: bool) {
         let w = &self.nodes[n];
         let p = &self.nodes[1 - n];
         for &(b, v) in data {
@@ -551,7 +641,7 @@ impl Sim {
                     .is_none_or(|r| r.up_to_date.contains(NAMES[1 - n]) && !r.forced)
             });
             assert!(
-                on_peer || (covered && !peer_listed),
+                on_peer || (covered && (!peer_listed || cut_since)),
                 "rule 1: block {b} v{v} neither on peer nor in bitmap; log {:?}",
                 self.log
             );
@@ -582,12 +672,23 @@ impl Sim {
                 self.nodes[to].eng.peer_sync_done(g)
             }
             Msg::Ack { id, ok } => self.nodes[to].eng.peer_done(id, ok),
-            Msg::Flush { id } => self.nodes[to]
-                .pending
-                .push(Pending::Replica { id, data: vec![] }),
-            Msg::Write { id, data } => {
+            Msg::Flush { id } => {
+                let blocks = self.nodes[to].unflushed.keys().copied().collect();
+                self.nodes[to].pending.push(Pending::Replica {
+                    id,
+                    data: vec![],
+                    flush: Some(blocks),
+                    fua: false,
+                })
+            }
+            Msg::Write { id, data, fua } => {
                 if self.nodes[to].eng.accepts_peer_writes() {
-                    self.nodes[to].pending.push(Pending::Replica { id, data });
+                    self.nodes[to].pending.push(Pending::Replica {
+                        id,
+                        data,
+                        flush: None,
+                        fua,
+                    });
                 } else {
                     self.send(1 - to, Msg::Ack { id, ok: false });
                 }
@@ -630,15 +731,28 @@ impl Sim {
         let i = self.rng.below(self.nodes[n].pending.len() as u64) as usize;
         let p = self.nodes[n].pending.swap_remove(i);
         match p {
-            Pending::Local { id, data, .. } => {
-                for (b, v) in data {
-                    self.nodes[n].disk.insert(b, v);
+            Pending::Local {
+                id,
+                data,
+                flush,
+                fua,
+                ..
+            } => {
+                self.land(n, &data, fua);
+                if let Some(blocks) = flush {
+                    self.flushed(n, &blocks);
                 }
                 self.nodes[n].eng.local_done(id, true);
             }
-            Pending::Replica { id, data, .. } => {
-                for (b, v) in data {
-                    self.nodes[n].disk.insert(b, v);
+            Pending::Replica {
+                id,
+                data,
+                flush,
+                fua,
+            } => {
+                self.land(n, &data, fua);
+                if let Some(blocks) = flush {
+                    self.flushed(n, &blocks);
                 }
                 self.send(1 - n, Msg::Ack { id, ok: true });
             }
@@ -646,8 +760,41 @@ impl Sim {
         self.drain(n);
     }
 
+    /// A write completed on node `n`'s disk: in its cache, and on the
+    /// media too with FUA.
+    fn land(&mut self, n: usize, data: &[(u64, u64)], fua: bool) {
+        let node = &mut self.nodes[n];
+        for &(b, v) in data {
+            node.disk.insert(b, v);
+            if fua || !node.eng.cfg.volatile_cache {
+                node.durable.insert(b, v);
+                node.unflushed.remove(&b);
+            } else {
+                node.unflushed.entry(b).or_default().push(v);
+            }
+        }
+    }
+
+    /// A flush finished on node `n`: every block that was unflushed when
+    /// it was issued is on the media, at least at the version it had then
+    /// (the newest the cache holds now, which is one legal outcome).
+    fn flushed(&mut self, n: usize, blocks: &[u64]) {
+        let node = &mut self.nodes[n];
+        for b in blocks {
+            if node.unflushed.remove(b).is_some()
+                && let Some(v) = node.disk.get(b)
+            {
+                node.durable.insert(*b, *v);
+            }
+        }
+    }
+
     fn persist_meta(&mut self, n: usize) {
         if let Some(w) = self.nodes[n].meta.pop_front() {
+            if w.flush_data {
+                let blocks: Vec<u64> = self.nodes[n].unflushed.keys().copied().collect();
+                self.flushed(n, &blocks);
+            }
             let p = &mut self.nodes[n].persisted;
             p.disk = w.disk;
             p.gens = w.gens;
@@ -659,6 +806,7 @@ impl Sim {
             if w.al.is_some() {
                 p.al = w.al;
             }
+            p.cache_lost = w.cache_lost;
             self.nodes[n].eng.meta_persisted(w.token);
             self.drain(n);
         }
@@ -673,8 +821,31 @@ impl Sim {
     /// persisted: unpersisted metadata is lost, each in-flight write may have
     /// landed completely, partly or not at all.
     fn crash(&mut self, n: usize) {
-        self.log.push(format!("crash {n}"));
-        self.trace(&format!("before crash {n}"));
+        self.restart(n, false, true)
+    }
+
+    /// Node `n` loses power: besides what a crash loses, its disks drop
+    /// any subset of the writes no flush or FUA covered (a block keeps its
+    /// durable version or any unflushed one), writes in flight are torn,
+    /// and the metadata write in flight may have landed in part.
+    fn power_cut(&mut self, n: usize) {
+        self.restart(n, true, true)
+    }
+
+    /// Both nodes lose power at the same instant: neither takes over
+    /// before the other is down too.
+    fn double_power_cut(&mut self) {
+        self.restart(0, true, false);
+        self.restart(1, true, false);
+    }
+
+    /// Node `n` stops (killed, or by a power cut with `power`) and restarts
+    /// from what survived; with `takeover` a cluster manager then promotes
+    /// a node.
+    fn restart(&mut self, n: usize, power: bool, takeover: bool) {
+        let what = if power { "power cut" } else { "crash" };
+        self.log.push(format!("{what} {n}"));
+        self.trace(&format!("before {what} {n}"));
         // The survivor holds every acknowledged write only if it was
         // receiving the primary's writes when the primary died.
         let was_connected = self.nodes[n].eng.replicating()
@@ -685,11 +856,56 @@ impl Sim {
             let data = match p {
                 Pending::Local { data, .. } | Pending::Replica { data, .. } => data,
             };
-            for (b, v) in data {
+            let mut landed = 0;
+            for &(b, v) in &data {
                 if self.rng.below(2) == 0 {
-                    self.nodes[n].disk.insert(b, v);
+                    landed += 1;
+                    let node = &mut self.nodes[n];
+                    node.disk.insert(b, v);
+                    if power {
+                        node.durable.insert(b, v);
+                        node.unflushed.remove(&b);
+                    } else {
+                        node.unflushed.entry(b).or_default().push(v);
+                    }
                 }
             }
+            if power && landed > 0 && landed < data.len() {
+                self.cov.torn_writes += 1;
+            }
+        }
+        if power {
+            self.cov.power_cuts += 1;
+            let node = &mut self.nodes[n];
+            for (b, versions) in std::mem::take(&mut node.unflushed) {
+                // Keep the durable version or any of the unflushed ones.
+                let pick = if self.cut_drops_everything {
+                    versions.len()
+                } else {
+                    self.rng.below(versions.len() as u64 + 1) as usize
+                };
+                if pick < versions.len() {
+                    node.durable.insert(b, versions[pick]);
+                }
+                if pick + 1 != versions.len() {
+                    self.cov.dropped_writes += 1;
+                }
+            }
+            node.disk = node.durable.clone();
+            // The metadata write in flight: some of its bitmap pages.
+            if let Some(w) = node.meta.pop_front() {
+                for (page, bytes) in w.pages {
+                    if self.rng.below(2) == 0 {
+                        node.persisted.bitmap_pages.insert(page, bytes);
+                    }
+                }
+            }
+        } else {
+            // Same boot: the cache survived, and the restarted daemon
+            // flushes it before anything else.
+            let node = &mut self.nodes[n];
+            node.unflushed.clear();
+            node.durable = node.disk.clone();
         }
         let seed = self.restart_entropy(n);
         let node = &mut self.nodes[n];
@@ -712,6 +928,7 @@ impl Sim {
         let quorum = self.witness.is_some();
         node.eng = Engine::new(config(n == 0, quorum), p.disk, p.gens, bitmap, seed);
         node.eng.set_record(p.record);
+        node.eng.set_cache_lost(p.cache_lost);
         if let Some(f) = &self.forced
             && n != f.complete
             && p.gens.forced != f.forced_id
@@ -723,6 +940,14 @@ impl Sim {
             self.forced = None;
         }
         let node = &mut self.nodes[n];
+        if power {
+            // The shell sees another boot id: the engine is told first
+            // (every metadata write from here on carries the mark), and
+            // the mark is on disk before the new boot id (one superblock
+            // write at attach).
+            node.eng.power_lost();
+            node.persisted.cache_lost = node.eng.status().cache_lost;
+        }
         if p.primary
             && let Some(al) = &p.al
         {
@@ -730,6 +955,12 @@ impl Sim {
                 .recover_activity_log(&al.extents, u64::from(al.extent_bytes), al.seq);
         }
         self.drain(n);
+        if power {
+            self.account_power_loss(n);
+        }
+        if !takeover {
+            return;
+        }
         if let Some(w) = &mut self.witness {
             // The node is down for 10 s and was restarted 5 s ago: a
             // restarted process counts its grants from its start.
@@ -754,15 +985,97 @@ impl Sim {
             // The shell lets in-flight replica writes land before promoting.
             self.land_replicas(1 - n);
             self.land_replicas(n);
+            // (Without a connected survivor, a cluster manager puts back the
+            // node that was primary last: the other one may have missed
+            // its writes. A copy that lost power refuses until it synced.)
+            let last = self.last_primary;
             let who = if was_connected && self.nodes[1 - n].eng.promote(false).is_ok() {
                 1 - n
-            } else if self.nodes[n].eng.promote(false).is_ok() {
+            } else if (!self.power_cuts || last == n) && self.nodes[n].eng.promote(false).is_ok() {
                 n
+            } else if self.power_cuts
+                && last == 1 - n
+                && self.nodes[1 - n].eng.promote(false).is_ok()
+            {
+                1 - n
             } else {
                 return;
             };
             self.log.push(format!("promote {who}"));
             self.drain(who);
+            self.check_promoted(who);
+        }
+    }
+
+    /// After a power cut: an acknowledged write that no up-to-date copy
+    /// holds any more was lost by every node that held it, which only a
+    /// write never flushed may be (P2); a flushed one never (P1). What is
+    /// left is what must not be lost from here on.
+    ///
+    /// When the other node (`1 - n`) lost power too and has not synced
+    /// since, both nodes that held an unflushed write lost power: it may be
+    /// lost, whichever copy the resync then takes (only P1 holds for it).
+    fn account_power_loss(&mut self, n: usize) {
+        let holders: Vec<usize> = (0..2)
+            .filter(|&m| self.nodes[m].eng.disk == DiskState::UpToDate)
+            .collect();
+        let both_cut = self.nodes[1 - n].eng.status().cache_lost;
+        for (b, acked) in self.acked.iter_mut() {
+            let held: Vec<u64> = holders
+                .iter()
+                .map(|&m| self.nodes[m].disk.get(b).copied().unwrap_or(0) & !ZERO_FLAG)
+                .collect();
+            let have_max = held.iter().copied().max().unwrap_or(0);
+            let have_min = held.iter().copied().min().unwrap_or(0);
+            let promised = self.promised.get(b).copied().unwrap_or(0);
+            if have_max < *acked {
+                assert!(
+                    have_max >= promised,
+                    "P1: block {b} lost v{promised}, which a flush or FUA made durable (up-to-date copies have v{have_max}); seed {}, log {:?}",
+                    self.seed,
+                    self.log
+                );
+            }
+            let keep = if both_cut {
+                have_min.max(promised)
+            } else {
+                have_max
+            };
+            if keep < *acked {
+                if self.forced.is_none() {
+                    self.log.push(format!(
+                        "unflushed v{acked} of block {b} may be lost: every holder lost power"
+                    ));
+                }
+                *acked = keep;
+            }
+        }
+    }
+
+    /// P2 at a promotion: a node that becomes primary on its own copy
+    /// holds every acknowledged write that is still held anywhere.
+    fn check_promoted(&mut self, n: usize) {
+        self.last_primary = n;
+        let e = &self.nodes[n].eng;
+        // (Only where the cluster manager model is the careful one, with
+        // power cuts: the older schedules put a restarted, possibly stale
+        // node back without a witness, which the engine can only detect as
+        // a split brain at the next connection.)
+        if !self.power_cuts
+            || self.forced.is_some()
+            || e.role != Role::Primary
+            || e.read_path() != ReadPath::Local
+        {
+            return;
+        }
+        for (b, v) in &self.acked {
+            let have = self.nodes[n].disk.get(b).copied().unwrap_or(0) & !ZERO_FLAG;
+            assert!(
+                have >= *v,
+                "P2: node {n} was promoted without acknowledged v{v} of block {b} (has v{have}); seed {}, log {:?}",
+                self.seed,
+                self.log
+            );
         }
     }
 
@@ -803,6 +1116,8 @@ impl Sim {
         node.reads.clear();
         node.read_values.clear();
         node.disk = Disk::new();
+        node.durable = Disk::new();
+        node.unflushed.clear();
         node.persisted = Persisted {
             disk: DiskState::Inconsistent,
             gens: Generations::default(),
@@ -810,6 +1125,7 @@ impl Sim {
             bitmap_pages: BTreeMap::new(),
             al: None,
             record: RecordView::default(),
+            cache_lost: false,
         };
         node.eng = Engine::new(
             config(n == 0, self.witness.is_some()),
@@ -827,9 +1143,15 @@ impl Sim {
         let pending = std::mem::take(&mut self.nodes[n].pending);
         for p in pending {
             match p {
-                Pending::Replica { id, data } => {
-                    for (b, v) in data {
-                        self.nodes[n].disk.insert(b, v);
+                Pending::Replica {
+                    id,
+                    data,
+                    flush,
+                    fua,
+                } => {
+                    self.land(n, &data, fua);
+                    if let Some(blocks) = flush {
+                        self.flushed(n, &blocks);
                     }
                     self.send(1 - n, Msg::Ack { id, ok: true });
                 }
@@ -871,6 +1193,7 @@ impl Sim {
                     if self.nodes[n].eng.promote(false).is_ok() {
                         self.log.push(format!("witness promote {n}"));
                         self.drain(n);
+                        self.check_promoted(n);
                         return true;
                     }
                     self.drain(n);
@@ -1075,7 +1398,7 @@ impl Sim {
             ) {
                 return true;
             }
-            if self.nodes[s].eng.demote().is_err() {
+            if self.demote(s).is_err() {
                 return false;
             }
             self.log.push(format!("demote {s}"));
@@ -1111,14 +1434,76 @@ impl Sim {
         };
         if promoted {
             self.cov.promotions += 1;
+            self.last_primary = t;
             self.log.push(format!("promoted sync target {t}"));
         } else if self.witness.is_none() && self.nodes[s].eng.promote(false).is_ok() {
             // Without a witness the cluster manager puts the old primary
             // back (with one, its failover logic decides later).
             self.log.push(format!("promote {s} again"));
             self.drain(s);
+            self.check_promoted(s);
         }
         true
+    }
+
+    /// Scripted tests: primary `n` writes version `v` of `block` and
+    /// everything settles (the write is acknowledged).
+    fn write_block(&mut self, n: usize, block: u64, fua: bool) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.next_version += 1;
+        let v = self.next_version;
+        self.nodes[n].payload.insert(id, vec![(block, v)]);
+        if fua {
+            self.fua_writes.insert(id);
+        }
+        self.nodes[n]
+            .eng
+            .submit(id, Op::Write { fua }, Range::new(block * BLOCK, BLOCK));
+        self.drain(n);
+        self.run_until_quiet();
+        assert!(
+            self.acked.get(&block) == Some(&v),
+            "the write was acknowledged"
+        );
+        v
+    }
+
+    /// Scripted tests: a client flush on primary `n`, settled.
+    fn flush(&mut self, n: usize) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.flushes.insert(id, self.acked.clone());
+        self.nodes[n].eng.submit(id, Op::Flush, Range::new(0, 0));
+        self.drain(n);
+        self.run_until_quiet();
+        assert!(!self.flushes.contains_key(&id), "the flush completed");
+    }
+
+    /// Demotes node `n` as the shell does: while it flushes what it
+    /// completed on both copies, everything runs on and it retries.
+    fn demote(&mut self, n: usize) -> Result<(), DemoteError> {
+        for _ in 0..1000 {
+            match self.nodes[n].eng.demote() {
+                Ok(_) => {
+                    self.drain(n);
+                    return Ok(());
+                }
+                Err(DemoteError::Flushing(_)) => {
+                    self.drain(n);
+                    for m in 0..2 {
+                        self.deliver(m);
+                        self.complete_local(m);
+                        self.persist_meta(m);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        panic!(
+            "node {n} never finished flushing to demote; log {:?}",
+            self.log
+        )
     }
 
     fn submit_write(&mut self) {
@@ -1133,6 +1518,17 @@ impl Sim {
             return;
         }
         if self.nodes[n].eng.role != Role::Primary || self.nodes[n].payload.len() > 16 {
+            return;
+        }
+        if self.power_cuts && self.rng2.below(6) == 0 {
+            // A client flush: what was acknowledged until now becomes
+            // durable once it completes (P1).
+            let id = self.next_id;
+            self.next_id += 1;
+            self.flushes.insert(id, self.acked.clone());
+            self.log.push(format!("f{id}"));
+            self.nodes[n].eng.submit(id, Op::Flush, Range::new(0, 0));
+            self.drain(n);
             return;
         }
         let first = self.rng.below(DATA_BYTES / BLOCK - 4);
@@ -1163,6 +1559,10 @@ impl Sim {
             }
         };
         self.log.push(format!("w{id}@{first}+{count}"));
+        if !op.volatile_write() {
+            self.fua_writes.insert(id);
+        }
+        self.write_cuts.insert(id, self.cov.power_cuts);
         self.nodes[n].eng.submit(id, op, range);
         self.drain(n);
     }
@@ -1286,9 +1686,10 @@ impl Sim {
             let st = |n: usize| {
                 let e = &self.nodes[n].eng;
                 format!(
-                    "role {:?} disk {:?} gens {:x}/{:x} dirty {:?} rec {:?} data {:?}",
+                    "role {:?} disk {:?}{} gens {:x}/{:x} dirty {:?} rec {:?} data {:?}",
                     e.role,
                     e.disk,
+                    if e.cache_lost { " (cache lost)" } else { "" },
                     e.gens.current,
                     e.gens.bitmap,
                     (0..DATA_BYTES / CHUNK)
@@ -1305,6 +1706,24 @@ impl Sim {
     fn step(&mut self) {
         if self.nodes.iter().any(|n| !n.eng.frozen.is_empty()) {
             self.cov.frozen_steps += 1;
+        }
+        if self.power_cuts && self.rng2.below(16) == 0 {
+            // The shell's 50 ms tick (age bound of unflushed writes).
+            let n = self.rng2.below(2) as usize;
+            self.nodes[n].eng.tick();
+            self.drain(n);
+        }
+        if self.power_cuts && self.witness.is_none() && self.rng2.below(32) == 0 {
+            // Nobody primary (the last one refused, having lost power): the
+            // cluster manager tries again.
+            let last = self.last_primary;
+            if (0..2).all(|m| self.nodes[m].eng.role != Role::Primary)
+                && self.nodes[last].eng.promote(false).is_ok()
+            {
+                self.log.push(format!("promote {last} again"));
+                self.drain(last);
+                self.check_promoted(last);
+            }
         }
         if self.rng2.below(4) == 0
             && let Some(n) =
@@ -1348,7 +1767,11 @@ impl Sim {
             }
             94 if self.crashes => {
                 let n = self.rng.below(2) as usize;
-                self.crash(n)
+                if self.power_cuts && self.rng2.below(2) == 0 {
+                    self.power_cut(n)
+                } else {
+                    self.crash(n)
+                }
             }
             96 if self.crashes && self.witness.is_none() && self.rng.below(4) == 0 => {
                 self.swap_drive()
@@ -1425,7 +1848,7 @@ fn assert_no_overlap(pending: &[Pending], range: Range, op: Op, log: &[String]) 
     for p in pending {
         if let Pending::Local {
             range: r,
-            flush: false,
+            flush: None,
             ..
         } = p
         {
@@ -1447,15 +1870,31 @@ fn norm(d: &Disk) -> Vec<(u64, u64)> {
 fn run_seed(seed: u64, steps: usize, crashes: bool, witness: bool) -> Coverage {
     let mut sim = Sim::with_witness(seed, witness);
     sim.crashes = crashes;
+    sim.power_cuts = crashes;
     for _ in 0..steps {
         sim.step();
     }
     sim.settle();
+    check_converged(&sim, "after heal");
+    if crashes {
+        // Both nodes lose power at once (a building's outage): only what a
+        // flush or FUA covered must survive (P1), and the copies converge.
+        sim.double_power_cut();
+        sim.settle();
+        check_converged(&sim, "after a power cut of both nodes");
+    }
+    sim.cov
+}
+
+/// Both copies in sync, equal (P3), with no marks left, and holding every
+/// acknowledged write that must survive (P1, P2).
+fn check_converged(sim: &Sim, when: &str) {
+    let seed = sim.seed;
     let (a, b) = (&sim.nodes[0], &sim.nodes[1]);
     assert_eq!(
         a.eng.status().relation,
         Some(Relation::InSync),
-        "seed {seed}: not in sync after heal;\n a {:?}\n b {:?}\n log {:?}",
+        "seed {seed}: not in sync {when};\n a {:?}\n b {:?}\n log {:?}",
         a.eng.status(),
         b.eng.status(),
         &sim.log
@@ -1463,29 +1902,28 @@ fn run_seed(seed: u64, steps: usize, crashes: bool, witness: bool) -> Coverage {
     assert_eq!(
         b.eng.status().relation,
         Some(Relation::InSync),
-        "seed {seed}: peer not in sync;\n a {:?}\n b {:?}\n log {:?}",
+        "seed {seed}: peer not in sync {when};\n a {:?}\n b {:?}\n log {:?}",
         a.eng.status(),
         b.eng.status(),
         &sim.log
     );
-    assert_eq!(b.eng.disk, DiskState::UpToDate, "seed {seed}");
+    assert_eq!(b.eng.disk, DiskState::UpToDate, "seed {seed} {when}");
     assert_eq!(
         norm(&a.disk),
         norm(&b.disk),
-        "seed {seed}: replicas differ after heal; log {:?}",
+        "seed {seed}: replicas differ {when}; log {:?}",
         sim.log
     );
-    assert_eq!(a.eng.bitmap.set_count(), 0, "seed {seed}");
-    assert_eq!(b.eng.bitmap.set_count(), 0, "seed {seed}");
-    for (block, version) in &sim.acked {
+    assert_eq!(a.eng.bitmap.set_count(), 0, "seed {seed} {when}");
+    assert_eq!(b.eng.bitmap.set_count(), 0, "seed {seed} {when}");
+    for (block, version) in sim.acked.iter().chain(sim.promised.iter()) {
         let have = a.disk.get(block).copied().unwrap_or(0) & !ZERO_FLAG;
         assert!(
             have >= *version,
-            "seed {seed}: acknowledged write v{version} to block {block} lost (have v{have}); log {:?}",
+            "seed {seed}: acknowledged write v{version} to block {block} lost {when} (have v{have}); log {:?}",
             sim.log
         );
     }
-    sim.cov
 }
 
 fn run_seeds(crashes: bool) {
@@ -1512,6 +1950,9 @@ fn run_seeds_with(crashes: bool, witness: bool) {
                 total.reads += c.reads;
                 total.hand_overs += c.hand_overs;
                 total.frozen_steps += c.frozen_steps;
+                total.power_cuts += c.power_cuts;
+                total.dropped_writes += c.dropped_writes;
+                total.torn_writes += c.torn_writes;
             }
             Err(_) => {
                 panic!("simulation failed for seed {seed}; replay with BLKREP_SIM_SEED={seed}")
@@ -1527,6 +1968,10 @@ fn run_seeds_with(crashes: bool, witness: bool) {
                 && total.hand_overs > 0
                 && total.frozen_steps > 0,
             "the schedules never reached a promoted sync target's paths: {total:?}"
+        );
+        assert!(
+            !crashes || (total.power_cuts > 0 && total.dropped_writes > 0 && total.torn_writes > 0),
+            "the schedules never cut power, dropped or tore a write: {total:?}"
         );
     }
 }
@@ -1584,8 +2029,7 @@ fn run_forced_seed(seed: u64, crashes: bool, witness: bool) -> bool {
             f
         };
         if sim.nodes[victim].eng.role == Role::Primary {
-            sim.nodes[victim].eng.demote().expect("the victim is idle");
-            sim.drain(victim);
+            sim.demote(victim).expect("the victim is idle");
         }
         sim.nodes[victim].eng.discard_local().expect("resolve");
         sim.log.push(format!("resolve {victim}"));
@@ -1821,4 +2265,108 @@ fn once_failing_sync_target_schedules_converge() {
     run_seed(78312, 400, true, false);
     run_seed(47206, 400, true, true);
     run_seed(49539, 400, true, true);
+}
+
+/// Issue 13, hole 1: the secondary acknowledged W from its disk's cache
+/// and lost it in a power cut; the primary flushed afterwards (locally:
+/// the link was down). The secondary must get W back in the resync before
+/// it calls itself up to date, and a failover to it then keeps W.
+#[test]
+fn a_secondary_that_lost_power_gets_back_what_it_acknowledged() {
+    let mut sim = Sim::new(3);
+    sim.cut_drops_everything = true;
+    let w = sim.write_block(0, 5, false);
+    assert_eq!(sim.nodes[1].disk.get(&5), Some(&w), "B acknowledged W");
+    sim.power_cut(1);
+    assert_ne!(
+        sim.nodes[1].disk.get(&5),
+        Some(&w),
+        "B's power cut dropped W"
+    );
+    assert!(
+        sim.nodes[1].eng.status().cache_lost,
+        "B knows it lost power"
+    );
+    assert_eq!(
+        sim.nodes[1].eng.promote_check(false),
+        Err(PromoteError::CacheLost)
+    );
+    sim.flush(0);
+    sim.heal();
+    sim.run_until_quiet();
+    assert_eq!(sim.nodes[1].eng.status().relation, Some(Relation::InSync));
+    assert!(!sim.nodes[1].eng.status().cache_lost);
+    assert_eq!(
+        sim.nodes[1].disk.get(&5),
+        Some(&w),
+        "the resync copied W again: the primary had marked it when the link dropped"
+    );
+    // A dies; B takes over (the promotion checks P2) and holds W.
+    sim.crash(0);
+    assert_eq!(sim.nodes[1].eng.role, Role::Primary);
+    assert_eq!(sim.nodes[1].disk.get(&5), Some(&w));
+}
+
+/// Issue 13, hole 3: an extent leaves the activity log only once the writes
+/// in it are durable on both copies. Here W's extent is pushed out by writes
+/// to every other extent; then the primary loses power. Its restart must
+/// still cover W's region, so the copies converge on W.
+#[test]
+fn an_extent_leaves_the_activity_log_only_once_its_writes_are_durable() {
+    let mut sim = Sim::new(4);
+    sim.cut_drops_everything = true;
+    let w = sim.write_block(0, 1, false);
+    let extent_blocks = AL_EXTENT / BLOCK;
+    for e in 1..DATA_BYTES / AL_EXTENT {
+        sim.write_block(0, e * extent_blocks, false);
+    }
+    let al_extents = |sim: &Sim| sim.nodes[0].eng.al.snapshot().extents;
+    assert!(
+        !al_extents(&sim).contains(&0),
+        "W's extent was evicted: {:?}",
+        al_extents(&sim)
+    );
+    sim.power_cut(0);
+    // B held W: it took over. A syncs from it when it returns.
+    assert_eq!(sim.nodes[1].eng.role, Role::Primary);
+    sim.heal();
+    sim.run_until_quiet();
+    assert_eq!(sim.nodes[0].eng.status().relation, Some(Relation::InSync));
+    assert_eq!(sim.nodes[0].disk.get(&1), Some(&w));
+    assert_eq!(norm(&sim.nodes[0].disk), norm(&sim.nodes[1].disk));
+}
+
+/// A flush that completed makes every write acknowledged before it durable
+/// on both copies: a power cut of both nodes keeps it (P1), and the
+/// unflushed write after it may go, but the copies agree (P3).
+#[test]
+fn flushed_writes_survive_a_power_cut_of_both_nodes() {
+    let mut sim = Sim::new(5);
+    sim.cut_drops_everything = true;
+    let w = sim.write_block(0, 9, false);
+    sim.flush(0);
+    let later = sim.write_block(0, 10, false);
+    sim.double_power_cut();
+    for n in 0..2 {
+        assert_eq!(
+            sim.nodes[n].disk.get(&9),
+            Some(&w),
+            "node {n} kept the flushed W"
+        );
+        assert_ne!(
+            sim.nodes[n].disk.get(&10),
+            Some(&later),
+            "node {n} dropped the unflushed write"
+        );
+        assert_eq!(
+            sim.nodes[n].eng.promote_check(false),
+            Err(PromoteError::CacheLost),
+            "alone, neither knows the other lost power too"
+        );
+    }
+    sim.heal();
+    sim.run_until_quiet();
+    assert_eq!(sim.nodes[0].eng.status().relation, Some(Relation::InSync));
+    assert_eq!(norm(&sim.nodes[0].disk), norm(&sim.nodes[1].disk));
+    assert!(sim.nodes[0].eng.promote_check(false).is_ok());
 }

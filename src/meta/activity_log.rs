@@ -215,6 +215,12 @@ impl ActivityLog {
         }
     }
 
+    /// Whether at least three quarters of the extents are pinned (by writes
+    /// in flight or not yet flushed): time to flush before writes wait.
+    pub fn mostly_busy(&self) -> bool {
+        self.inflight.len() * 4 >= self.capacity * 3
+    }
+
     /// The current set.
     pub fn snapshot(&self) -> AlSnapshot {
         AlSnapshot {

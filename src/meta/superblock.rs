@@ -76,6 +76,15 @@ pub struct Superblock {
     pub primary: bool,
     /// The last witness record this node saw (epoch 0: none).
     pub record: crate::quorum::RecordView,
+    /// The kernel's boot id when the volume was attached (meaningful while
+    /// `attached`; zero in superblocks written before it existed). At the
+    /// next attach after an unclean stop, the same id means only the
+    /// process died (the disk's cache survived: a flush makes it durable);
+    /// another means the machine went down, maybe by a power cut.
+    pub boot_id: [u8; 16],
+    /// This copy lost power with writes no flush covered and has not
+    /// synced with its peer since (see `Engine::power_lost`).
+    pub cache_lost: bool,
 }
 
 impl Superblock {
@@ -95,6 +104,7 @@ impl Superblock {
         b[33] = u8::from(self.attached);
         b[34] = name.len() as u8;
         b[35] = u8::from(self.primary);
+        b[36] = u8::from(self.cache_lost);
         b[40..40 + name.len()].copy_from_slice(name);
         let g = &self.generations;
         b[104..112].copy_from_slice(&g.current.to_le_bytes());
@@ -106,6 +116,7 @@ impl Superblock {
         b[152..160].copy_from_slice(&g.forced.to_le_bytes());
         b[160..168].copy_from_slice(&self.record.epoch.to_le_bytes());
         b[168] = self.record.flags();
+        b[176..192].copy_from_slice(&self.boot_id);
         let crc = crc32fast::hash(&b[..CRC_OFFSET]);
         b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         Ok(b)
@@ -145,6 +156,13 @@ impl Superblock {
             1 => true,
             _ => return Err(MetaError::Corrupt("bad primary flag")),
         };
+        let cache_lost = match b[36] {
+            0 => false,
+            1 => true,
+            _ => return Err(MetaError::Corrupt("bad cache-lost flag")),
+        };
+        let mut boot_id = [0u8; 16];
+        boot_id.copy_from_slice(&b[176..192]);
         let name_len = usize::from(b[34]);
         if name_len == 0 || name_len > VOLUME_NAME_MAX_BYTES {
             return Err(MetaError::Corrupt("bad volume name length"));
@@ -174,6 +192,8 @@ impl Superblock {
             },
             attached,
             primary,
+            boot_id,
+            cache_lost,
         })
     }
 
@@ -234,6 +254,8 @@ mod tests {
             attached: true,
             primary: false,
             record: crate::quorum::RecordView::default(),
+            boot_id: [7; 16],
+            cache_lost: true,
         }
     }
 

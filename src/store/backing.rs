@@ -80,3 +80,61 @@ pub fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Whether the kernel reports that the block device behind `path` has no
+/// volatile write cache (`/sys/dev/block/M:m/queue/write_cache` reads
+/// "write through"; for a partition, its disk's). False for regular files:
+/// a filesystem may still hold a completed O_DIRECT write's allocation in
+/// its journal until a flush, whatever the device does.
+pub fn kernel_reports_write_through(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    if !meta.file_type().is_block_device() {
+        return false;
+    }
+    let rdev = meta.rdev();
+    let dev = format!("/sys/dev/block/{}:{}", libc::major(rdev), libc::minor(rdev));
+    ["queue/write_cache", "../queue/write_cache"]
+        .iter()
+        .find_map(|rel| std::fs::read_to_string(format!("{dev}/{rel}")).ok())
+        .is_some_and(|s| s.trim() == "write through")
+}
+
+/// The running kernel's boot id (`/proc/sys/kernel/random/boot_id`), or
+/// None when it cannot be read.
+pub fn boot_id() -> Option<[u8; 16]> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let hex: Vec<u8> = text.trim().bytes().filter(|b| *b != b'-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        id[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    (id != [0; 16]).then_some(id)
+}
+
+/// Makes every completed write to `path` durable (fdatasync of the file or
+/// block device: the device's cache is flushed).
+pub fn sync_data(path: &Path) -> std::io::Result<()> {
+    OpenOptions::new().write(true).open(path)?.sync_data()
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn the_boot_id_is_read_and_files_are_never_write_through() {
+        assert!(boot_id().is_some(), "Linux always has a boot id");
+        assert_eq!(boot_id(), boot_id());
+        let f = std::env::temp_dir().join(format!("blkrep-wt-{}", std::process::id()));
+        std::fs::write(&f, b"x").unwrap();
+        assert!(!kernel_reports_write_through(&f));
+        std::fs::remove_file(&f).unwrap();
+    }
+}

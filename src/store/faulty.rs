@@ -1,8 +1,18 @@
-//! A store wrapper that injects faults: a dead disk, failing writes, and torn
-//! writes (only the first part of a write reaches the disk, then an error).
+//! A store wrapper that injects faults: a dead disk, failing writes, torn
+//! writes (only the first part of a write reaches the disk, then an error),
+//! and a volatile write cache that a power cut drops.
+//!
+//! The volatile cache (drills only): a write without FUA completes once it
+//! is in this process's memory; it reaches the disk only when a flush
+//! covers it (every write completed before the flush was issued) or a FUA
+//! write of the same block supersedes it. `FaultPlan::power_cut` writes a
+//! seeded subset of what is still cached and ends the process at once: the
+//! disk then holds what a disk with a volatile cache holds after a power
+//! cut (the flushed writes, and any subset of the others).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::{AlignedBuf, BlockStore, IoFuture, StoreError};
 
@@ -20,7 +30,24 @@ pub struct FaultPlan {
     pub tear_next_write_and_hang: AtomicBool,
     /// Every write waits this long before it reaches the disk (a slow disk).
     pub write_delay_ms: AtomicU64,
+    /// The volatile write cache, when enabled (see the module doc).
+    cache: Mutex<Option<VolatileCache>>,
+    /// Serialises what reaches the disk in volatile-cache mode (flush
+    /// write-outs, FUA writes, zeroing): an older cached block is never
+    /// written over a newer durable one.
+    disk_order: tokio::sync::Mutex<()>,
 }
+
+/// Completed writes not yet on the disk, per 4 KiB block: the sequence
+/// number of the write and its bytes.
+#[derive(Debug, Default)]
+struct VolatileCache {
+    next_seq: u64,
+    blocks: BTreeMap<u64, (u64, Arc<AlignedBuf>)>,
+}
+
+/// Bytes of one cached block.
+const CACHE_BLOCK_BYTES: u64 = 4096;
 
 impl FaultPlan {
     /// A plan that injects nothing.
@@ -31,7 +58,52 @@ impl FaultPlan {
             tear_next_write: AtomicBool::new(false),
             tear_next_write_and_hang: AtomicBool::new(false),
             write_delay_ms: AtomicU64::new(0),
+            cache: Mutex::new(None),
+            disk_order: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Gives the disk a volatile write cache (before any write).
+    pub fn enable_volatile_cache(&self) {
+        *self.lock_cache() = Some(VolatileCache::default());
+    }
+
+    /// Whether the disk has a volatile write cache.
+    pub fn volatile_cache(&self) -> bool {
+        self.lock_cache().is_some()
+    }
+
+    /// Completed writes the volatile cache holds now.
+    pub fn cached_blocks(&self) -> usize {
+        self.lock_cache().as_ref().map_or(0, |c| c.blocks.len())
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, Option<VolatileCache>> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A power cut of the volatile cache: a subset of the cached blocks
+    /// (each kept with probability one half, from `seed`) is written to
+    /// `disk` at its data offsets and synced; the rest is lost. Returns
+    /// (kept, dropped). The caller ends the process right after.
+    pub fn power_cut(&self, disk: &std::path::Path, seed: u64) -> std::io::Result<(usize, usize)> {
+        use std::os::unix::fs::FileExt;
+        let Some(cache) = self.lock_cache().take() else {
+            return Ok((0, 0));
+        };
+        let file = std::fs::OpenOptions::new().write(true).open(disk)?;
+        let mut rng = crate::testkit::rng::SplitMix64(seed);
+        let (mut kept, mut dropped) = (0, 0);
+        for (offset, (_, data)) in cache.blocks {
+            if rng.below(2) == 0 {
+                file.write_all_at(data.as_slice(), offset)?;
+                kept += 1;
+            } else {
+                dropped += 1;
+            }
+        }
+        file.sync_data()?;
+        Ok((kept, dropped))
     }
 
     fn write_should_fail(&self) -> bool {
@@ -47,6 +119,65 @@ impl FaultPlan {
         }
         self.writes_before_failure.fetch_sub(1, Ordering::Relaxed);
         false
+    }
+}
+
+impl FaultPlan {
+    fn next_seq(&self) -> u64 {
+        let mut cache = self.lock_cache();
+        let Some(c) = cache.as_mut() else { return 0 };
+        c.next_seq += 1;
+        c.next_seq - 1
+    }
+
+    /// Forgets the cached blocks of `[offset, offset+len)` written before
+    /// `seq` (a durable write of them supersedes them).
+    fn drop_cached(&self, offset: u64, len: u64, seq: u64) {
+        if let Some(c) = self.lock_cache().as_mut() {
+            let first = offset / CACHE_BLOCK_BYTES * CACHE_BLOCK_BYTES;
+            let stale: Vec<u64> = c
+                .blocks
+                .range(first..offset + len)
+                .filter(|(_, (s, _))| *s < seq)
+                .map(|(&at, _)| at)
+                .collect();
+            for at in stale {
+                c.blocks.remove(&at);
+            }
+        }
+    }
+}
+
+impl<S: BlockStore> FaultyStore<S> {
+    /// A write in volatile-cache mode: into the cache (completed at once),
+    /// or with FUA through to the disk, superseding the cached blocks.
+    fn cached_write(&self, offset: u64, buf: Arc<AlignedBuf>, fua: bool) -> IoFuture<()> {
+        if offset % CACHE_BLOCK_BYTES != 0 || buf.len() as u64 % CACHE_BLOCK_BYTES != 0 {
+            return self.inner.write(offset, buf, fua);
+        }
+        let seq = self.plan.next_seq();
+        if fua {
+            let (inner, plan) = (self.inner.clone(), self.plan.clone());
+            return Box::pin(async move {
+                let _order = plan.disk_order.lock().await;
+                let len = buf.len() as u64;
+                inner.write(offset, buf, true).await?;
+                plan.drop_cached(offset, len, seq);
+                Ok(())
+            });
+        }
+        if let Some(c) = self.plan.lock_cache().as_mut() {
+            for (i, block) in buf
+                .as_slice()
+                .chunks(CACHE_BLOCK_BYTES as usize)
+                .enumerate()
+            {
+                let at = offset + i as u64 * CACHE_BLOCK_BYTES;
+                c.blocks
+                    .insert(at, (seq, Arc::new(AlignedBuf::copy_from(block))));
+            }
+        }
+        Box::pin(async { Ok(()) })
     }
 }
 
@@ -77,7 +208,31 @@ impl<S: BlockStore> BlockStore for FaultyStore<S> {
         if self.plan.fail_all.load(Ordering::Relaxed) {
             return Box::pin(async { Err(StoreError::Injected) });
         }
-        self.inner.read(offset, len)
+        if !self.plan.volatile_cache() {
+            return self.inner.read(offset, len);
+        }
+        let fut = self.inner.read(offset, len);
+        let plan = self.plan.clone();
+        Box::pin(async move {
+            let mut buf = fut.await?;
+            // What the cache holds is newer than the disk.
+            if let Some(cache) = plan.lock_cache().as_ref() {
+                let end = offset + len as u64;
+                let first = offset / CACHE_BLOCK_BYTES * CACHE_BLOCK_BYTES;
+                for (&at, (_, data)) in cache.blocks.range(first..end) {
+                    let from = at.max(offset);
+                    let to = (at + CACHE_BLOCK_BYTES).min(end);
+                    if from >= to {
+                        continue;
+                    }
+                    buf.as_mut_slice()[(from - offset) as usize..(to - offset) as usize]
+                        .copy_from_slice(
+                            &data.as_slice()[(from - at) as usize..(to - at) as usize],
+                        );
+                }
+            }
+            Ok(buf)
+        })
     }
 
     fn write(&self, offset: u64, buf: Arc<AlignedBuf>, fua: bool) -> IoFuture<()> {
@@ -99,6 +254,9 @@ impl<S: BlockStore> BlockStore for FaultyStore<S> {
         if self.plan.write_should_fail() {
             return Box::pin(async { Err(StoreError::Injected) });
         }
+        if self.plan.volatile_cache() {
+            return self.cached_write(offset, buf, fua);
+        }
         let delay_ms = self.plan.write_delay_ms.load(Ordering::Relaxed);
         if delay_ms > 0 {
             let inner = self.inner.clone();
@@ -114,14 +272,56 @@ impl<S: BlockStore> BlockStore for FaultyStore<S> {
         if self.plan.fail_all.load(Ordering::Relaxed) {
             return Box::pin(async { Err(StoreError::Injected) });
         }
-        self.inner.flush()
+        if !self.plan.volatile_cache() {
+            return self.inner.flush();
+        }
+        // Covers every write completed before now.
+        let boundary = self.plan.lock_cache().as_ref().map_or(0, |c| c.next_seq);
+        let (inner, plan) = (self.inner.clone(), self.plan.clone());
+        Box::pin(async move {
+            let _order = plan.disk_order.lock().await;
+            let due: Vec<(u64, u64, Arc<AlignedBuf>)> = plan
+                .lock_cache()
+                .as_ref()
+                .map(|c| {
+                    c.blocks
+                        .iter()
+                        .filter(|(_, (seq, _))| *seq < boundary)
+                        .map(|(&at, (seq, data))| (at, *seq, data.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (at, _, data) in &due {
+                inner.write(*at, data.clone(), false).await?;
+            }
+            inner.flush().await?;
+            if let Some(c) = plan.lock_cache().as_mut() {
+                for (at, seq, _) in due {
+                    if c.blocks.get(&at).is_some_and(|(s, _)| *s == seq) {
+                        c.blocks.remove(&at);
+                    }
+                }
+            }
+            Ok(())
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> IoFuture<()> {
         if self.plan.write_should_fail() {
             return Box::pin(async { Err(StoreError::Injected) });
         }
-        self.inner.write_zeroes(offset, len)
+        if !self.plan.volatile_cache() {
+            return self.inner.write_zeroes(offset, len);
+        }
+        // (Zeroing goes to the disk at once: the cached blocks it covers
+        // are superseded.)
+        let seq = self.plan.next_seq();
+        let (inner, plan) = (self.inner.clone(), self.plan.clone());
+        Box::pin(async move {
+            let _order = plan.disk_order.lock().await;
+            plan.drop_cached(offset, len, seq);
+            inner.write_zeroes(offset, len).await
+        })
     }
 
     fn size_bytes(&self) -> u64 {

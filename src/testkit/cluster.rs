@@ -26,6 +26,9 @@ pub struct ClusterOptions {
     pub peer_timeout_ms: u64,
     /// Allow `debug fail-disk`.
     pub fault_injection: bool,
+    /// Every data disk gets a volatile write cache in its daemon's memory
+    /// (implies `fault_injection`), which `power_cut` drops.
+    pub volatile_cache: bool,
     /// Resync bandwidth cap (0 = unlimited).
     pub resync_rate_max_bytes_per_s: u64,
     /// Run a witness (a third process) and route every path (A-B, A-W,
@@ -75,6 +78,7 @@ impl Default for ClusterOptions {
             chunk_bytes: 64 * 1024,
             peer_timeout_ms: 2000,
             fault_injection: false,
+            volatile_cache: false,
             resync_rate_max_bytes_per_s: 0,
             witness: false,
             event_log: false,
@@ -451,6 +455,32 @@ impl LocalCluster {
         }
     }
 
+    /// Node `i` loses power (needs `volatile_cache`): its daemon keeps a
+    /// seeded subset of the writes no flush covered, the next start sees
+    /// another boot, and it is gone when this returns.
+    pub async fn power_cut(&mut self, i: usize, seed: u64) -> Result<(), ClusterError> {
+        // The daemon ends without answering.
+        let _ = self.call(i, Request::PowerCut { seed }).await;
+        if let Some(mut c) = self.children[i].take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return Err(ClusterError::Timeout(format!(
+                        "daemon {} did not end at its power cut",
+                        self.nodes[i].name
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Stops node `i`'s daemon with SIGTERM and waits for it.
     pub fn stop(&mut self, i: usize) {
         if let Some(mut c) = self.children[i].take() {
@@ -629,7 +659,7 @@ fn config_text(
     index: usize,
 ) -> String {
     let mut t = format!(
-        "node = \"{}\"\ncontrol_socket = \"{}\"\nrun_dir = \"{}\"\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[link]\npeer_timeout_ms = {}\nkeepalive_interval_ms = {}\nreconnect_backoff_max_ms = 500\n\n[debug]\nfault_injection = {}\n\n",
+        "node = \"{}\"\ncontrol_socket = \"{}\"\nrun_dir = \"{}\"\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[link]\npeer_timeout_ms = {}\nkeepalive_interval_ms = {}\nreconnect_backoff_max_ms = 500\n\n[debug]\nfault_injection = {}\nvolatile_cache = {}\n\n",
         me.name,
         me.control.display(),
         me.run_dir.display(),
@@ -638,7 +668,8 @@ fn config_text(
         tls.join(format!("{}.key", me.name)).display(),
         opts.peer_timeout_ms,
         (opts.peer_timeout_ms / 4).max(50),
-        opts.fault_injection,
+        opts.fault_injection || opts.volatile_cache,
+        opts.volatile_cache,
     );
     if let Some(w) = routes.witness_for[index] {
         t.push_str(&format!(

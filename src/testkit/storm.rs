@@ -5,7 +5,10 @@
 //! says, block by block, which contents are allowed: the last acknowledged
 //! write, or the one write that writer had in flight when it ended (a
 //! killed node may or may not have put that one on disk; both answers are
-//! correct, anything else is a lost acknowledged write).
+//! correct, anything else is a lost acknowledged write). Writers also send
+//! FUA writes and flushes; the ledger knows which acknowledged writes they
+//! promised durable (P1: a power cut of every node keeps them) and which
+//! not (P2: only a power cut of every node that held one may lose it).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -75,6 +78,21 @@ impl BlockClient {
         }
     }
 
+    /// Flushes: every write completed before is durable when this returns.
+    pub async fn flush(&mut self) -> Result<(), BlockClientError> {
+        match self {
+            BlockClient::Nbd(n) => Ok(n.flush().await?),
+            BlockClient::Device(f) => {
+                // (Blocking: off the runtime.)
+                let f = f.try_clone()?;
+                tokio::task::spawn_blocking(move || f.sync_data())
+                    .await
+                    .map_err(std::io::Error::other)??;
+                Ok(())
+            }
+        }
+    }
+
     /// Writes one storm block; with `fua` it is durable when this returns.
     pub async fn write_block(
         &mut self,
@@ -108,6 +126,9 @@ pub const STORM_BLOCK_BYTES: u64 = 4096;
 /// Every `FUA_EVERY`-th write of a writer carries FUA.
 const FUA_EVERY: u64 = 8;
 
+/// After every `FLUSH_EVERY`-th write a writer flushes.
+const FLUSH_EVERY: u64 = 16;
+
 /// A write that does not complete in this time ends its writer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -123,12 +144,31 @@ pub struct Ledger {
     in_flight: Vec<Option<(u64, u64)>>,
     /// Acknowledged writes in all (also those overwritten later).
     acked_writes: u64,
+    /// Block → tag of its last write a FUA or a completed flush made
+    /// durable (P1).
+    promised: BTreeMap<u64, u64>,
+    /// Flushes completed.
+    flushes: u64,
 }
 
 impl Ledger {
     /// Acknowledged writes in all.
     pub fn acked_writes(&self) -> u64 {
         self.acked_writes
+    }
+
+    /// Distinct blocks whose last durable-promised write is their last
+    /// acknowledged one (the rest were acknowledged but not flushed yet).
+    pub fn promised_blocks(&self) -> usize {
+        self.promised
+            .iter()
+            .filter(|(b, t)| self.acked.get(b) == Some(t))
+            .count()
+    }
+
+    /// Flushes completed.
+    pub fn flushes(&self) -> u64 {
+        self.flushes
     }
 
     /// Distinct blocks with an acknowledged write.
@@ -178,6 +218,8 @@ impl Ledger {
     pub fn then(&self, newer: &Ledger) -> Ledger {
         let mut acked = self.acked.clone();
         acked.extend(newer.acked.iter().map(|(&b, &t)| (b, t)));
+        let mut promised = self.promised.clone();
+        promised.extend(newer.promised.iter().map(|(&b, &t)| (b, t)));
         let in_flight = self
             .in_flight
             .iter()
@@ -189,6 +231,8 @@ impl Ledger {
             acked,
             in_flight,
             acked_writes: self.acked_writes + newer.acked_writes,
+            promised,
+            flushes: self.flushes + newer.flushes,
         }
     }
 
@@ -305,11 +349,28 @@ async fn writer(
         if !done {
             return;
         }
-        let mut l = lock(&ledger);
-        l.acked.insert(block, tag);
-        l.acked_writes += 1;
-        l.in_flight[w as usize] = None;
+        {
+            let mut l = lock(&ledger);
+            l.acked.insert(block, tag);
+            if fua {
+                l.promised.insert(block, tag);
+            }
+            l.acked_writes += 1;
+            l.in_flight[w as usize] = None;
+        }
         n += 1;
+        if n % FLUSH_EVERY == 0 {
+            // Covers every write acknowledged until now, on every writer.
+            let covered = lock(&ledger).acked.clone();
+            match tokio::time::timeout(WRITE_TIMEOUT, client.flush()).await {
+                Ok(Ok(())) => {
+                    let mut l = lock(&ledger);
+                    l.promised.extend(covered);
+                    l.flushes += 1;
+                }
+                _ => return,
+            }
+        }
     }
 }
 

@@ -55,6 +55,8 @@ pub fn create_metadata(
         attached: false,
         primary: false,
         record: crate::quorum::RecordView::default(),
+        boot_id: [0; 16],
+        cache_lost: false,
     };
     let bitmap = Bitmap::new(layout.data_bytes, u64::from(chunk_bytes));
     dev.format(&sb, &bitmap)?;

@@ -51,6 +51,12 @@ pub struct AttachOptions {
     pub resync_rate: crate::resync::RateSettings,
     /// Activity-log extents (4 MiB each) kept hot.
     pub al_extents: usize,
+    /// The disk may lose completed writes in a power cut until a flush
+    /// covers them (see `config::DiskCache`).
+    pub volatile_cache: bool,
+    /// The running kernel's boot id (None: unknown; an unclean stop then
+    /// counts as a power cut).
+    pub boot_id: Option<[u8; 16]>,
     /// Shared io_uring.
     pub ring: Uring,
     /// Fault injection plan (None: no fault layer).
@@ -175,6 +181,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         al_extent_bytes: crate::meta::activity_log::DEFAULT_AL_EXTENT_BYTES,
         al_extents: opts.al_extents,
         quorum: opts.quorum.as_ref().map(|q| q.policy),
+        volatile_cache: opts.volatile_cache,
     };
     let disk_state = if sb.disk_state == DiskState::Diskless {
         DiskState::Inconsistent
@@ -183,17 +190,32 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
     };
     let mut engine = Engine::new(cfg, disk_state, sb.generations, bitmap, seed);
     engine.set_record(sb.record);
+    engine.set_cache_lost(sb.cache_lost);
+    // (Before the recovery: every metadata write the engine asks for from
+    // here on must carry the "lost power" mark.)
+    let boot_id = opts.boot_id.unwrap_or([0; 16]);
+    if sb.attached {
+        note_unclean_stop(&sb, boot_id, &opts.disk, &opts.name, &mut engine)?;
+    }
     resume_activity_log(&meta, &mut engine, crashed_primary, &opts.name);
+    // (The "lost power" mark is durable before the new boot id is: a
+    // crash right after this write must not make the next attach think
+    // only the process died.)
+    sb.cache_lost = engine.status().cache_lost;
     sb.attached = true;
-    sb.primary = false;
+    sb.boot_id = boot_id;
+    // A crashed primary stays marked primary until the recovery's bitmap
+    // marks are on disk (the engine's first metadata write records both):
+    // a crash before that recovers again at the next attach.
+    sb.primary = crashed_primary;
     sb.seq += 1;
     meta.write_superblock(&sb)?;
 
     let (tx, rx) = mpsc::unbounded_channel();
     let lease = opts.quorum.as_ref().map(super::VolumeLease::new);
-    if lease.is_some() {
-        tokio::spawn(ticker(tx.clone()));
-    }
+    // Witness retries and lease checks, and the age bound of writes
+    // waiting for a flush.
+    tokio::spawn(ticker(tx.clone()));
     let read_path = Arc::new(AtomicU8::new(encode_read_path(engine.read_path())));
     let handle = VolumeHandle {
         inner: Arc::new(HandleInner {
@@ -211,6 +233,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
     let metadata_writes = Arc::new(AtomicU64::new(0));
     tokio::spawn(meta_writer(
         meta,
+        store.clone(),
         sb,
         meta_rx,
         tx.clone(),
@@ -265,6 +288,39 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
     Ok(handle)
 }
 
+/// The volume was attached when its node stopped. If the machine has not
+/// rebooted since (same boot id), only the process died: the disk's cache
+/// still holds every completed write, and a flush makes them durable now.
+/// Otherwise the node went down with the machine, maybe by a power cut,
+/// and completed writes that no flush covered may be gone: the engine is
+/// told (`power_lost`), which keeps this copy from promoting until it
+/// synced with its peer.
+fn note_unclean_stop(
+    sb: &Superblock,
+    boot_id: [u8; 16],
+    disk: &Path,
+    name: &str,
+    engine: &mut Engine,
+) -> Result<(), VolumeError> {
+    if sb.boot_id == boot_id && boot_id != [0; 16] {
+        crate::store::backing::sync_data(disk).map_err(|source| MetaError::Io {
+            path: disk.display().to_string(),
+            source,
+        })?;
+        tracing::info!(
+            "volume {name}: the daemon stopped uncleanly; the disk's cache survived (same boot) and is flushed now"
+        );
+        return Ok(());
+    }
+    engine.power_lost();
+    if engine.status().cache_lost {
+        tracing::warn!(
+            "volume {name}: the machine went down with the volume attached (maybe a power cut): this copy may have lost completed writes no flush covered; it syncs from its peer before it may be promoted"
+        );
+    }
+    Ok(())
+}
+
 struct MetaJob {
     token: u64,
     activity_log: Option<crate::meta::activity_log::AlSnapshot>,
@@ -274,9 +330,13 @@ struct MetaJob {
     attached: bool,
     pages: Vec<(u32, Box<[u8; crate::meta::bitmap::BITMAP_PAGE_BYTES]>)>,
     record: crate::quorum::RecordView,
+    cache_lost: bool,
+    /// Flush the data disk before this write: a new generation starts
+    /// (see `Engine::start_tracking`), or the volume detaches cleanly.
+    flush_data: bool,
 }
 
-/// Drives retries and lease checks of a volume with a witness.
+/// Ticks the volume every 50 ms: witness retries, lease checks, flushes.
 async fn ticker(tx: mpsc::UnboundedSender<Input>) {
     let mut every = tokio::time::interval(std::time::Duration::from_millis(50));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -291,6 +351,7 @@ async fn ticker(tx: mpsc::UnboundedSender<Input>) {
 /// Writes metadata jobs strictly in order.
 async fn meta_writer(
     meta: MetaDevice,
+    store: Arc<dyn BlockStore>,
     mut sb: Superblock,
     mut rx: mpsc::UnboundedReceiver<MetaJob>,
     done: mpsc::UnboundedSender<Input>,
@@ -315,8 +376,17 @@ async fn meta_writer(
                 Err(_) => break,
             }
         }
-        for job in std::iter::once(job).chain(detach) {
+        for mut job in std::iter::once(job).chain(detach) {
             let token = job.token;
+            if job.flush_data && !failed && store.flush().await.is_err() {
+                // Neither a new generation nor the clean-stop mark without
+                // every completed write durable first.
+                tracing::error!("the data disk failed to flush before a metadata write");
+                failed = true;
+                if !job.attached {
+                    job.attached = true;
+                }
+            }
             let ok = !failed && write_meta_job(&meta, &mut sb, job).await;
             failed |= !ok;
             if ok {
@@ -344,6 +414,8 @@ impl MetaJob {
             attached: next.attached,
             pages,
             record: next.record,
+            cache_lost: next.cache_lost,
+            flush_data: self.flush_data || next.flush_data,
         }
     }
 }
@@ -357,6 +429,7 @@ async fn write_meta_job(meta: &Arc<MetaDevice>, sb: &mut Superblock, job: MetaJo
     sb.primary = job.primary;
     sb.attached = job.attached;
     sb.record = job.record;
+    sb.cache_lost = job.cache_lost;
     let m = meta.clone();
     let s = sb.clone();
     let pages = job.pages;
@@ -814,7 +887,10 @@ impl Shell {
                 }
                 self.engine.peer_disconnected();
                 self.conn = None;
-                // A clean detach: the activity of this node is recorded.
+                // What that persists goes before the detach job.
+                self.drain_actions();
+                // A clean detach: the activity of this node is recorded
+                // (the meta writer flushes the data disk first).
                 let token = self.next_meta_token();
                 let s = self.engine.status();
                 let _ = self.meta_tx.send(MetaJob {
@@ -826,6 +902,8 @@ impl Shell {
                     attached: false,
                     pages: vec![],
                     record: s.record,
+                    cache_lost: s.cache_lost,
+                    flush_data: true,
                 });
                 self.meta_waiters.push((token, oneshot::channel().0));
                 self.detaching = Some(reply);
@@ -1068,6 +1146,8 @@ impl Shell {
                 pages,
                 activity_log,
                 record,
+                cache_lost,
+                flush_data,
             } => {
                 let _ = self.meta_tx.send(MetaJob {
                     token,
@@ -1078,6 +1158,8 @@ impl Shell {
                     attached: true,
                     pages,
                     record,
+                    cache_lost,
+                    flush_data,
                 });
             }
             Action::WitnessChange { op, expected_epoch } => match self.lease.clone() {
@@ -1546,6 +1628,7 @@ mod tests {
             al_extent_bytes: 4 << 20,
             al_extents: 16,
             quorum: None,
+            volatile_cache: true,
         };
         let gens = crate::meta::Generations {
             current: 5,
@@ -1595,6 +1678,8 @@ mod tests {
                 .map(|&(p, fill)| (p, Box::new([fill; BITMAP_PAGE_BYTES])))
                 .collect(),
             record: Default::default(),
+            cache_lost: false,
+            flush_data: false,
         }
     }
 
