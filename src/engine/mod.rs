@@ -570,6 +570,23 @@ impl Engine {
         {
             return None;
         }
+        // One copy lost power and the generations are the same: the record
+        // may name it alone (an outdate that landed late, or before it
+        // lost writes the other holds), but the copy that kept power holds
+        // every acknowledged write (see `negotiate`).
+        let kept_power_unmarked = if self.cache_lost {
+            view.dirty_chunks == 0
+        } else {
+            self.bitmap.set_count() == 0
+        };
+        if self.cache_lost != view.cache_lost
+            && kept_power_unmarked
+            && self.gens.compare(&view.generations) == crate::meta::SyncDecision::InSync
+            && self.disk != DiskState::Inconsistent
+            && view.disk != DiskState::Inconsistent
+        {
+            return None;
+        }
         // A copy left Inconsistent by an interrupted resync is finished
         // from the only consistent copy (it had no writes of its own since,
         // or the resync into it would not have started).

@@ -168,6 +168,31 @@ pub fn negotiate(
             (UpToDate, Inconsistent) => source(false),
             (Inconsistent, UpToDate) => target(),
             (Inconsistent, Inconsistent) => Relation::Refused("neither copy is consistent"),
+            // The witness outdated a copy that holds the same generation as
+            // one that lost power since: no write completed without it
+            // (that starts a new generation, durably, first), so it holds
+            // every acknowledged write, and the copy that lost power may
+            // lack some. The outdated copy is the source (and up to date
+            // again once the pair is in sync).
+            // (Only without marks of its own: those may be chunks a resync
+            // into it had still to copy.)
+            (Outdated, UpToDate) if peer.cache_lost && !me.cache_lost && me.dirty_chunks == 0 => {
+                if peer.dirty_chunks == 0 {
+                    Relation::InSync
+                } else {
+                    Relation::SyncSource {
+                        target_ready: false,
+                        full: !peer_dirty_known,
+                    }
+                }
+            }
+            (UpToDate, Outdated) if me.cache_lost && !peer.cache_lost && peer.dirty_chunks == 0 => {
+                if me.dirty_chunks == 0 {
+                    Relation::InSync
+                } else {
+                    Relation::SyncTarget
+                }
+            }
             // The witness outdated one copy: the other is the source, for
             // the union of both bitmaps (the outdated one may carry
             // activity-log extents of a crash).

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use super::*;
 use crate::meta::Bitmap;
+use crate::meta::activity_log::AlSlots;
 
 const BLOCK: u64 = 4096;
 /// Marks a block value written by a Zeroes op (the rest is its version).
@@ -123,7 +124,8 @@ struct Persisted {
     gens: Generations,
     primary: bool,
     bitmap_pages: BTreeMap<u32, Box<[u8; crate::meta::bitmap::BITMAP_PAGE_BYTES]>>,
-    al: Option<crate::meta::activity_log::AlSnapshot>,
+    /// The two activity-log slots as on disk (zeros: never written).
+    al_slots: [Vec<u8>; 2],
     record: RecordView,
     cache_lost: bool,
 }
@@ -140,6 +142,26 @@ struct MetaWrite {
     flush_data: bool,
 }
 
+impl MetaWrite {
+    /// This write folded with the next one (as `MetaJob::then`).
+    fn then(mut self, next: MetaWrite) -> MetaWrite {
+        let mut pages = std::mem::take(&mut self.pages);
+        pages.retain(|(p, _)| !next.pages.iter().any(|(q, _)| q == p));
+        pages.extend(next.pages);
+        MetaWrite {
+            pages,
+            al: next.al.or(self.al),
+            flush_data: self.flush_data || next.flush_data,
+            ..next
+        }
+    }
+}
+
+fn empty_al_slots() -> [Vec<u8>; 2] {
+    let zero = vec![0u8; crate::meta::activity_log::AL_SLOT_BYTES];
+    [zero.clone(), zero]
+}
+
 struct Node {
     eng: Engine,
     /// What reads see: the media plus the disk's volatile cache.
@@ -149,6 +171,8 @@ struct Node {
     /// Per block, the completed versions no flush or FUA covered yet,
     /// oldest first: a power cut keeps the durable one or any of these.
     unflushed: BTreeMap<u64, Vec<u64>>,
+    /// The shell's choice of the activity-log slot written next.
+    al_next: AlSlots,
     pending: Vec<Pending>,
     meta: VecDeque<MetaWrite>,
     persisted: Persisted,
@@ -278,6 +302,7 @@ fn new_node(seed: u64, tie: bool, quorum: bool) -> Node {
         disk: Disk::new(),
         durable: Disk::new(),
         unflushed: BTreeMap::new(),
+        al_next: AlSlots::default(),
         pending: vec![],
         meta: VecDeque::new(),
         persisted: Persisted {
@@ -285,7 +310,7 @@ fn new_node(seed: u64, tie: bool, quorum: bool) -> Node {
             gens,
             primary: false,
             bitmap_pages: BTreeMap::new(),
-            al: None,
+            al_slots: empty_al_slots(),
             record: RecordView::default(),
             cache_lost: false,
         },
@@ -790,7 +815,18 @@ impl Sim {
     }
 
     fn persist_meta(&mut self, n: usize) {
-        if let Some(w) = self.nodes[n].meta.pop_front() {
+        // Group commit (as the shell's meta writer does): sometimes the
+        // next two writes go out as one, with the newer of everything.
+        let fold = self.nodes[n].meta.len() >= 2 && self.rng2.below(4) == 0;
+        let first = self.nodes[n].meta.pop_front();
+        let first = match (first, fold) {
+            (Some(older), true) => self.nodes[n]
+                .meta
+                .pop_front()
+                .map(|newer| older.then(newer)),
+            (w, _) => w,
+        };
+        if let Some(w) = first {
             if w.flush_data {
                 let blocks: Vec<u64> = self.nodes[n].unflushed.keys().copied().collect();
                 self.flushed(n, &blocks);
@@ -803,9 +839,12 @@ impl Sim {
             for (page, bytes) in w.pages {
                 p.bitmap_pages.insert(page, bytes);
             }
-            if w.al.is_some() {
-                p.al = w.al;
+            if let Some(al) = &w.al {
+                let slot = self.nodes[n].al_next.take();
+                self.nodes[n].persisted.al_slots[slot] =
+                    al.encode().expect("snapshot fits").to_vec();
             }
+            let p = &mut self.nodes[n].persisted;
             p.cache_lost = w.cache_lost;
             self.nodes[n].eng.meta_persisted(w.token);
             self.drain(n);
@@ -830,6 +869,28 @@ impl Sim {
     /// and the metadata write in flight may have landed in part.
     fn power_cut(&mut self, n: usize) {
         self.restart(n, true, true)
+    }
+
+    /// An operator restarts node `n` cleanly (`detach`, `attach`): what is
+    /// in flight settles, a primary demotes (flushing first) and is
+    /// promoted again afterwards. The restarted engine continues the
+    /// activity log's numbering from the newest slot on disk.
+    fn clean_restart(&mut self, n: usize) {
+        self.run_until_quiet();
+        let was_primary = self.nodes[n].eng.role == Role::Primary;
+        if was_primary && self.demote(n).is_err() {
+            return;
+        }
+        self.run_until_quiet();
+        self.log.push(format!("clean restart {n}"));
+        self.restart(n, false, false);
+        self.heal();
+        self.run_until_quiet();
+        if was_primary && self.nodes[n].eng.promote(false).is_ok() {
+            self.log.push(format!("promote {n} after its restart"));
+            self.drain(n);
+            self.check_promoted(n);
+        }
     }
 
     /// Both nodes lose power at the same instant: neither takes over
@@ -892,12 +953,20 @@ impl Sim {
                 }
             }
             node.disk = node.durable.clone();
-            // The metadata write in flight: some of its bitmap pages.
+            // The metadata write in flight: some of its bitmap pages, and
+            // its activity-log slot torn.
             if let Some(w) = node.meta.pop_front() {
                 for (page, bytes) in w.pages {
                     if self.rng.below(2) == 0 {
                         node.persisted.bitmap_pages.insert(page, bytes);
                     }
+                }
+                if let Some(al) = &w.al {
+                    let slot = node.al_next.take();
+                    let mut torn = al.encode().expect("snapshot fits").to_vec();
+                    torn[8] ^= 0xff;
+                    node.persisted.al_slots[slot] = torn;
+                    self.cov.torn_writes += 1;
                 }
             }
         } else {
@@ -948,11 +1017,28 @@ impl Sim {
             node.eng.power_lost();
             node.persisted.cache_lost = node.eng.status().cache_lost;
         }
-        if p.primary
-            && let Some(al) = &p.al
-        {
-            node.eng
-                .recover_activity_log(&al.extents, u64::from(al.extent_bytes), al.seq);
+        // As the shell's attach: the newest valid slot; the next write goes
+        // to the other one. A crashed primary marks its extents; otherwise
+        // the numbering continues after it.
+        let newest = crate::meta::activity_log::choose_slot(&p.al_slots[0], &p.al_slots[1]);
+        node.al_next = AlSlots::after(
+            newest
+                .as_ref()
+                .ok()
+                .and_then(|o| o.as_ref())
+                .map(|(_, s)| *s),
+        );
+        match newest {
+            Ok(Some((al, _))) if p.primary => {
+                node.eng
+                    .recover_activity_log(&al.extents, u64::from(al.extent_bytes), al.seq);
+            }
+            Ok(Some((al, _))) => node.eng.continue_activity_log(al.seq),
+            Ok(None) => {}
+            Err(_) if p.primary => {
+                node.eng.mark_all_out_of_sync();
+            }
+            Err(_) => {}
         }
         self.drain(n);
         if power {
@@ -1016,8 +1102,15 @@ impl Sim {
     /// since, both nodes that held an unflushed write lost power: it may be
     /// lost, whichever copy the resync then takes (only P1 holds for it).
     fn account_power_loss(&mut self, n: usize) {
+        // (Consistent copies: an Outdated one may still be the source of
+        // a resync into an Inconsistent one.)
         let holders: Vec<usize> = (0..2)
-            .filter(|&m| self.nodes[m].eng.disk == DiskState::UpToDate)
+            .filter(|&m| {
+                matches!(
+                    self.nodes[m].eng.disk,
+                    DiskState::UpToDate | DiskState::Outdated
+                )
+            })
             .collect();
         let both_cut = self.nodes[1 - n].eng.status().cache_lost;
         for (b, acked) in self.acked.iter_mut() {
@@ -1123,10 +1216,11 @@ impl Sim {
             gens: Generations::default(),
             primary: false,
             bitmap_pages: BTreeMap::new(),
-            al: None,
+            al_slots: empty_al_slots(),
             record: RecordView::default(),
             cache_lost: false,
         };
+        node.al_next = AlSlots::default();
         node.eng = Engine::new(
             config(n == 0, self.witness.is_some()),
             DiskState::Inconsistent,
@@ -1712,6 +1806,10 @@ impl Sim {
             let n = self.rng2.below(2) as usize;
             self.nodes[n].eng.tick();
             self.drain(n);
+        }
+        if self.power_cuts && self.witness.is_none() && self.rng2.below(64) == 0 {
+            let n = self.rng2.below(2) as usize;
+            self.clean_restart(n);
         }
         if self.power_cuts && self.witness.is_none() && self.rng2.below(32) == 0 {
             // Nobody primary (the last one refused, having lost power): the

@@ -116,6 +116,32 @@ pub fn choose_slot(a: &[u8], b: &[u8]) -> Result<Option<(AlSnapshot, usize)>, Me
     }
 }
 
+/// Which of the two slots the next snapshot goes to: the one after the
+/// slot written last, whatever the sequence numbers (group commit skips
+/// numbers), so that two consecutive writes never share a slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AlSlots {
+    next: usize,
+}
+
+impl AlSlots {
+    /// After reading the slots: the newest snapshot was in `newest` (None:
+    /// no valid snapshot), so the next write goes to the other slot.
+    pub fn after(newest: Option<usize>) -> Self {
+        AlSlots {
+            next: newest.map_or(0, |slot| 1 - slot.min(1)),
+        }
+    }
+
+    /// The slot to write now; the one after goes to the other slot.
+    pub fn take(&mut self) -> usize {
+        let slot = self.next;
+        assert!(slot < 2, "two activity-log slots");
+        self.next = 1 - slot;
+        slot
+    }
+}
+
 /// Every extent of the activity log has writes in flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("every activity-log extent is busy")]

@@ -20,7 +20,7 @@ pub struct MetaDevice {
     layout: MetaLayout,
     /// The activity-log slot the next snapshot goes to: the one not holding
     /// the newest snapshot (set when the log is read; writes alternate).
-    al_next_slot: std::sync::atomic::AtomicUsize,
+    al_slots: std::sync::Mutex<activity_log::AlSlots>,
 }
 
 impl MetaDevice {
@@ -34,7 +34,7 @@ impl MetaDevice {
             file,
             path: path.to_path_buf(),
             layout,
-            al_next_slot: std::sync::atomic::AtomicUsize::new(0),
+            al_slots: std::sync::Mutex::new(activity_log::AlSlots::default()),
         })
     }
 
@@ -86,9 +86,7 @@ impl MetaDevice {
         let a = self.read_block(base, AL_SLOT_BYTES)?;
         let b = self.read_block(base + AL_SLOT_BYTES as u64, AL_SLOT_BYTES)?;
         let newest = activity_log::choose_slot(a.as_slice(), b.as_slice())?;
-        let next = newest.as_ref().map_or(0, |(_, slot)| 1 - slot);
-        self.al_next_slot
-            .store(next, std::sync::atomic::Ordering::Relaxed);
+        *self.lock_slots() = activity_log::AlSlots::after(newest.as_ref().map(|(_, slot)| *slot));
         Ok(newest.map(|(s, _)| s))
     }
 
@@ -96,13 +94,16 @@ impl MetaDevice {
     /// written last (see [`activity_log`]); its sequence number must be
     /// higher than every snapshot written before.
     pub fn write_activity_log(&self, snap: &AlSnapshot) -> Result<(), MetaError> {
-        use std::sync::atomic::Ordering::Relaxed;
         let base = self.layout.meta_offset_bytes + 2 * SUPERBLOCK_BYTES as u64;
-        let slot = self.al_next_slot.load(Relaxed);
-        debug_assert!(slot < 2);
+        let slot = self.lock_slots().take();
         self.write_block(base + (slot * AL_SLOT_BYTES) as u64, &snap.encode()?)?;
-        self.al_next_slot.store(1 - slot, Relaxed);
         Ok(())
+    }
+
+    fn lock_slots(&self) -> std::sync::MutexGuard<'_, activity_log::AlSlots> {
+        self.al_slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Loads the persisted bitmap; returns the pages that failed their
