@@ -708,4 +708,28 @@ nodes.beta = { disk = "/tmp/b.img", meta = "/tmp/b.meta" }
             );
         }
     }
+
+    #[test]
+    fn the_disk_cache_is_volatile_unless_declared_or_reported_otherwise() {
+        let c = parse(GOOD).unwrap();
+        let beta = &c.volumes[0].nodes["beta"];
+        assert_eq!(beta.disk_cache, DiskCache::Auto);
+        assert!(
+            beta.volatile_cache(),
+            "a backing file is never write-through"
+        );
+        let declared = GOOD.replace(
+            "meta = \"/tmp/b.meta\" }",
+            "meta = \"/tmp/b.meta\", disk_cache = \"power-loss-protected\" }",
+        );
+        let c = parse(&declared).unwrap();
+        assert!(!c.volumes[0].nodes["beta"].volatile_cache());
+        let e = parse(&GOOD.replace(
+            "meta = \"/tmp/b.meta\" }",
+            "meta = \"/tmp/b.meta\", disk_cache = \"battery\" }",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("disk_cache") || e.contains("battery"), "{e}");
+    }
 }
