@@ -1603,6 +1603,68 @@ mod tests {
     use crate::meta::activity_log::AlSnapshot;
     use crate::meta::bitmap::BITMAP_PAGE_BYTES;
 
+    /// Issue 13: after an unclean stop, the same boot id means only the
+    /// process died (nothing is lost; the disk is flushed), another boot id
+    /// a possible power cut (the copy is marked and refuses promotion); a
+    /// superblock from before the boot id existed counts as another boot.
+    #[test]
+    fn an_unclean_stop_on_another_boot_marks_the_copy_as_having_lost_power() {
+        let dir = std::env::temp_dir().join(format!("blkrep-boot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let disk = dir.join("disk");
+        std::fs::write(&disk, vec![0u8; 4096]).expect("disk");
+        let engine = || {
+            let cfg = EngineConfig {
+                data_bytes: 16 << 20,
+                chunk_bytes: 65536,
+                tie_winner: true,
+                al_extent_bytes: 4 << 20,
+                al_extents: 16,
+                quorum: None,
+                volatile_cache: true,
+            };
+            let gens = crate::meta::Generations {
+                current: 5,
+                ..Default::default()
+            };
+            Engine::new(
+                cfg,
+                DiskState::UpToDate,
+                gens,
+                Bitmap::new(16 << 20, 65536),
+                1,
+            )
+        };
+        let sb = |boot_id| Superblock {
+            seq: 1,
+            volume_name: "v".into(),
+            data_bytes: 16 << 20,
+            chunk_bytes: 65536,
+            disk_state: DiskState::UpToDate,
+            generations: Default::default(),
+            attached: true,
+            primary: false,
+            record: Default::default(),
+            boot_id,
+            cache_lost: false,
+        };
+        let now = [7u8; 16];
+        let mut same = engine();
+        note_unclean_stop(&sb(now), now, &disk, "v", &mut same).expect("same boot");
+        assert!(!same.status().cache_lost);
+        assert!(same.promote_check(false).is_ok());
+        for earlier in [[8u8; 16], [0u8; 16]] {
+            let mut other = engine();
+            note_unclean_stop(&sb(earlier), now, &disk, "v", &mut other).expect("other boot");
+            assert!(other.status().cache_lost);
+            assert_eq!(
+                other.promote_check(false),
+                Err(crate::engine::PromoteError::CacheLost)
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Issue 13, hole 2a: a clean attach continues the activity log's
     /// numbering after the newest snapshot on disk. (It restarted at 0, so
     /// the previous attach's snapshot outranked this attach's first ones and
