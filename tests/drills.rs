@@ -48,6 +48,35 @@ fn storm(c: &LocalCluster, i: usize, seed: u64) -> Storm {
     Storm::start(c.nbd_socket(i), WRITERS, BLOCKS, seed)
 }
 
+/// The cluster manager's failover hook on node `i` (`blkrep promote`).
+fn promote_through_hook(c: &LocalCluster, i: usize) {
+    let o = cli(c, i, &["promote", &c.opts.volume]);
+    assert!(
+        o.status.success(),
+        "promote on node {i}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A drill's seed: `BLKREP_DRILL_SEED`, else `default`.
+fn drill_seed(default: u64) -> u64 {
+    std::env::var("BLKREP_DRILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `newer` after what `ledger` holds so far (see `Ledger::then`);
+/// returns the whole.
+fn append(ledger: &mut Option<Ledger>, newer: Ledger) -> Ledger {
+    let all = match ledger.take() {
+        Some(old) => old.then(&newer),
+        None => newer,
+    };
+    *ledger = Some(all.clone());
+    all
+}
+
 /// Stops the storm and checks that it got writes acknowledged.
 async fn stop(storm: Storm) -> Ledger {
     let ledger = storm.stop().await;
@@ -567,12 +596,7 @@ async fn primary_killed_during_writes() {
     writes_continue(&first, Duration::from_millis(500), "before the kill").await;
     c.kill(0);
     let first = stop(first).await;
-    let o = cli(&c, 1, &["promote", "demo"]);
-    assert!(
-        o.status.success(),
-        "promote: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    promote_through_hook(&c, 1);
     let second = storm(&c, 1, 12);
     writes_continue(&second, Duration::from_millis(500), "on the new primary").await;
     c.restart(0).await.expect("restart alpha");
@@ -588,10 +612,7 @@ async fn primary_killed_during_writes() {
 /// `BLKREP_DRILL_SEED=N` replays another schedule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_killed_at_seeded_moments_always_resyncs_to_equal_copies() {
-    let seed = std::env::var("BLKREP_DRILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x6b11);
+    let seed = drill_seed(0x6b11);
     let mut rng = blkrep::testkit::rng::SplitMix64(seed);
     let mut c = up("d-kill-many", small()).await;
     let mut ledger: Option<Ledger> = None;
@@ -601,10 +622,7 @@ async fn primary_killed_at_seeded_moments_always_resyncs_to_equal_copies() {
         tokio::time::sleep(Duration::from_millis(kill_after_ms)).await;
         c.kill(0);
         let this = stop(s).await;
-        ledger = Some(match ledger {
-            Some(l) => l.then(&this),
-            None => this,
-        });
+        append(&mut ledger, this);
         c.restart(0).await.expect("restart alpha");
         c.promote(0).await.unwrap_or_else(|e| {
             dump_logs(&c);
@@ -739,12 +757,7 @@ async fn secondary_power_cut_during_writes_then_failover_to_it() {
     c.restart(1).await.expect("restart beta");
     assert_nothing_lost(&c, &first).await;
     cut_power(&mut c, 0, 22).await;
-    let o = cli(&c, 1, &["promote", "demo"]);
-    assert!(
-        o.status.success(),
-        "promote beta: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    promote_through_hook(&c, 1);
     assert_readable_through(&c, 1, &first).await;
     c.restart(0).await.expect("restart alpha");
     assert_nothing_lost(&c, &first).await;
@@ -762,12 +775,7 @@ async fn primary_power_cut_during_writes_survivor_promoted() {
     cut_power(&mut c, 0, 31).await;
     let first = stop(s).await;
     assert_storm_mixed(&first);
-    let o = cli(&c, 1, &["promote", "demo"]);
-    assert!(
-        o.status.success(),
-        "promote beta: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    promote_through_hook(&c, 1);
     assert_readable_through(&c, 1, &first).await;
     let second = storm(&c, 1, 32);
     writes_continue(&second, Duration::from_millis(500), "on the new primary").await;
@@ -784,20 +792,11 @@ async fn primary_power_cut_during_writes_survivor_promoted() {
 /// `BLKREP_DRILL_SEED=N` replays another schedule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_at_seeded_moments_and_during_resyncs() {
-    let seed = std::env::var("BLKREP_DRILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x9c07);
+    let seed = drill_seed(0x9c07);
     let mut rng = blkrep::testkit::rng::SplitMix64(seed);
     let mut c = up_volatile("d-pc-many").await;
     let mut ledger: Option<Ledger> = None;
-    let mut keep = |l: Ledger| {
-        ledger = Some(match ledger.take() {
-            Some(old) => old.then(&l),
-            None => l,
-        });
-        ledger.clone().expect("ledger")
-    };
+    let mut keep = |l: Ledger| append(&mut ledger, l);
     for round in 0..3 {
         let s = storm(&c, 0, rng.next_u64());
         tokio::time::sleep(Duration::from_millis(200 + rng.below(800))).await;

@@ -138,57 +138,38 @@ impl Unflushed {
     /// are returned in the second list.
     pub fn peer_lost(&mut self) -> (Vec<Range>, Vec<UnflushedWrite>) {
         let mut marked = Vec::new();
-        let mut done = Vec::new();
-        let mut strip = |epoch: &mut Vec<UnflushedWrite>| {
-            epoch.retain_mut(|w| {
-                if w.peer {
-                    marked.push(w.range);
-                    w.peer = false;
-                }
-                if w.durable() {
-                    done.push(*w);
-                    false
-                } else {
-                    true
-                }
-            });
-        };
-        strip(&mut self.open);
-        for (_, epoch) in self.closed.iter_mut() {
-            strip(epoch);
-        }
-        self.open_bytes = self.open.iter().map(|w| w.range.len).sum();
+        let done = self.forget_leg(|w| {
+            if w.peer {
+                marked.push(w.range);
+            }
+            w.peer = false;
+        });
         (marked, done)
     }
 
     /// This node's disk is gone (failed or detached): its legs no longer
     /// matter. Returns the writes then durable everywhere.
     pub fn local_lost(&mut self) -> Vec<UnflushedWrite> {
+        self.forget_leg(|w| w.local = false)
+    }
+
+    /// Applies `forget` (which clears one leg) to every tracked write;
+    /// removes and returns the writes that are then durable everywhere.
+    fn forget_leg(&mut self, mut forget: impl FnMut(&mut UnflushedWrite)) -> Vec<UnflushedWrite> {
         let mut done = Vec::new();
-        let mut strip = |epoch: &mut Vec<UnflushedWrite>| {
+        let epochs =
+            std::iter::once(&mut self.open).chain(self.closed.iter_mut().map(|(_, epoch)| epoch));
+        for epoch in epochs {
             epoch.retain_mut(|w| {
-                w.local = false;
+                forget(w);
                 if w.durable() {
                     done.push(*w);
-                    false
-                } else {
-                    true
                 }
+                !w.durable()
             });
-        };
-        strip(&mut self.open);
-        for (_, epoch) in self.closed.iter_mut() {
-            strip(epoch);
         }
         self.open_bytes = self.open.iter().map(|w| w.range.len).sum();
         done
-    }
-
-    /// Every write still tracked (for marking them out of sync).
-    pub fn iter(&self) -> impl Iterator<Item = &UnflushedWrite> {
-        self.open
-            .iter()
-            .chain(self.closed.iter().flat_map(|(_, e)| e.iter()))
     }
 
     /// Forgets every write; returns them (their pins go).

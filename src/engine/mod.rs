@@ -1222,12 +1222,6 @@ impl Engine {
         }
     }
 
-    /// Every finished write is durable on both copies now (for tests and
-    /// shutdown checks).
-    pub fn all_flushed(&self) -> bool {
-        self.unflushed.is_empty()
-    }
-
     // ---- client requests ----
 
     /// A client request. `Read` is only submitted when `read_path` says Peer.

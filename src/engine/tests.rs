@@ -408,10 +408,7 @@ impl Sim {
                     Pending::Replica {
                         data, fua, flush, ..
                     } => {
-                        self.land(n, &data, fua);
-                        if let Some(blocks) = flush {
-                            self.flushed(n, &blocks);
-                        }
+                        self.complete_on_disk(n, &data, fua, flush);
                     }
                     local => self.nodes[n].pending.push(local),
                 }
@@ -763,10 +760,7 @@ impl Sim {
                 fua,
                 ..
             } => {
-                self.land(n, &data, fua);
-                if let Some(blocks) = flush {
-                    self.flushed(n, &blocks);
-                }
+                self.complete_on_disk(n, &data, fua, flush);
                 self.nodes[n].eng.local_done(id, true);
             }
             Pending::Replica {
@@ -775,14 +769,26 @@ impl Sim {
                 flush,
                 fua,
             } => {
-                self.land(n, &data, fua);
-                if let Some(blocks) = flush {
-                    self.flushed(n, &blocks);
-                }
+                self.complete_on_disk(n, &data, fua, flush);
                 self.send(1 - n, Msg::Ack { id, ok: true });
             }
         }
         self.drain(n);
+    }
+
+    /// An I/O completed on node `n`'s disk: its data lands, and a flush
+    /// makes what it covers durable.
+    fn complete_on_disk(
+        &mut self,
+        n: usize,
+        data: &[(u64, u64)],
+        fua: bool,
+        flush: Option<Vec<u64>>,
+    ) {
+        self.land(n, data, fua);
+        if let Some(blocks) = flush {
+            self.flushed(n, &blocks);
+        }
     }
 
     /// A write completed on node `n`'s disk: in its cache, and on the
@@ -1243,10 +1249,7 @@ impl Sim {
                     flush,
                     fua,
                 } => {
-                    self.land(n, &data, fua);
-                    if let Some(blocks) = flush {
-                        self.flushed(n, &blocks);
-                    }
+                    self.complete_on_disk(n, &data, fua, flush);
                     self.send(1 - n, Msg::Ack { id, ok: true });
                 }
                 local => self.nodes[n].pending.push(local),

@@ -73,11 +73,6 @@ impl FaultPlan {
         self.lock_cache().is_some()
     }
 
-    /// Completed writes the volatile cache holds now.
-    pub fn cached_blocks(&self) -> usize {
-        self.lock_cache().as_ref().map_or(0, |c| c.blocks.len())
-    }
-
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, Option<VolatileCache>> {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -1603,6 +1603,30 @@ mod tests {
     use crate::meta::activity_log::AlSnapshot;
     use crate::meta::bitmap::BITMAP_PAGE_BYTES;
 
+    /// An engine of a 16 MiB up-to-date volume (generation 5, no witness).
+    fn up_to_date_engine() -> Engine {
+        let cfg = EngineConfig {
+            data_bytes: 16 << 20,
+            chunk_bytes: 65536,
+            tie_winner: true,
+            al_extent_bytes: 4 << 20,
+            al_extents: 16,
+            quorum: None,
+            volatile_cache: true,
+        };
+        let gens = crate::meta::Generations {
+            current: 5,
+            ..Default::default()
+        };
+        Engine::new(
+            cfg,
+            DiskState::UpToDate,
+            gens,
+            Bitmap::new(16 << 20, 65536),
+            1,
+        )
+    }
+
     /// Issue 13: after an unclean stop, the same boot id means only the
     /// process died (nothing is lost; the disk is flushed), another boot id
     /// a possible power cut (the copy is marked and refuses promotion); a
@@ -1613,28 +1637,6 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let disk = dir.join("disk");
         std::fs::write(&disk, vec![0u8; 4096]).expect("disk");
-        let engine = || {
-            let cfg = EngineConfig {
-                data_bytes: 16 << 20,
-                chunk_bytes: 65536,
-                tie_winner: true,
-                al_extent_bytes: 4 << 20,
-                al_extents: 16,
-                quorum: None,
-                volatile_cache: true,
-            };
-            let gens = crate::meta::Generations {
-                current: 5,
-                ..Default::default()
-            };
-            Engine::new(
-                cfg,
-                DiskState::UpToDate,
-                gens,
-                Bitmap::new(16 << 20, 65536),
-                1,
-            )
-        };
         let sb = |boot_id| Superblock {
             seq: 1,
             volume_name: "v".into(),
@@ -1649,12 +1651,12 @@ mod tests {
             cache_lost: false,
         };
         let now = [7u8; 16];
-        let mut same = engine();
+        let mut same = up_to_date_engine();
         note_unclean_stop(&sb(now), now, &disk, "v", &mut same).expect("same boot");
         assert!(!same.status().cache_lost);
         assert!(same.promote_check(false).is_ok());
         for earlier in [[8u8; 16], [0u8; 16]] {
-            let mut other = engine();
+            let mut other = up_to_date_engine();
             note_unclean_stop(&sb(earlier), now, &disk, "v", &mut other).expect("other boot");
             assert!(other.status().cache_lost);
             assert_eq!(
@@ -1683,21 +1685,7 @@ mod tests {
         }
         // Attach again (cleanly), become primary, write to a new extent.
         let meta = MetaDevice::open(&path, *meta.layout()).expect("reopen");
-        let cfg = EngineConfig {
-            data_bytes: 16 << 20,
-            chunk_bytes: 65536,
-            tie_winner: true,
-            al_extent_bytes: 4 << 20,
-            al_extents: 16,
-            quorum: None,
-            volatile_cache: true,
-        };
-        let gens = crate::meta::Generations {
-            current: 5,
-            ..Default::default()
-        };
-        let bitmap = Bitmap::new(16 << 20, 65536);
-        let mut engine = Engine::new(cfg, DiskState::UpToDate, gens, bitmap, 1);
+        let mut engine = up_to_date_engine();
         resume_activity_log(&meta, &mut engine, false, "v");
         engine.promote(false).expect("promote");
         engine.submit(1, Op::Write { fua: false }, Range::new(8 << 20, 4096));
