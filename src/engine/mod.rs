@@ -1763,9 +1763,12 @@ impl Engine {
             // A finished write keeps its extents in the activity log until
             // it is durable on every copy that has it (rule 6).
             let peer_volatile = self.peer.is_none_or(|(v, _)| v.volatile_cache);
+            // A disk that failed since its leg completed holds nothing that
+            // matters any more (the copy needs a full resync).
+            let local_volatile = self.cfg.volatile_cache && self.disk != DiskState::Diskless;
             let w = UnflushedWrite {
                 range: r.range,
-                local: r.local == Leg::Done && r.op.volatile_write() && self.cfg.volatile_cache,
+                local: r.local == Leg::Done && r.op.volatile_write() && local_volatile,
                 peer: r.peer == Leg::Done
                     && r.op.volatile_write()
                     && !r.forwarded

@@ -2471,3 +2471,36 @@ fn flushed_writes_survive_a_power_cut_of_both_nodes() {
     assert_eq!(norm(&sim.nodes[0].disk), norm(&sim.nodes[1].disk));
     assert!(sim.nodes[0].eng.promote_check(false).is_ok());
 }
+
+/// A write whose local leg completed just before the primary's disk failed
+/// finishes once the peer has it; the primary, now diskless, has no local
+/// leg left to flush. It must not wait for one forever: a flush through the
+/// peer makes the write durable, and the node steps down.
+#[test]
+fn a_primary_whose_disk_failed_mid_write_still_steps_down() {
+    let mut sim = Sim::new(6);
+    let id = sim.next_id;
+    sim.next_id += 1;
+    sim.next_version += 1;
+    let v = sim.next_version;
+    sim.nodes[0].payload.insert(id, vec![(3, v)]);
+    sim.nodes[0]
+        .eng
+        .submit(id, Op::Write { fua: false }, Range::new(3 * BLOCK, BLOCK));
+    sim.drain(0);
+    // The activity log's update first, then the write on the disk.
+    sim.persist_meta(0);
+    assert_eq!(sim.nodes[0].pending.len(), 1, "the local write is issued");
+    sim.complete_local(0);
+    sim.nodes[0].eng.disk_failed();
+    sim.drain(0);
+    sim.run_until_quiet();
+    assert_eq!(
+        sim.acked.get(&3),
+        Some(&v),
+        "the peer leg finished the write"
+    );
+    assert_eq!(sim.nodes[0].eng.status().disk, DiskState::Diskless);
+    assert_eq!(sim.demote(0), Ok(()));
+    assert_eq!(sim.nodes[0].eng.status().unflushed_writes, 0);
+}
