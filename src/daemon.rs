@@ -6,7 +6,7 @@
 //! one for control messages, the in-memory bitmap (one bit per chunk: 20 KiB
 //! for 10 GiB at 64 KiB chunks), and buffers only for I/O in flight.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -768,6 +768,8 @@ async fn heartbeat_loop(me: Weak<Daemon>, witness: Arc<WitnessClient>, lease_ms:
         ..Default::default()
     }
     .renew_interval_ms();
+    // Per volume, the witness's refusal last logged (logged when it changes).
+    let mut refused: BTreeMap<String, String> = BTreeMap::new();
     loop {
         let Some(daemon) = me.upgrade() else { return };
         let volumes: Vec<(String, String, VolumeHandle)> = daemon
@@ -802,6 +804,21 @@ async fn heartbeat_loop(me: Weak<Daemon>, witness: Arc<WitnessClient>, lease_ms:
                 let Some((_, _, h)) = volumes.iter().find(|(n, _, _)| *n == answer.volume) else {
                     continue;
                 };
+                match &answer.refused {
+                    Some(why) => {
+                        let why = why.to_string();
+                        if refused.get(&answer.volume) != Some(&why) {
+                            tracing::warn!(
+                                "volume {}: the witness refuses it: {why}",
+                                answer.volume
+                            );
+                            refused.insert(answer.volume.clone(), why);
+                        }
+                    }
+                    None => {
+                        refused.remove(&answer.volume);
+                    }
+                }
                 if answer.lease
                     && let Some(l) = h.lease()
                 {

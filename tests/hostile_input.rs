@@ -590,3 +590,97 @@ async fn a_peer_volume_with_an_unrelated_history_is_refused() {
         );
     }
 }
+
+/// Issue 14, hole 1, against a real witness: a node with a valid
+/// certificate asks for records under names that would leave the state
+/// directory, or with a peer the witness does not serve. Each gets an
+/// error answer, and the witness writes nothing anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_witness_refuses_volume_names_and_peers_it_does_not_serve() {
+    use blkrep::quorum::{Holder, RecordView};
+    use blkrep::witness::client::WitnessClient;
+    use blkrep::witness::protocol::{ChangeOutcome, Claim, Refusal, WitnessOp};
+    let mut c = cluster(
+        "witness-names",
+        blkrep::testkit::cluster::ClusterOptions {
+            witness: true,
+            ..small()
+        },
+    );
+    c.start_witness().await.expect("witness");
+    let w = c.witness.clone().expect("witness files");
+    let tls = c.dir.join("tls");
+    let material = TlsMaterial::load(
+        &tls.join("ca.pem"),
+        &tls.join("alpha.pem"),
+        &tls.join("alpha.key"),
+    )
+    .expect("alpha TLS material");
+    let client = WitnessClient::new("witness", w.address, &material, 5000).expect("client");
+    let outside = c.dir.join("escaped");
+    let escape = format!("../{}", outside.file_name().unwrap().to_string_lossy());
+    let force = WitnessOp::Promote {
+        force: true,
+        incomplete: true,
+    };
+    let outcome = client
+        .change(&escape, "beta", 0, force)
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(outcome, ChangeOutcome::Refused(Refusal::InvalidVolume(_))),
+        "{outcome:?}"
+    );
+    let outcome = client
+        .change("demo", "mallory", 0, force)
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(outcome, ChangeOutcome::Refused(Refusal::UnknownPeer(_))),
+        "{outcome:?}"
+    );
+    let view = RecordView {
+        epoch: 1,
+        primary: Holder::Me,
+        me_up_to_date: true,
+        peer_up_to_date: true,
+        forced: false,
+    };
+    let claims = vec![
+        Claim {
+            volume: escape.clone(),
+            peer: "beta".into(),
+            view,
+            primary_now: true,
+        },
+        Claim {
+            volume: "demo".into(),
+            peer: "mallory".into(),
+            view,
+            primary_now: true,
+        },
+    ];
+    let reply = client.heartbeat(claims).await.expect("heartbeat");
+    assert!(
+        reply
+            .volumes
+            .iter()
+            .all(|a| a.refused.is_some() && !a.lease),
+        "{:?}",
+        reply.volumes
+    );
+    let escaped: Vec<_> = std::fs::read_dir(&c.dir)
+        .expect("cluster dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("escaped"))
+        .collect();
+    assert!(escaped.is_empty(), "the witness wrote {escaped:?}");
+    let stored = std::fs::read_dir(&w.state_dir).expect("state dir").count();
+    assert_eq!(stored, 0, "the witness stored a record");
+    // A good request still works.
+    let outcome = client
+        .change("demo", "beta", 0, force)
+        .await
+        .expect("an answer");
+    assert!(matches!(outcome, ChangeOutcome::Done(_)), "{outcome:?}");
+}

@@ -58,6 +58,11 @@ impl WitnessSim {
     }
 }
 
+/// The witness's data nodes.
+fn members() -> Vec<String> {
+    NAMES.iter().map(|n| n.to_string()).collect()
+}
+
 fn key() -> String {
     record_key("v", NAMES[0], NAMES[1])
 }
@@ -330,7 +335,7 @@ impl Sim {
     fn with_witness(seed: u64, witness: bool) -> Self {
         let mut s = Sim {
             witness: witness.then(|| WitnessSim {
-                arb: Arbiter::new(Default::default(), 1, BTreeMap::new()),
+                arb: Arbiter::new(Default::default(), &members(), 1, BTreeMap::new()),
                 reach: [true, true],
                 queue: VecDeque::new(),
                 now_ms: 1,
@@ -1334,11 +1339,11 @@ impl Sim {
             }
             36..=37 => {
                 let records = w.arb.records().clone();
-                w.arb = Arbiter::new(Default::default(), w.now_ms, records);
+                w.arb = Arbiter::new(Default::default(), &members(), w.now_ms, records);
                 self.log.push("witness restart".into());
             }
             38 if self.rng.below(8) == 0 => {
-                w.arb = Arbiter::new(Default::default(), w.now_ms, BTreeMap::new());
+                w.arb = Arbiter::new(Default::default(), &members(), w.now_ms, BTreeMap::new());
                 self.log.push("witness disk lost".into());
             }
             _ => w.now_ms += 500,

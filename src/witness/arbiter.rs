@@ -3,7 +3,7 @@
 //! granted. Time is passed in (monotonic milliseconds); it does no I/O. The
 //! server persists every changed record (fsync) before it answers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::protocol::{ChangeOutcome, Claim, Refusal, VolumeAnswer, WitnessOp};
 use crate::quorum::{LeaseSettings, Record};
@@ -18,9 +18,16 @@ pub fn record_key(volume: &str, a: &str, b: &str) -> String {
 /// A record that changed and must be made durable before answering.
 pub type Changed = Option<(String, Record)>;
 
+/// Volumes (records, and records being learnt) the witness holds per node
+/// pair: what a node can make it store, in files and in memory.
+pub const VOLUMES_PER_PAIR_MAX: usize = 10_000;
+
 /// The witness state machine.
 pub struct Arbiter {
     settings: LeaseSettings,
+    /// The data nodes it serves (its config's `nodes`): a request naming
+    /// another node as the peer is refused.
+    members: BTreeSet<String>,
     started_ms: u64,
     records: BTreeMap<String, Record>,
     /// Learning: per key, each node's claimed record and when it said so.
@@ -30,10 +37,17 @@ pub struct Arbiter {
 }
 
 impl Arbiter {
-    /// A witness started at `now_ms` with the records found on its disk.
-    pub fn new(settings: LeaseSettings, now_ms: u64, records: BTreeMap<String, Record>) -> Self {
+    /// A witness serving `members`, started at `now_ms` with the records
+    /// found on its disk.
+    pub fn new(
+        settings: LeaseSettings,
+        members: &[String],
+        now_ms: u64,
+        records: BTreeMap<String, Record>,
+    ) -> Self {
         Arbiter {
             settings,
+            members: members.iter().cloned().collect(),
             started_ms: now_ms,
             records,
             claims: BTreeMap::new(),
@@ -68,6 +82,35 @@ impl Arbiter {
         }
     }
 
+    /// Whether `node` may ask about `volume` shared with `peer`: a valid
+    /// name (it becomes a file name), a peer this witness serves, and
+    /// room for the record if it is new. Checked before anything changes.
+    fn admit(&self, node: &str, volume: &str, peer: &str) -> Result<String, Refusal> {
+        if !crate::config::valid_volume_name(volume) {
+            return Err(Refusal::InvalidVolume(volume.chars().take(80).collect()));
+        }
+        if peer == node {
+            return Err(Refusal::NotMember);
+        }
+        if !self.members.contains(peer) {
+            return Err(Refusal::UnknownPeer(peer.chars().take(80).collect()));
+        }
+        let key = record_key(volume, node, peer);
+        if !self.records.contains_key(&key) && !self.claims.contains_key(&key) {
+            let pair = record_key("", node, peer);
+            let held = self
+                .records
+                .keys()
+                .chain(self.claims.keys())
+                .filter(|k| k.ends_with(&pair))
+                .count();
+            if held >= VOLUMES_PER_PAIR_MAX {
+                return Err(Refusal::TooManyVolumes(VOLUMES_PER_PAIR_MAX));
+            }
+        }
+        Ok(key)
+    }
+
     /// When any primary lease `node` may hold has run out (a restarted
     /// witness assumes one was granted just before it started).
     pub fn lease_bound_ms(&self, node: &str) -> u64 {
@@ -92,15 +135,18 @@ impl Arbiter {
         let mut changed = Vec::new();
         let mut lease_granted = false;
         for c in claims {
-            if c.peer == node {
-                answers.push(VolumeAnswer {
-                    volume: c.volume.clone(),
-                    record: None,
-                    lease: false,
-                });
-                continue;
-            }
-            let key = record_key(&c.volume, node, &c.peer);
+            let key = match self.admit(node, &c.volume, &c.peer) {
+                Ok(key) => key,
+                Err(refusal) => {
+                    answers.push(VolumeAnswer {
+                        volume: c.volume.clone(),
+                        record: None,
+                        lease: false,
+                        refused: Some(refusal),
+                    });
+                    continue;
+                }
+            };
             if !self.records.contains_key(&key) {
                 if let Some(r) = self.learn(&key, node, now_ms, c) {
                     changed.push((key.clone(), r));
@@ -111,6 +157,7 @@ impl Arbiter {
                     volume: c.volume.clone(),
                     record: None,
                     lease: false,
+                    refused: None,
                 });
                 continue;
             };
@@ -128,6 +175,7 @@ impl Arbiter {
                 volume: c.volume.clone(),
                 record: Some(rec.clone()),
                 lease,
+                refused: None,
             });
         }
         if lease_granted {
@@ -165,10 +213,10 @@ impl Arbiter {
         expected_epoch: u64,
         op: WitnessOp,
     ) -> (ChangeOutcome, Changed) {
-        if peer == node {
-            return (ChangeOutcome::Refused(Refusal::NotMember), None);
-        }
-        let key = record_key(volume, node, peer);
+        let key = match self.admit(node, volume, peer) {
+            Ok(key) => key,
+            Err(refusal) => return (ChangeOutcome::Refused(refusal), None),
+        };
         let Some(current) = self.records.get(&key).cloned() else {
             if let WitnessOp::Promote {
                 force: true,
@@ -303,8 +351,12 @@ mod tests {
         }
     }
 
+    fn members() -> Vec<String> {
+        vec!["a".into(), "b".into()]
+    }
+
     fn fresh() -> Arbiter {
-        Arbiter::new(LeaseSettings::default(), 1000, BTreeMap::new())
+        Arbiter::new(LeaseSettings::default(), &members(), 1000, BTreeMap::new())
     }
 
     fn both_up(epoch: u64, primary: Holder) -> RecordView {
@@ -388,7 +440,7 @@ mod tests {
                 forced: false,
             },
         );
-        let mut w = Arbiter::new(LeaseSettings::default(), 50, records);
+        let mut w = Arbiter::new(LeaseSettings::default(), &members(), 50, records);
         let (o, _) = w.change("b", 60, "v", "a", 3, promote(false));
         assert!(matches!(o, ChangeOutcome::Wait { .. }));
     }
@@ -407,6 +459,71 @@ mod tests {
         assert_eq!(ch.len(), 1);
         assert!(!ans[0].lease);
         assert_eq!(ans[0].record.as_ref().unwrap().primary, None);
+    }
+
+    /// Issue 14, hole 1: a volume name becomes a file name on the witness
+    /// host, and the peer a key: a name outside the node-config rules, a
+    /// peer the witness does not serve, or a record beyond the per-pair
+    /// bound is refused, and nothing is stored or learnt for it.
+    #[test]
+    fn bad_names_unknown_peers_and_too_many_volumes_are_refused_unchanged() {
+        let mut w = fresh();
+        for bad in ["../../etc/x", "a/b", ".hidden", "", "v@a+b"] {
+            let (o, ch) = w.change("a", 1000, bad, "b", 0, promote(true));
+            assert!(
+                matches!(o, ChangeOutcome::Refused(Refusal::InvalidVolume(_))),
+                "{bad:?}: {o:?}"
+            );
+            assert!(ch.is_none());
+            let mut c = claim("b", both_up(1, Holder::Me), true);
+            c.volume = bad.into();
+            let (ans, ch) = w.heartbeat("a", 1000, &[c]);
+            assert!(matches!(ans[0].refused, Some(Refusal::InvalidVolume(_))));
+            assert!(ch.is_empty() && !ans[0].lease);
+        }
+        let (o, _) = w.change("a", 1000, "v", "mallory", 0, promote(true));
+        assert_eq!(
+            o,
+            ChangeOutcome::Refused(Refusal::UnknownPeer("mallory".into()))
+        );
+        let (ans, _) = w.heartbeat("a", 1000, &[claim("mallory", both_up(1, Holder::Me), true)]);
+        assert!(matches!(ans[0].refused, Some(Refusal::UnknownPeer(_))));
+        assert!(
+            w.records().is_empty() && w.claims.is_empty(),
+            "nothing kept"
+        );
+        // A good claim next to a bad one is answered as always.
+        let (ans, _) = w.heartbeat(
+            "a",
+            1000,
+            &[
+                claim("mallory", both_up(1, Holder::Me), true),
+                claim("b", both_up(1, Holder::Me), true),
+            ],
+        );
+        assert!(ans[0].refused.is_some() && ans[1].refused.is_none());
+        // The per-pair bound: full for a+b, another pair unaffected.
+        let record = Record {
+            epoch: 1,
+            primary: None,
+            up_to_date: BTreeSet::new(),
+            forced: false,
+        };
+        let records = (0..VOLUMES_PER_PAIR_MAX)
+            .map(|i| (record_key(&format!("v{i}"), "a", "b"), record.clone()))
+            .collect();
+        let three = vec!["a".to_string(), "b".into(), "c".into()];
+        let mut w = Arbiter::new(LeaseSettings::default(), &three, 1000, records);
+        let (o, ch) = w.change("a", 1000, "one-more", "b", 0, promote(true));
+        assert_eq!(
+            o,
+            ChangeOutcome::Refused(Refusal::TooManyVolumes(VOLUMES_PER_PAIR_MAX))
+        );
+        assert!(ch.is_none());
+        let (o, _) = w.change("a", 1000, "v7", "b", 1, WitnessOp::Demote);
+        assert!(matches!(o, ChangeOutcome::Done(_)), "a known one: {o:?}");
+        let (o, _) = w.change("a", 1000, "one-more", "c", 0, promote(true));
+        assert!(matches!(o, ChangeOutcome::Done(_)), "another pair: {o:?}");
     }
 
     #[test]

@@ -94,6 +94,9 @@ pub struct VolumeAnswer {
     pub record: Option<Record>,
     /// The requester holds the primary lease for this volume.
     pub lease: bool,
+    /// Why the witness refused this claim (it changed nothing for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Refusal>,
 }
 
 /// Why a change was refused.
@@ -119,6 +122,16 @@ pub enum Refusal {
     /// The requester is not one of the volume's nodes (or names itself).
     #[error("this node may not change that record")]
     NotMember,
+    /// The volume name breaks the rules of node configs (ASCII letters,
+    /// digits, `-`, `_`, `.`, not starting with `.`, bounded length).
+    #[error("invalid volume name {0:?}")]
+    InvalidVolume(String),
+    /// The peer named is not one of the data nodes this witness serves.
+    #[error("{0:?} is not one of the nodes this witness serves (its `nodes` setting)")]
+    UnknownPeer(String),
+    /// The node pair has as many records as the witness holds per pair.
+    #[error("the witness holds at most {0} volumes per node pair; this one would exceed it")]
+    TooManyVolumes(usize),
 }
 
 /// The outcome of a change.

@@ -45,7 +45,7 @@ impl WitnessServer {
             lease_ms: cfg.lease_ms,
             ..Default::default()
         };
-        let arbiter = Arbiter::new(settings, clock::now_ms(), records);
+        let arbiter = Arbiter::new(settings, &cfg.nodes, clock::now_ms(), records);
         let tls = TlsMaterial::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
         let setup = |message: String| WitnessError::Setup {
             addr: cfg.listen,
