@@ -684,3 +684,179 @@ async fn a_witness_refuses_volume_names_and_peers_it_does_not_serve() {
         .expect("an answer");
     assert!(matches!(outcome, ChangeOutcome::Done(_)), "{outcome:?}");
 }
+
+/// Test endpoints of one link: `alpha`'s real `PeerConnection` (its read
+/// loop running) and the fake peer's raw QUIC stream, on loopback, with
+/// certificates of one test CA.
+struct RawLink {
+    alpha: Arc<blkrep::link::connection::PeerConnection>,
+    quic: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct NoVolumes;
+
+impl blkrep::link::connection::InboundHandler for NoVolumes {
+    fn connection_changed(
+        &self,
+        _: &str,
+        _: Option<Arc<blkrep::link::connection::PeerConnection>>,
+    ) {
+    }
+    fn volume_state(&self, _: &Arc<blkrep::link::connection::PeerConnection>, _: VolumeStateMsg) {}
+    fn request(
+        &self,
+        _: &Arc<blkrep::link::connection::PeerConnection>,
+        _: &str,
+        _: blkrep::link::connection::InboundRequest,
+    ) {
+    }
+}
+
+async fn raw_link(tag: &str) -> RawLink {
+    let dir = std::env::temp_dir().join(format!("blkrep-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    blkrep::cert::create_ca(&dir).expect("ca");
+    for n in ["alpha", "beta"] {
+        blkrep::cert::issue(n, &dir, &dir, 2).expect("cert");
+    }
+    let load = |n: &str| {
+        TlsMaterial::load(
+            &dir.join("ca.pem"),
+            &dir.join(format!("{n}.pem")),
+            &dir.join(format!("{n}.key")),
+        )
+        .expect("TLS material")
+    };
+    let settings = LinkSettings {
+        peer_timeout_ms: 5000,
+        keepalive_interval_ms: 1000,
+        reconnect_backoff_max_ms: 500,
+        inflight_requests_max: 16,
+        mtu_max_bytes: 1452,
+        lease_ms: 2000,
+    };
+    let transport = Arc::new(transport_config(&settings));
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+        load("beta")
+            .quic_server(blkrep::link::tls::ALPN)
+            .expect("server crypto"),
+    ));
+    server.transport_config(transport.clone());
+    let beta = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).expect("bind beta");
+    let mut client = quinn::ClientConfig::new(Arc::new(
+        load("alpha")
+            .quic_client(blkrep::link::tls::ALPN)
+            .expect("client crypto"),
+    ));
+    client.transport_config(transport);
+    let alpha_end = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("bind alpha");
+    let beta_addr = beta.local_addr().expect("addr");
+    let (dialed, accepted) = tokio::join!(
+        async {
+            alpha_end
+                .connect_with(client, beta_addr, "beta")
+                .expect("connect")
+                .await
+                .expect("handshake")
+        },
+        async {
+            beta.accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("accept")
+        }
+    );
+    let (a_send, a_recv) = dialed.open_bi().await.expect("stream");
+    let alpha = blkrep::link::connection::PeerConnection::start(
+        "beta".into(),
+        dialed,
+        a_send,
+        16,
+        Duration::from_secs(5),
+        Default::default(),
+    );
+    // A stream appears at the peer once something was sent on it.
+    let mut ping = Header::new(Kind::Flush);
+    ping.request = 0;
+    alpha
+        .send(ping, bytes::Bytes::new())
+        .await
+        .expect("first frame");
+    let (send, mut recv) = accepted.accept_bi().await.expect("peer stream");
+    let (first, _) = read_frame(&mut recv).await.expect("first frame");
+    assert_eq!(first.kind, Kind::Flush);
+    let reader = alpha.clone();
+    tokio::spawn(async move {
+        let handler: Arc<dyn blkrep::link::connection::InboundHandler> = Arc::new(NoVolumes);
+        reader.read_loop(a_recv, &handler).await
+    });
+    RawLink {
+        alpha,
+        quic: accepted,
+        send,
+        recv,
+        _dir: TempDir(dir),
+    }
+}
+
+/// Issue 14, hole 6: a ReadReply of another length than the read asked for
+/// (or a digest of another size) is a protocol error of that peer: the
+/// request fails and the link closes; nothing short reaches a client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_reply_of_the_wrong_length_is_a_protocol_error() {
+    for (kind, answer_kind, answer_bytes) in [
+        (Kind::ReadRequest, Kind::ReadReply, 8192usize),
+        (Kind::ReadRequest, Kind::ReadReply, 4096),
+        (Kind::ReadRequest, Kind::Ack, 0),
+        (Kind::HashRequest, Kind::HashReply, 16),
+    ] {
+        let mut link = raw_link("short-reply").await;
+        let mut ask = Header::new(kind);
+        ask.offset = 0;
+        ask.op_len = 8192;
+        let alpha = link.alpha.clone();
+        let request = tokio::spawn(async move { alpha.request(ask, bytes::Bytes::new()).await });
+        let (h, _) = read_frame(&mut link.recv).await.expect("the request");
+        assert_eq!(h.kind, kind);
+        let mut answer = Header::new(answer_kind);
+        answer.request = h.request;
+        send_frame(&mut link.send, answer, &vec![0x5a; answer_bytes]).await;
+        let result = tokio::time::timeout(WAIT, request)
+            .await
+            .expect("answered in time")
+            .expect("task");
+        let good = kind == Kind::ReadRequest && answer_bytes == 8192;
+        if good {
+            let reply = result.expect("the exact length is fine");
+            assert_eq!(reply.data.map(|d| d.len()), Some(8192));
+            continue;
+        }
+        assert!(
+            matches!(result, Err(blkrep::link::LinkError::Protocol(_))),
+            "{kind:?} answered by {answer_bytes} bytes: {:?}",
+            result.map(|r| r.status)
+        );
+        match tokio::time::timeout(WAIT, link.quic.closed())
+            .await
+            .expect("the link closes")
+        {
+            quinn::ConnectionError::ApplicationClosed(a) => {
+                assert_eq!(a.error_code, quinn::VarInt::from_u32(1))
+            }
+            other => panic!("unexpected close: {other}"),
+        }
+    }
+}

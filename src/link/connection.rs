@@ -215,7 +215,16 @@ impl PeerConnection {
             return Err(LinkError::Closed);
         }
         match tokio::time::timeout(self.request_timeout, rx).await {
-            Ok(Ok(r)) => Ok(r),
+            Ok(Ok(r)) => match reply_mismatch(&h, &r) {
+                None => Ok(r),
+                Some(what) => {
+                    // A peer answering with data of another length is
+                    // broken or hostile: nothing of it is used.
+                    let e = self.protocol_error(&what);
+                    self.fail_pending();
+                    Err(e)
+                }
+            },
             Ok(Err(_)) => Err(LinkError::Closed),
             Err(_) => {
                 // A peer that keeps the connection alive but never answers is
@@ -457,4 +466,31 @@ pub async fn read_control(
     h.verify_payload(&buf)
         .map_err(|e: WireError| LinkError::Wire(e))?;
     Ok(buf)
+}
+
+/// What is wrong with `reply` as the answer to request `h`, if anything: a
+/// successful read must bring exactly the bytes asked for, a successful
+/// digest request one digest, and nothing else may carry data.
+fn reply_mismatch(h: &Header, reply: &Reply) -> Option<String> {
+    if reply.status != 0 {
+        return None;
+    }
+    let data_len = reply.data.as_ref().map(AlignedBuf::len);
+    let digest_len = reply.digest.as_ref().map(Vec::len);
+    let ok = match h.kind {
+        Kind::ReadRequest => data_len == Some(h.op_len as usize) && digest_len.is_none(),
+        Kind::HashRequest => {
+            digest_len == Some(crate::link::wire::DIGEST_BYTES as usize) && data_len.is_none()
+        }
+        _ => data_len.is_none() && digest_len.is_none(),
+    };
+    (!ok).then(|| {
+        format!(
+            "the answer to a {:?} of {} bytes carried {} data bytes and {} digest bytes",
+            h.kind,
+            h.op_len,
+            data_len.unwrap_or(0),
+            digest_len.unwrap_or(0)
+        )
+    })
 }

@@ -118,6 +118,19 @@ impl Kind {
     }
 }
 
+impl Kind {
+    /// Longest I/O (`op_len`) this kind may ask for: a read's reply is one
+    /// frame, and a digest covers at most what one read brings (resync and
+    /// verify chunks are at most 1 MiB). Zeroes carry no data and are not
+    /// bounded here.
+    pub fn op_len_max_bytes(self) -> u32 {
+        match self {
+            Kind::ReadRequest | Kind::HashRequest => DATA_PAYLOAD_MAX_BYTES,
+            _ => u32::MAX,
+        }
+    }
+}
+
 /// A decoded frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -162,6 +175,16 @@ pub enum WireError {
         /// Frame kind.
         kind: Kind,
         /// Announced length.
+        len: u32,
+        /// Allowed maximum.
+        max: u32,
+    },
+    /// An I/O longer than one frame may answer.
+    #[error("{kind:?} frame asks for {len} bytes, at most {max} allowed")]
+    OpTooLong {
+        /// Frame kind.
+        kind: Kind,
+        /// Asked length.
         len: u32,
         /// Allowed maximum.
         max: u32,
@@ -248,6 +271,13 @@ impl Header {
             status: u32_at(36),
             payload_crc: u32_at(40),
         };
+        if h.op_len > kind.op_len_max_bytes() {
+            return Err(WireError::OpTooLong {
+                kind,
+                len: h.op_len,
+                max: kind.op_len_max_bytes(),
+            });
+        }
         if h.payload_len > kind.payload_max_bytes() {
             return Err(WireError::Oversized {
                 kind,
@@ -353,6 +383,25 @@ mod tests {
         for cut in [0, 10, HEADER_BYTES - 1, HEADER_BYTES, HEADER_BYTES + 4095] {
             assert_eq!(decode_frame(&f[..cut]).unwrap_err(), WireError::Truncated);
         }
+    }
+
+    /// Issue 14, hole 5: a peer cannot make this node allocate more than
+    /// one frame's worth for a read or a digest.
+    #[test]
+    fn reads_and_digests_longer_than_a_frame_are_refused() {
+        for kind in [Kind::ReadRequest, Kind::HashRequest] {
+            let mut h = Header::new(kind);
+            h.op_len = DATA_PAYLOAD_MAX_BYTES;
+            assert_eq!(Header::decode(&h.encode(&[])), Ok(h));
+            h.op_len = DATA_PAYLOAD_MAX_BYTES + 4096;
+            assert!(matches!(
+                Header::decode(&h.encode(&[])),
+                Err(WireError::OpTooLong { .. })
+            ));
+        }
+        let mut z = Header::new(Kind::Zeroes);
+        z.op_len = !4095;
+        assert!(Header::decode(&z.encode(&[])).is_ok(), "zeroes stay long");
     }
 
     #[test]

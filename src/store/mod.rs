@@ -98,7 +98,11 @@ pub fn check_range(offset: u64, len: u64, data_bytes: u64) -> Result<(), StoreEr
 
 impl BlockStore for UringStore {
     fn read(&self, offset: u64, len: usize) -> IoFuture<AlignedBuf> {
-        let checked = check_range(offset, len as u64, self.data_bytes);
+        // Checked before the buffer is allocated (the length may come
+        // from a peer).
+        if let Err(e) = check_range(offset, len as u64, self.data_bytes) {
+            return Box::pin(async move { Err(e) });
+        }
         let op = UringOp::Read {
             file: self.file.clone(),
             buf: AlignedBuf::zeroed(len),
@@ -107,7 +111,6 @@ impl BlockStore for UringStore {
         let ring = self.ring.clone();
         let path = self.path.clone();
         Box::pin(async move {
-            checked?;
             let done = ring.submit(op).await.map_err(|_| StoreError::Stopped)?;
             done.result.map_err(|source| StoreError::Io {
                 path: path.display().to_string(),
