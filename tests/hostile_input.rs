@@ -194,6 +194,8 @@ async fn a_corrupted_frame_is_refused_and_nothing_is_written() {
     let ours = serde_json::to_vec(&HelloMsg {
         node: "beta".into(),
         protocol: 1,
+        lease_ms: Some(2000),
+        inflight_requests_max: Some(16),
     })
     .expect("json");
     send_frame(&mut send, Header::new(Kind::Hello), &ours).await;
@@ -785,6 +787,7 @@ async fn raw_link(tag: &str) -> RawLink {
         dialed,
         a_send,
         16,
+        32,
         Duration::from_secs(5),
         Default::default(),
     );

@@ -907,3 +907,62 @@ async fn a_detached_peer_does_not_block_failover() {
     assert_acked_on(&c, 1, &acked);
     assert_replicas_equal(&c).await;
 }
+
+/// Issue 14, hole 2: the two nodes' link settings differ. Alpha grants
+/// leases of 10 s and accepts 1024 requests in flight; beta grants 2 s and
+/// accepts 8. The holder counts each lease with its grantor's length, and
+/// each side sends no more than the other accepts:
+/// - a storm with more writers than beta accepts keeps the link up (no
+///   drop for exceeding the in-flight limit);
+/// - alpha, cut off from the witness and heard by beta no more (it still
+///   hears beta, so its link stays up), stops serving reads by the time
+///   beta's promotion completes (rule 7), though its own config says 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_with_different_link_settings_keep_rule_7_and_the_link() {
+    let mut c = cluster("q-terms", opts());
+    for (i, extra) in [
+        (0, "lease_ms = 10000\ninflight_requests_max = 1024\n"),
+        (1, "inflight_requests_max = 8\n"),
+    ] {
+        let cfg = std::fs::read_to_string(&c.nodes[i].config).expect("config");
+        let cfg = cfg.replacen("[link]\n", &format!("[link]\n{extra}"), 1);
+        std::fs::write(&c.nodes[i].config, cfg).expect("config");
+    }
+    if let Err(e) = c.bring_up().await {
+        dump_all(&c);
+        panic!("bring up: {e}");
+    }
+    c.wait_both_up_to_date(0, WAIT)
+        .await
+        .expect("the witness lists both");
+    let storm = blkrep::testkit::storm::Storm::start(c.nbd_socket(0), 32, 2048, 0x7e);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ledger = storm.stop().await;
+    assert!(ledger.acked_writes() > 100, "{}", ledger.acked_writes());
+    for i in 0..2 {
+        let log = std::fs::read_to_string(&c.nodes[i].log).unwrap_or_default();
+        assert!(
+            !log.contains("in-flight request limit") && !log.contains("(connection 2)"),
+            "node {i} dropped the link: {log}"
+        );
+    }
+    let mut acked = Acked::new();
+    must_write(&c, 0, 6, 0x63, &mut acked).await;
+    c.cut_from_dialer(NetPath::AlphaBeta, true);
+    c.cut(NetPath::AlphaWitness, true);
+    let (code, text) = exit_code(&c, 1, &["promote", VOL]);
+    assert_eq!(code, 0, "{text}");
+    let s = c.status(0).await.expect("alpha status");
+    assert_eq!(
+        s.peer.connection, "Connected",
+        "alpha's link is still up (it hears beta): only the lease stops it"
+    );
+    assert_eq!(
+        read(&c, 0, 6, Duration::from_millis(500)).await,
+        None,
+        "alpha still serves reads after beta was promoted"
+    );
+    must_write(&c, 1, 8, 0x83, &mut acked).await;
+    c.cut_from_dialer(NetPath::AlphaBeta, false);
+    heal_and_check(&c, 1, &acked).await;
+}

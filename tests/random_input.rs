@@ -263,6 +263,8 @@ fn fuzz_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let hello = HelloMsg {
         node: "alpha".into(),
         protocol: 1,
+        lease_ms: Some(2000),
+        inflight_requests_max: Some(512),
     };
     seed(
         "wire_frame",

@@ -3,7 +3,7 @@
 #![no_main]
 
 use blkrep::link::wire::{Header, Kind, decode_frame};
-use blkrep::link::{HelloMsg, VolumeStateMsg};
+use blkrep::link::{HelloMsg, PeerTerms, VolumeStateMsg};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -14,5 +14,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = serde_json::from_slice::<VolumeStateMsg>(payload);
         }
     }
-    let _ = serde_json::from_slice::<HelloMsg>(data);
+    if let Ok(hello) = serde_json::from_slice::<HelloMsg>(data) {
+        let _ = PeerTerms::of(&hello);
+    }
 });

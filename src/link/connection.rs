@@ -76,6 +76,15 @@ pub struct HelloMsg {
     pub node: String,
     /// Sender's protocol version.
     pub protocol: u8,
+    /// The primary lease the sender grants (its `link.lease_ms`): the
+    /// receiver, as the holder, counts its lease with this length, so the
+    /// grantor's bound (rule 7) holds whatever the two configs say.
+    #[serde(default)]
+    pub lease_ms: Option<u64>,
+    /// Requests in flight the sender accepts from the receiver (its
+    /// `link.inflight_requests_max`): the receiver sends no more.
+    #[serde(default)]
+    pub inflight_requests_max: Option<u64>,
 }
 
 /// Receives what arrives on connections.
@@ -122,11 +131,14 @@ static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 impl PeerConnection {
     /// Wraps an authenticated connection and its stream; spawns the writer.
     /// The caller runs `read_loop` on `recv`.
+    /// `inflight_max` bounds the requests this side sends; the peer may
+    /// have `inbound_max` of its own in flight here before the link drops.
     pub fn start(
         peer: String,
         quic: quinn::Connection,
         mut send: quinn::SendStream,
         inflight_max: usize,
+        inbound_max: usize,
         request_timeout: Duration,
         lease: Arc<PeerLease>,
     ) -> Arc<Self> {
@@ -140,7 +152,7 @@ impl PeerConnection {
             next_request: AtomicU64::new(1),
             permits: Semaphore::new(inflight_max),
             inbound_inflight: AtomicUsize::new(0),
-            inbound_max: inflight_max * 2,
+            inbound_max,
             remote_volumes: Mutex::new(HashMap::new()),
             request_timeout,
             lease,

@@ -296,10 +296,10 @@ impl Link {
         let mut failures = 0u64;
         loop {
             match self.dial(&peer, addr).await {
-                Ok((quic, send, recv)) => {
+                Ok((quic, send, recv, terms)) => {
                     backoff = min_backoff;
                     failures = 0;
-                    self.run(peer.clone(), quic, send, recv).await;
+                    self.run(peer.clone(), quic, send, recv, terms).await;
                 }
                 Err(e) => {
                     let why = explain_dial_error(&peer, addr, &e);
@@ -325,7 +325,15 @@ impl Link {
         &self,
         peer: &str,
         addr: SocketAddr,
-    ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), LinkError> {
+    ) -> Result<
+        (
+            quinn::Connection,
+            quinn::SendStream,
+            quinn::RecvStream,
+            PeerTerms,
+        ),
+        LinkError,
+    > {
         let connecting = self
             .endpoint
             .connect_with(self.client.clone(), addr, peer)
@@ -337,9 +345,9 @@ impl Link {
             .open_bi()
             .await
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
-        send_hello(&mut send, &self.me).await?;
-        expect_hello(&quic, &mut recv, peer).await?;
-        Ok((quic, send, recv))
+        send_hello(&mut send, &self.me, &self.settings).await?;
+        let terms = expect_hello(&quic, &mut recv, peer).await?;
+        Ok((quic, send, recv, terms))
     }
 
     async fn accept_loop(self: Arc<Self>) {
@@ -386,9 +394,9 @@ impl Link {
             .await
             .map_err(|_| LinkError::Timeout)?
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
-        expect_hello(&quic, &mut recv, &peer).await?;
-        send_hello(&mut send, &self.me).await?;
-        self.run(peer, quic, send, recv).await;
+        let terms = expect_hello(&quic, &mut recv, &peer).await?;
+        send_hello(&mut send, &self.me, &self.settings).await?;
+        self.run(peer, quic, send, recv, terms).await;
         Ok(())
     }
 
@@ -398,6 +406,7 @@ impl Link {
         quic: quinn::Connection,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
+        terms: PeerTerms,
     ) {
         let Some(slot) = self.peers.get(&peer) else {
             return;
@@ -405,15 +414,24 @@ impl Link {
         if let Ok(mut p) = slot.problem.lock() {
             *p = None;
         }
+        if terms.lease_ms != self.settings.lease_ms {
+            tracing::info!(
+                "link to {peer}: it grants leases of {} ms, this node {} ms; each side counts the lease it holds with the length its grantor stated",
+                terms.lease_ms,
+                self.settings.lease_ms
+            );
+        }
+        let own = self.settings.inflight_requests_max;
         let conn = PeerConnection::start(
             peer.clone(),
             quic,
             send,
-            self.settings.inflight_requests_max,
+            own.min(terms.inflight_requests_max),
+            own.saturating_mul(2),
             self.request_timeout(),
             slot.lease.clone(),
         );
-        tokio::spawn(renew_peer_lease(conn.clone(), self.settings.lease_ms));
+        tokio::spawn(renew_peer_lease(conn.clone(), terms.lease_ms));
         let old = slot
             .current
             .lock()
@@ -461,10 +479,67 @@ async fn renew_peer_lease(conn: Arc<PeerConnection>, lease_ms: u64) {
     }
 }
 
-async fn send_hello(send: &mut quinn::SendStream, me: &str) -> Result<(), LinkError> {
+/// What the peer's hello binds this side to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerTerms {
+    /// The lease the peer grants: this side counts the lease it holds
+    /// from the peer with this length.
+    pub lease_ms: u64,
+    /// Requests the peer accepts in flight from this side.
+    pub inflight_requests_max: usize,
+}
+
+/// Lease lengths a peer may state (the config's range).
+const PEER_LEASE_MS: std::ops::RangeInclusive<u64> = 200..=600_000;
+/// In-flight limits a peer may state (the config's range).
+const PEER_INFLIGHT: std::ops::RangeInclusive<u64> = 1..=65_536;
+
+impl PeerTerms {
+    /// The terms a hello states, or why the link cannot be made safe with
+    /// that peer (an older blkrep states no lease: its lease would be
+    /// counted with its own length, which this node cannot bound).
+    pub fn of(hello: &HelloMsg) -> Result<Self, String> {
+        let lease_ms = hello.lease_ms.ok_or_else(|| {
+            format!(
+                "{} states no lease length (an older blkrep?): upgrade both nodes to the same version",
+                hello.node
+            )
+        })?;
+        if !PEER_LEASE_MS.contains(&lease_ms) {
+            return Err(format!(
+                "{} states a lease of {lease_ms} ms, outside {PEER_LEASE_MS:?}",
+                hello.node
+            ));
+        }
+        let inflight = hello.inflight_requests_max.ok_or_else(|| {
+            format!(
+                "{} states no in-flight limit (an older blkrep?): upgrade both nodes to the same version",
+                hello.node
+            )
+        })?;
+        if !PEER_INFLIGHT.contains(&inflight) {
+            return Err(format!(
+                "{} states an in-flight limit of {inflight}, outside {PEER_INFLIGHT:?}",
+                hello.node
+            ));
+        }
+        Ok(PeerTerms {
+            lease_ms,
+            inflight_requests_max: usize::try_from(inflight).unwrap_or(usize::MAX),
+        })
+    }
+}
+
+async fn send_hello(
+    send: &mut quinn::SendStream,
+    me: &str,
+    settings: &LinkSettings,
+) -> Result<(), LinkError> {
     let msg = HelloMsg {
         node: me.to_string(),
         protocol: wire::PROTOCOL_VERSION,
+        lease_ms: Some(settings.lease_ms),
+        inflight_requests_max: Some(settings.inflight_requests_max as u64),
     };
     let json = serde_json::to_vec(&msg).map_err(|e| LinkError::Encode(e.to_string()))?;
     let h = Header::new(Kind::Hello).encode(&json);
@@ -478,7 +553,7 @@ async fn expect_hello(
     quic: &quinn::Connection,
     recv: &mut quinn::RecvStream,
     peer: &str,
-) -> Result<(), LinkError> {
+) -> Result<PeerTerms, LinkError> {
     let hello = read_hello(recv).await?;
     if hello.node != peer {
         quic.close(
@@ -490,7 +565,13 @@ async fn expect_hello(
             hello.node
         )));
     }
-    Ok(())
+    PeerTerms::of(&hello).map_err(|why| {
+        quic.close(
+            connection::CLOSE_PROTOCOL_ERROR.into(),
+            b"unsafe link settings",
+        );
+        LinkError::Protocol(format!("refusing the link: {why}"))
+    })
 }
 
 async fn read_hello(recv: &mut quinn::RecvStream) -> Result<HelloMsg, LinkError> {
@@ -517,5 +598,44 @@ struct ArcBuf(Arc<crate::store::AlignedBuf>);
 impl AsRef<[u8]> for ArcBuf {
     fn as_ref(&self) -> &[u8] {
         self.0.as_slice()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(lease_ms: Option<u64>, inflight: Option<u64>) -> HelloMsg {
+        HelloMsg {
+            node: "beta".into(),
+            protocol: wire::PROTOCOL_VERSION,
+            lease_ms,
+            inflight_requests_max: inflight,
+        }
+    }
+
+    /// A hello that states no lease or no in-flight limit (an older
+    /// blkrep), or values outside the config's ranges, is refused.
+    #[test]
+    fn a_hello_must_state_the_terms_the_peer_can_honour() {
+        assert_eq!(
+            PeerTerms::of(&hello(Some(2000), Some(8))),
+            Ok(PeerTerms {
+                lease_ms: 2000,
+                inflight_requests_max: 8
+            })
+        );
+        for bad in [
+            hello(None, Some(8)),
+            hello(Some(2000), None),
+            hello(Some(0), Some(8)),
+            hello(Some(600_001), Some(8)),
+            hello(Some(2000), Some(0)),
+            hello(Some(2000), Some(1 << 20)),
+        ] {
+            assert!(PeerTerms::of(&bad).is_err(), "{bad:?}");
+        }
+        let old: HelloMsg = serde_json::from_str(r#"{"node":"beta","protocol":1}"#).unwrap();
+        assert!(PeerTerms::of(&old).unwrap_err().contains("upgrade"));
     }
 }

@@ -346,6 +346,13 @@ impl LocalCluster {
         self.each_proxy(path, |p| p.set_cut(cut));
     }
 
+    /// Silences (true) or restores (false) one direction of a path: what
+    /// the dialing side sends (alpha on `AlphaBeta`, the node on a witness
+    /// path); it keeps hearing the other side.
+    pub fn cut_from_dialer(&self, path: NetPath, cut: bool) {
+        self.each_proxy(path, |p| p.set_cut_from_client(cut));
+    }
+
     /// Drops a share of the packets on a path (per mille; 0 = none).
     pub fn set_loss(&self, path: NetPath, permille: u64) {
         self.each_proxy(path, |p| p.set_loss_permille(permille));

@@ -16,6 +16,9 @@ use super::rng::SplitMix64;
 #[derive(Default)]
 struct Faults {
     cut: AtomicBool,
+    /// Drops only what the client sends (a one-way partition: the client
+    /// still hears the target).
+    cut_from_client: AtomicBool,
     loss_permille: AtomicU64,
     delay_us: AtomicU64,
     /// 0: off; else every packet is sent once more this much later.
@@ -38,6 +41,7 @@ fn pump(
     from: UdpSocket,
     out: UdpSocket,
     to: impl Fn(SocketAddr) -> Option<SocketAddr> + Send + 'static,
+    from_client: bool,
     faults: Arc<Faults>,
     stop: Arc<AtomicBool>,
     seed: u64,
@@ -53,6 +57,7 @@ fn pump(
             };
             let Some(dest) = to(src) else { continue };
             if faults.cut.load(Ordering::Relaxed)
+                || (from_client && faults.cut_from_client.load(Ordering::Relaxed))
                 || rng.next_u64() % 1000 < faults.loss_permille.load(Ordering::Relaxed)
             {
                 continue;
@@ -117,6 +122,7 @@ impl UdpProxy {
                 }
                 Some(target)
             },
+            true,
             faults.clone(),
             stop.clone(),
             u64::from(listen.port()),
@@ -125,6 +131,7 @@ impl UdpProxy {
             back,
             front,
             move |_| client.lock().ok().and_then(|c| *c),
+            false,
             faults.clone(),
             stop.clone(),
             u64::from(listen.port()) << 16,
@@ -139,6 +146,12 @@ impl UdpProxy {
     /// Drops (true) or forwards (false) everything from now on.
     pub fn set_cut(&self, cut: bool) {
         self.faults.cut.store(cut, Ordering::Relaxed);
+    }
+
+    /// Drops (true) or forwards (false) what the client sends from now on;
+    /// the client keeps hearing the target.
+    pub fn set_cut_from_client(&self, cut: bool) {
+        self.faults.cut_from_client.store(cut, Ordering::Relaxed);
     }
 
     /// Whether the path is cut.
