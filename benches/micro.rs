@@ -67,6 +67,7 @@ fn engine_step(c: &mut Criterion) {
         disk: DiskState::UpToDate,
         generations: gens,
         data_bytes: 1 << 30,
+        chunk_bytes: 65536,
         dirty_chunks: 0,
         sync_target: false,
         full_sync_base: 0,

@@ -73,8 +73,8 @@ pub struct Config {
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
     /// Group (name or number) whose members may use the control socket
-    /// besides root (the socket is then mode 0660 and owned by that group);
-    /// unset: root only (mode 0600).
+    /// and the NBD exports besides root (the sockets are then mode 0660 and
+    /// owned by that group); unset: root only (mode 0600).
     #[serde(default)]
     pub control_group: Option<String>,
     /// Directory for runtime files (NBD sockets).

@@ -77,6 +77,8 @@ pub struct Daemon {
     /// Woken whenever an export started, failed or stopped.
     export_changed: tokio::sync::Notify,
     witness: Option<Arc<WitnessClient>>,
+    /// Who may use the control socket and the NBD exports.
+    access: crate::access::Access,
     me: Weak<Daemon>,
 }
 
@@ -134,6 +136,7 @@ impl Daemon {
             exports: Mutex::new(HashMap::new()),
             export_failures: Mutex::new(HashMap::new()),
             export_changed: tokio::sync::Notify::new(),
+            access: crate::access::Access::new(group),
             me: me.clone(),
         });
         let peers: Vec<(String, std::net::SocketAddr)> = cfg
@@ -161,7 +164,7 @@ impl Daemon {
             ));
         }
         let control: Arc<dyn ControlHandler> = daemon.clone();
-        tokio::spawn(server::serve(listener, control, server::Access::new(group)));
+        tokio::spawn(server::serve(listener, control, daemon.access));
         tracing::info!(
             "blkrep daemon {} up: replication on {}, control socket {}",
             cfg.node,
@@ -338,7 +341,7 @@ impl Daemon {
                     depth: d.cfg.ublk.depth,
                     user_copy: d.cfg.ublk.user_copy,
                 };
-                match Export::start(handle.clone(), kind, &d.cfg.run_dir, opts) {
+                match Export::start(handle.clone(), kind, &d.cfg.run_dir, opts, d.access) {
                     Ok(e) => {
                         tracing::info!("volume {} exported at {}", handle.name(), e.endpoint());
                         if let Ok(mut x) = d.exports.lock() {

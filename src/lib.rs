@@ -13,8 +13,10 @@
 //! - [`control`]: the daemon's Unix control socket and its typed requests.
 //! - [`quorum`]: the witness record as nodes see it, leases (no I/O).
 //! - [`witness`]: the witness service and a node's session with it.
+//! - [`access`]: who may use the daemon's Unix sockets (control, NBD).
 //! - [`config`], [`cert`], [`daemon`]: configuration, certificates, the agent.
 
+pub mod access;
 pub mod bench;
 pub mod cert;
 pub mod config;

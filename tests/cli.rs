@@ -708,3 +708,44 @@ async fn control_socket_is_for_root_or_its_configured_group() {
         stderr(&o)
     );
 }
+
+/// Issue 14, hole 4: an NBD export is for root, the daemon's user and the
+/// members of `control_group`, like the control socket: mode 0600 (not
+/// whatever the umask gave), and the daemon checks each client's
+/// credentials even if the mode were opened up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_exports_are_for_root_or_the_control_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("needs root (CI runs as root): skipped");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let c = up("nbd-perm", small()).await;
+    let sock = c.nbd_socket(0);
+    let uri = nbd_uri(&c, 0);
+    let size_as = |uid: Option<u32>| {
+        let mut cmd = Command::new("nbdinfo");
+        cmd.arg("--size").arg(&uri);
+        if let Some(u) = uid {
+            cmd.uid(u).gid(u);
+        }
+        cmd.output().expect("nbdinfo")
+    };
+    let meta = std::fs::metadata(&sock).expect("socket");
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert!(size_as(None).status.success(), "root reads the export");
+    let o = size_as(Some(NOBODY));
+    assert!(!o.status.success(), "another user used the export");
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let o = size_as(Some(NOBODY));
+    assert!(
+        !o.status.success(),
+        "another user used an export whose mode was opened up"
+    );
+    let log = std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default();
+    assert!(log.contains("refused an NBD client"), "{log}");
+    assert!(size_as(None).status.success(), "root still reads it");
+}

@@ -210,7 +210,8 @@ async fn a_corrupted_frame_is_refused_and_nothing_is_written() {
     };
     assert_eq!(h.kind, Kind::VolumeState);
     let alpha: VolumeStateMsg = serde_json::from_slice(&payload).expect("state json");
-    let data_bytes = alpha.view.expect("alpha view").data_bytes;
+    let alpha_view = alpha.view.expect("alpha view");
+    let data_bytes = alpha_view.data_bytes;
     let me = VolumeStateMsg {
         volume: "demo".into(),
         index: 7,
@@ -222,6 +223,7 @@ async fn a_corrupted_frame_is_refused_and_nothing_is_written() {
                 ..Default::default()
             },
             data_bytes,
+            chunk_bytes: alpha_view.chunk_bytes,
             dirty_chunks: 0,
             sync_target: false,
             full_sync_base: 0,

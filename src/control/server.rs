@@ -1,8 +1,6 @@
 //! The control socket listener.
 
 use std::future::Future;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -10,6 +8,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::{ErrorCode, MESSAGE_MAX_BYTES, Request, Response};
+pub use crate::access::{Access, bind, resolve_group};
 
 /// How long a client may take to send its request line.
 const REQUEST_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -18,90 +17,6 @@ const REQUEST_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 pub trait ControlHandler: Send + Sync + 'static {
     /// Handles one request.
     fn handle(&self, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send + '_>>;
-}
-
-/// Who may use the control socket: root, the daemon's own user, and the
-/// members of `group` when one is configured.
-#[derive(Clone, Copy, Debug)]
-pub struct Access {
-    /// The daemon's effective uid.
-    pub own_uid: u32,
-    /// The configured group's gid.
-    pub group: Option<u32>,
-}
-
-impl Access {
-    /// Root only, plus `group` when set.
-    pub fn new(group: Option<u32>) -> Self {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let own_uid = unsafe { libc::geteuid() };
-        Access { own_uid, group }
-    }
-
-    /// Whether the process `pid` running as `uid`/`gid` may send requests.
-    fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
-        if uid == 0 || uid == self.own_uid {
-            return true;
-        }
-        let Some(g) = self.group else {
-            return false;
-        };
-        gid == g || pid.is_some_and(|p| supplementary_groups(p).contains(&g))
-    }
-}
-
-/// The supplementary groups of process `pid` (from /proc; empty if gone).
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The gid of a group given by name (from /etc/group) or number.
-pub fn resolve_group(name: &str) -> Result<u32, String> {
-    if let Ok(gid) = name.parse() {
-        return Ok(gid);
-    }
-    std::fs::read_to_string("/etc/group")
-        .map_err(|e| format!("cannot read /etc/group: {e}"))?
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split(':');
-            (f.next() == Some(name)).then(|| f.nth(1)?.parse().ok())?
-        })
-        .ok_or_else(|| format!("no group named `{name}` in /etc/group"))
-}
-
-/// Binds the control socket at `path`, replacing a stale one: mode 0600,
-/// or 0660 owned by `group` when one is given.
-pub fn bind(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::AddrInUse,
-            format!("another daemon is listening on {}", path.display()),
-        ));
-    }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    let mode = match group {
-        Some(gid) => {
-            std::os::unix::fs::chown(path, None, Some(gid))?;
-            0o660
-        }
-        None => 0o600,
-    };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
 }
 
 /// Accepts and serves connections until the listener fails.

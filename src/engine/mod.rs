@@ -809,6 +809,7 @@ impl Engine {
             disk: self.disk,
             generations: self.gens,
             data_bytes: self.cfg.data_bytes,
+            chunk_bytes: self.cfg.chunk_bytes,
             dirty_chunks: self.bitmap.set_count(),
             // Ready only once its own client writes (of a fenced primary)
             // have landed: none may land after resync data.

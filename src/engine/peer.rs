@@ -24,6 +24,10 @@ pub struct NodeView {
     pub generations: Generations,
     /// Usable data size.
     pub data_bytes: u64,
+    /// Bytes per bitmap chunk (the unit of `dirty_chunks` and of the dirty
+    /// runs exchanged for a resync); 0 from a peer that does not say.
+    #[serde(default)]
+    pub chunk_bytes: u64,
     /// Set bits in the dirty bitmap.
     pub dirty_chunks: u64,
     /// Ready to receive a resync (disk persisted as Inconsistent).
@@ -114,6 +118,13 @@ pub fn negotiate(
     use DiskState::*;
     if me.data_bytes != peer.data_bytes {
         return Relation::Refused("the peer's volume has a different size");
+    }
+    if me.chunk_bytes != peer.chunk_bytes {
+        // Dirty bitmaps are exchanged in chunks: with another chunk size
+        // a resync would copy the wrong ranges.
+        return Relation::Refused(
+            "the peer's volume has another chunk_bytes (bitmap granularity): configure the same on both nodes",
+        );
     }
     if me.role == Role::Primary && peer.role == Role::Primary {
         return Relation::Refused("both nodes are primary");
@@ -251,6 +262,7 @@ mod tests {
                 ..Default::default()
             },
             data_bytes: 1 << 20,
+            chunk_bytes: 4096,
             dirty_chunks: 0,
             sync_target: false,
             full_sync_base: 0,
@@ -258,6 +270,24 @@ mod tests {
             cache_lost: false,
             volatile_cache: true,
         }
+    }
+
+    /// Dirty runs are exchanged in chunks: another chunk size is refused.
+    #[test]
+    fn another_chunk_size_is_refused() {
+        let a = view(Role::Primary, DiskState::UpToDate, 5);
+        let b = NodeView {
+            chunk_bytes: 65536,
+            ..view(Role::Secondary, DiskState::UpToDate, 5)
+        };
+        assert!(matches!(
+            negotiate(&a, &b, true, true),
+            Relation::Refused(_)
+        ));
+        assert!(matches!(
+            negotiate(&b, &a, false, true),
+            Relation::Refused(_)
+        ));
     }
 
     #[test]

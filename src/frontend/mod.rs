@@ -55,6 +55,7 @@ impl Export {
         kind: ExportKind,
         run_dir: &Path,
         ublk_opts: ublk::UblkOptions,
+        access: crate::access::Access,
     ) -> Result<Self, ExportError> {
         let use_ublk = match kind {
             ExportKind::Nbd => false,
@@ -67,7 +68,7 @@ impl Export {
             )?));
         }
         let path = nbd_socket_path(run_dir, volume.name());
-        Ok(Export::Nbd(nbd::NbdServer::start(volume, &path)?))
+        Ok(Export::Nbd(nbd::NbdServer::start(volume, &path, access)?))
     }
 
     /// Where clients connect (for `status`): an NBD URI or a device path.

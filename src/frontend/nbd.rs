@@ -98,16 +98,24 @@ pub struct NbdServer {
 }
 
 impl NbdServer {
-    /// Listens on `path` (replacing a stale socket file) and serves `volume`.
-    pub fn start(volume: VolumeHandle, path: &Path) -> std::io::Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
+    /// Listens on `path` (replacing a stale socket file) and serves `volume`
+    /// to the processes `access` allows (the socket is 0600, or 0660 owned
+    /// by the configured group, and each client's credentials are checked).
+    pub fn start(
+        volume: VolumeHandle,
+        path: &Path,
+        access: crate::access::Access,
+    ) -> std::io::Result<Self> {
+        let listener = crate::access::bind_replacing(path, access.group)?;
         let (stop, stop_rx) = watch::channel(false);
         let clients = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(accept_loop(listener, volume, stop_rx, clients.clone()));
+        tokio::spawn(accept_loop(
+            listener,
+            volume,
+            access,
+            stop_rx,
+            clients.clone(),
+        ));
         Ok(NbdServer {
             path: path.to_path_buf(),
             stop,
@@ -141,6 +149,7 @@ impl Drop for NbdServer {
 async fn accept_loop(
     listener: UnixListener,
     volume: VolumeHandle,
+    access: crate::access::Access,
     mut stop: watch::Receiver<bool>,
     clients: Arc<AtomicUsize>,
 ) {
@@ -148,6 +157,14 @@ async fn accept_loop(
         tokio::select! {
             _ = stop.changed() => return,
             r = listener.accept() => match r {
+                Ok((stream, _)) if !access.allows_peer(&stream) => {
+                    let cred = stream.peer_cred().ok();
+                    tracing::warn!(
+                        "volume {}: refused an NBD client (uid {:?}): only root, the daemon's user and control_group may use the export",
+                        volume.name(),
+                        cred.map(|c| c.uid())
+                    );
+                }
                 Ok((stream, _)) => {
                     let v = volume.clone();
                     let mut s = stop.clone();
