@@ -130,6 +130,17 @@ async fn a_wrong_peer_address_is_explained_in_status() {
     );
 }
 
+/// The TLS material of node `name` of cluster `c`.
+fn node_tls(c: &blkrep::testkit::cluster::LocalCluster, name: &str) -> TlsMaterial {
+    let tls = c.dir.join("tls");
+    TlsMaterial::load(
+        &tls.join("ca.pem"),
+        &tls.join(format!("{name}.pem")),
+        &tls.join(format!("{name}.key")),
+    )
+    .expect("TLS material")
+}
+
 async fn read_frame(recv: &mut quinn::RecvStream) -> Option<(Header, Vec<u8>)> {
     let h = read_header(recv).await.ok()?;
     let mut payload = vec![0u8; h.payload_len as usize];
@@ -158,13 +169,7 @@ async fn a_corrupted_frame_is_refused_and_nothing_is_written() {
     )
     .await
     .expect("attach alpha");
-    let tls = c.dir.join("tls");
-    let material = TlsMaterial::load(
-        &tls.join("ca.pem"),
-        &tls.join("beta.pem"),
-        &tls.join("beta.key"),
-    )
-    .expect("beta TLS material");
+    let material = node_tls(&c, "beta");
     let settings = LinkSettings {
         peer_timeout_ms: 5000,
         keepalive_interval_ms: 1000,
@@ -613,13 +618,7 @@ async fn a_witness_refuses_volume_names_and_peers_it_does_not_serve() {
     );
     c.start_witness().await.expect("witness");
     let w = c.witness.clone().expect("witness files");
-    let tls = c.dir.join("tls");
-    let material = TlsMaterial::load(
-        &tls.join("ca.pem"),
-        &tls.join("alpha.pem"),
-        &tls.join("alpha.key"),
-    )
-    .expect("alpha TLS material");
+    let material = node_tls(&c, "alpha");
     let client = WitnessClient::new("witness", w.address, &material, 5000).expect("client");
     let outside = c.dir.join("escaped");
     let escape = format!("../{}", outside.file_name().unwrap().to_string_lossy());

@@ -499,34 +499,36 @@ impl PeerTerms {
     /// that peer (an older blkrep states no lease: its lease would be
     /// counted with its own length, which this node cannot bound).
     pub fn of(hello: &HelloMsg) -> Result<Self, String> {
-        let lease_ms = hello.lease_ms.ok_or_else(|| {
-            format!(
-                "{} states no lease length (an older blkrep?): upgrade both nodes to the same version",
-                hello.node
-            )
-        })?;
-        if !PEER_LEASE_MS.contains(&lease_ms) {
-            return Err(format!(
-                "{} states a lease of {lease_ms} ms, outside {PEER_LEASE_MS:?}",
-                hello.node
-            ));
-        }
-        let inflight = hello.inflight_requests_max.ok_or_else(|| {
-            format!(
-                "{} states no in-flight limit (an older blkrep?): upgrade both nodes to the same version",
-                hello.node
-            )
-        })?;
-        if !PEER_INFLIGHT.contains(&inflight) {
-            return Err(format!(
-                "{} states an in-flight limit of {inflight}, outside {PEER_INFLIGHT:?}",
-                hello.node
-            ));
-        }
+        let lease_ms = stated(hello, "a lease length (ms)", hello.lease_ms, PEER_LEASE_MS)?;
+        let inflight = stated(
+            hello,
+            "an in-flight limit",
+            hello.inflight_requests_max,
+            PEER_INFLIGHT,
+        )?;
         Ok(PeerTerms {
             lease_ms,
             inflight_requests_max: usize::try_from(inflight).unwrap_or(usize::MAX),
         })
+    }
+}
+
+/// A setting a hello must state, within `range`.
+fn stated(
+    hello: &HelloMsg,
+    what: &str,
+    value: Option<u64>,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, String> {
+    let node = &hello.node;
+    match value {
+        None => Err(format!(
+            "{node} states no {what} (an older blkrep?): upgrade both nodes to the same version"
+        )),
+        Some(v) if !range.contains(&v) => {
+            Err(format!("{node} states {what} of {v}, outside {range:?}"))
+        }
+        Some(v) => Ok(v),
     }
 }
 
