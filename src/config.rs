@@ -560,11 +560,15 @@ impl Config {
                     "must be a power of two between 4096 and 1048576",
                 ));
             }
-            if !(16..=crate::meta::activity_log::AL_EXTENTS_MAX).contains(&v.al_extents) {
+            if !(crate::meta::activity_log::AL_EXTENTS_MIN
+                ..=crate::meta::activity_log::AL_EXTENTS_MAX)
+                .contains(&v.al_extents)
+            {
                 return Err(self.invalid(
                     format!("{key}.al_extents"),
                     format!(
-                        "must be between 16 and {}",
+                        "must be between {} and {}",
+                        crate::meta::activity_log::AL_EXTENTS_MIN,
                         crate::meta::activity_log::AL_EXTENTS_MAX
                     ),
                 ));

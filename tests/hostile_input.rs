@@ -864,3 +864,63 @@ async fn a_read_reply_of_the_wrong_length_is_a_protocol_error() {
         }
     }
 }
+
+/// A whole-device discard, as `mkfs` and `fstrim` send it, spans more
+/// activity-log extents than the log holds. It completes (in pieces the
+/// log can hold) instead of hanging the volume with its range locked, the
+/// data reads back as zeros on both copies, and the volume still demotes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_device_discard_completes_and_leaves_the_volume_usable() {
+    let opts = blkrep::testkit::cluster::ClusterOptions {
+        disk_bytes: 128 << 20,
+        al_extents: blkrep::meta::activity_log::AL_EXTENTS_MIN,
+        ..Default::default()
+    };
+    let c = up("discard-all", opts).await;
+    let size = c.status(0).await.expect("status").size_bytes.expect("size");
+    assert!(
+        size > (blkrep::meta::activity_log::AL_EXTENTS_MIN as u64) * (4 << 20),
+        "the discard must span more extents than the log holds"
+    );
+    qemu_io(&c, 0, &["write -P 0x5a 0 1M", "write -P 0x5a 100M 1M"]);
+    // qemu sends a discard as one NBD request of up to 2 GiB.
+    let mut child = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c"])
+        .arg(format!("discard 0 {size}"))
+        .args(["-c", "flush"])
+        .arg(nbd_uri(&c, 0))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run qemu-io");
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().expect("qemu-io").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            dump_logs(&c);
+            panic!("a whole-device discard did not complete in {WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = child.wait_with_output().expect("qemu-io output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "discard: {text}"
+    );
+    qemu_io(&c, 0, &["read -P 0 0 1M", "read -P 0 100M 1M"]);
+    assert_replicas_equal(&c).await;
+    c.ok(
+        0,
+        Request::Secondary {
+            volume: "demo".into(),
+            force: false,
+        },
+    )
+    .await
+    .expect("demote after the discard");
+}

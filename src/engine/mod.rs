@@ -50,6 +50,11 @@ pub enum IoFailure {
     /// policy is `io-error`, or this node lost the primary role.
     #[error("no quorum: neither the peer nor the witness confirms this write")]
     NoQuorum,
+    /// A write or zeroing spans more extents than the activity log holds,
+    /// so it could never be admitted (the volume handle splits zeroing
+    /// into pieces that fit; nothing else may be this long).
+    #[error("request spans more activity-log extents than the log holds")]
+    TooLarge,
 }
 
 /// Why a promotion was refused.
@@ -1266,6 +1271,11 @@ impl Engine {
         // writes locally too, once its sync source has the write. A write
         // forwarded by the peer is covered by the peer's log.)
         if matches!(op, Op::Write { .. } | Op::Zeroes { .. }) && has_disk && !from_peer {
+            if !self.al.can_hold(range.offset, range.len) {
+                // Waiting for room would hold the range lock forever.
+                self.fail_requests(BTreeSet::from([id]), IoFailure::TooLarge);
+                return;
+            }
             if !pinned {
                 match self.al.begin(range.offset, range.len) {
                     Ok(changed) => {

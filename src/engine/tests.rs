@@ -2509,3 +2509,31 @@ fn a_primary_whose_disk_failed_mid_write_still_steps_down() {
     assert_eq!(sim.demote(0), Ok(()));
     assert_eq!(sim.nodes[0].eng.status().unflushed_writes, 0);
 }
+
+/// A write or zeroing spanning more extents than the activity log holds
+/// can never be admitted: it fails at once instead of waiting for room
+/// forever with its range locked (the volume handle splits long zeroing
+/// into pieces that fit). The volume stays usable.
+#[test]
+fn a_zeroing_longer_than_the_activity_log_fails_at_once() {
+    let mut sim = Sim::new(6);
+    sim.write_block(0, 1, false);
+    assert!(DATA_BYTES / AL_EXTENT > AL_CAPACITY as u64);
+    let long = 1 << 40;
+    sim.nodes[0]
+        .eng
+        .submit(long, Op::Zeroes { fua: false }, Range::new(0, DATA_BYTES));
+    let mut results = Vec::new();
+    while let Some(a) = sim.nodes[0].eng.poll_action() {
+        if let Action::Complete { id, result } = a {
+            assert_eq!(id, long);
+            results.push(result);
+        }
+    }
+    assert_eq!(results, vec![Err(IoFailure::TooLarge)]);
+    sim.run_until_quiet();
+    let w = sim.write_block(0, 2, false);
+    sim.flush(0);
+    assert_eq!(sim.nodes[0].disk.get(&2), Some(&w));
+    assert!(sim.demote(0).is_ok(), "nothing is left holding the volume");
+}

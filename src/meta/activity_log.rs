@@ -142,6 +142,9 @@ impl AlSlots {
     }
 }
 
+/// Fewest extents a volume's activity log may be configured to hold.
+pub const AL_EXTENTS_MIN: usize = 16;
+
 /// Every extent of the activity log has writes in flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("every activity-log extent is busy")]
@@ -177,6 +180,13 @@ impl ActivityLog {
     /// Bytes per extent.
     pub fn extent_bytes(&self) -> u64 {
         self.extent_bytes
+    }
+
+    /// Whether a write to `[offset, offset+len)` can ever be admitted: it
+    /// spans no more extents than the log holds. `begin` on a range that
+    /// does not fit would return `AlFull` forever.
+    pub fn can_hold(&self, offset: u64, len: u64) -> bool {
+        self.extents_of(offset, len).count() <= self.capacity
     }
 
     fn extents_of(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u32> {

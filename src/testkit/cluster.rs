@@ -31,6 +31,8 @@ pub struct ClusterOptions {
     pub volatile_cache: bool,
     /// Resync bandwidth cap (0 = unlimited).
     pub resync_rate_max_bytes_per_s: u64,
+    /// Extents the main volume's activity log holds.
+    pub al_extents: usize,
     /// Run a witness (a third process) and route every path (A-B, A-W,
     /// B-W) through a fault proxy that `cut` can silence.
     pub witness: bool,
@@ -80,6 +82,7 @@ impl Default for ClusterOptions {
             fault_injection: false,
             volatile_cache: false,
             resync_rate_max_bytes_per_s: 0,
+            al_extents: crate::meta::activity_log::DEFAULT_AL_EXTENTS,
             witness: false,
             event_log: false,
             env: Vec::new(),
@@ -702,8 +705,12 @@ fn config_text(
         t.push_str(&format!("[nodes.{}]\naddress = \"{}\"\n", n.name, address));
     }
     t.push_str(&format!(
-        "\n[[volume]]\nname = \"{}\"\nchunk_bytes = {}\nresync_rate_max_bytes_per_s = {}\nexport = \"{}\"\n",
-        opts.volume, opts.chunk_bytes, opts.resync_rate_max_bytes_per_s, opts.export
+        "\n[[volume]]\nname = \"{}\"\nchunk_bytes = {}\nresync_rate_max_bytes_per_s = {}\nal_extents = {}\nexport = \"{}\"\n",
+        opts.volume,
+        opts.chunk_bytes,
+        opts.resync_rate_max_bytes_per_s,
+        opts.al_extents,
+        opts.export
     ));
     for n in all {
         t.push_str(&format!(

@@ -196,6 +196,32 @@ fn encode_read_path(p: ReadPath) -> u8 {
     }
 }
 
+/// Longest piece of a zeroing that goes to the engine as one request: four
+/// activity-log extents, aligned to four, so a piece spans at most four of
+/// the at least [`AL_EXTENTS_MIN`](crate::meta::activity_log::AL_EXTENTS_MIN)
+/// extents a log holds.
+pub const ZEROES_PIECE_BYTES: u64 = 4 * crate::meta::activity_log::DEFAULT_AL_EXTENT_BYTES;
+
+const _: () = assert!(
+    ZEROES_PIECE_BYTES / crate::meta::activity_log::DEFAULT_AL_EXTENT_BYTES
+        < crate::meta::activity_log::AL_EXTENTS_MIN as u64
+);
+
+/// `[offset, offset+len)` cut at multiples of [`ZEROES_PIECE_BYTES`].
+fn zeroes_pieces(offset: u64, len: u64) -> impl Iterator<Item = Range> {
+    let end = offset + len;
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let next = ((at / ZEROES_PIECE_BYTES + 1) * ZEROES_PIECE_BYTES).min(end);
+        let piece = Range::new(at, next - at);
+        at = next;
+        Some(piece)
+    })
+}
+
 /// A cheap, cloneable handle to an attached volume.
 #[derive(Clone)]
 pub struct VolumeHandle {
@@ -322,11 +348,19 @@ impl VolumeHandle {
     }
 
     /// Makes `[offset, offset+len)` read back as zeros on every node.
+    ///
+    /// A long range (a whole-device discard from `mkfs` or `fstrim` is one
+    /// request over NBD) goes to the engine in pieces of at most
+    /// [`ZEROES_PIECE_BYTES`], one after another, each of which the
+    /// activity log can hold: in one piece it would wait for room forever.
+    /// On an error the pieces before it are zeroed and the rest untouched,
+    /// as with a failed write.
     pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
         self.check(offset, len)?;
-        self.submit(Op::Zeroes { fua }, Range::new(offset, len), None)
-            .await
-            .map(|_| ())
+        for piece in zeroes_pieces(offset, len) {
+            self.submit(Op::Zeroes { fua }, piece, None).await?;
+        }
+        Ok(())
     }
 
     /// Makes every completed write durable on every up-to-date node.
@@ -416,6 +450,34 @@ impl VolumeHandle {
             Ok(()) => Ok(()),
             Err(mpsc::error::SendError(Input::Replica(_, r))) => Err(r),
             Err(_) => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeroes_pieces_cover_the_range_in_aligned_pieces_the_log_holds() {
+        let al = crate::meta::activity_log::ActivityLog::new(
+            crate::meta::activity_log::DEFAULT_AL_EXTENT_BYTES,
+            crate::meta::activity_log::AL_EXTENTS_MIN,
+        );
+        for (offset, len) in [
+            (0, 4 << 30),
+            (4096, (4 << 30) - 8192),
+            (123 << 20, 1),
+            (0, 0),
+        ] {
+            let mut at = offset;
+            for p in zeroes_pieces(offset, len) {
+                assert_eq!(p.offset, at, "pieces are contiguous");
+                assert!(p.len > 0 && p.len <= ZEROES_PIECE_BYTES);
+                assert!(al.can_hold(p.offset, p.len), "{p:?}");
+                at += p.len;
+            }
+            assert_eq!(at, offset + len, "pieces cover the range");
         }
     }
 }
