@@ -21,14 +21,15 @@ wait_until() {
     done
     return 1
 }
-status_json() { blkrep -c "$C/$1.toml" status vol0 --json 2>/dev/null; }
+# status_json NODE [VOLUME]
+status_json() { blkrep -c "$C/$1.toml" status "${2:-vol0}" --json 2>/dev/null; }
 in_sync() {
     s=$(status_json "$1")
     echo "$s" | grep -q '"relation": "InSync"' &&
         [ "$(echo "$s" | grep -c '"disk": "UpToDate"')" = 2 ]
 }
-export_of() { status_json "$1" | sed -n 's/.*"export": "\(\/dev\/ublkb[0-9]*\)".*/\1/p'; }
-has_device() { d=$(export_of "$1"); [ -n "$d" ] && [ -b "$d" ]; }
+export_of() { status_json "$1" "${2:-vol0}" | sed -n 's/.*"export": "\(\/dev\/ublkb[0-9]*\)".*/\1/p'; }
+has_device() { d=$(export_of "$1" "${2:-vol0}"); [ -n "$d" ] && [ -b "$d" ]; }
 start_daemon() {
     mkdir -p "$C/$1"
     blkrep -c "$C/$1.toml" daemon >>"$C/$1.log" 2>&1 &
@@ -45,8 +46,11 @@ blkrep cert ca --out $C/tls >/dev/null
 blkrep cert issue alpha --ca $C/tls --out $C/tls >/dev/null
 blkrep cert issue beta --ca $C/tls --out $C/tls >/dev/null
 truncate -s 112M $C/a.img $C/b.img
+truncate -s 16M $C/a1.img $C/b1.img
 losetup /dev/loop0 $C/a.img
 losetup /dev/loop1 $C/b.img
+losetup /dev/loop3 $C/a1.img
+losetup /dev/loop4 $C/b1.img
 for n in alpha beta; do
     cat > $C/$n.toml <<EOF
 node = "$n"
@@ -71,11 +75,17 @@ name = "vol0"
 export = "ublk"
 nodes.alpha = { disk = "/dev/loop0" }
 nodes.beta = { disk = "/dev/loop1" }
+[[volume]]
+name = "vol1"
+export = "ublk"
+nodes.alpha = { disk = "/dev/loop3" }
+nodes.beta = { disk = "/dev/loop4" }
 EOF
 done
 check ublk-control test -c /dev/ublk-control
 check create-md-alpha $A create-md vol0
 check create-md-beta $B create-md vol0
+check create-md-vol1 sh -c "$A create-md vol1 && $B create-md vol1"
 
 # 1. attach on both, alpha primary, the device appears on alpha.
 start_daemon alpha
@@ -151,6 +161,37 @@ check still-primary sh -c "$B status vol0 --json | grep -q '\"role\": \"Primary\
 check umount-after-recovery umount /mnt
 check fsck-after-recovery /opt/e2fs/e2fsck -fn "$DEVB"
 check demote-when-unmounted $B secondary vol0
+
+# 5b. two volumes promoted at once on one node each get a device of their
+#     own, and the id file that a restarted daemon recovers from and the
+#     udev rule names /dev/blkrep/VOLUME from (blkrep-udev-name) names it.
+#     Then a whole-device discard, as mkfs and fstrim send, on vol0.
+$A attach vol1 && $B attach vol1
+$B primary vol0 &
+P0=$!
+$B primary vol1 --force &
+P1=$!
+wait $P0; R0=$?
+wait $P1; R1=$?
+check promote-two-at-once test "$R0$R1" = 00
+two_devices() { has_device beta vol0 && has_device beta vol1; }
+check two-devices-up wait_until 60 two_devices
+D0=$(export_of beta vol0)
+D1=$(export_of beta vol1)
+echo "BLKREP-INFO: beta exports vol0 at $D0, vol1 at $D1"
+check two-devices-differ test "$D0" != "$D1"
+names_own_device() {
+    for v in vol0 vol1; do
+        n=$(export_of beta $v)
+        n=${n#/dev/ublkb}
+        [ "$(cat "$C/beta/run/$v.ublk")" = "$n" ] || return 1
+        [ "$(blkrep-udev-name "$n" "$C/beta/run")" = "$v" ] || return 1
+    done
+}
+check udev-name-is-own-device names_own_device
+check whole-device-discard blkdiscard "$D0"
+check discard-reads-zeros sh -c "test \$(dd if=$D0 bs=64k skip=1536 count=64 iflag=direct 2>/dev/null | tr -d '\\000' | wc -c) = 0"
+check demote-after-discard $B secondary vol0
 
 # 6. both disks compare equal once the resync is done.
 check final-sync-alpha wait_until 300 in_sync alpha

@@ -102,9 +102,58 @@ fn quiesced_device(id_file: &Path) -> Option<i32> {
     (ctrl.dev_info().state == libublk::sys::UBLK_S_DEV_QUIESCED as u16).then_some(id)
 }
 
-/// The lowest ublk device id not in use.
-fn free_device_id() -> Option<i32> {
-    (0..4096).find(|i| !Path::new(&format!("/sys/class/ublk-char/ublkc{i}")).exists())
+/// Highest ublk device id tried (the kernel's limit is 1 << 20; a host
+/// with this many ublk devices has bigger problems).
+const DEVICE_ID_MAX: i32 = 4096;
+
+/// How often a device is added again with another id when the one picked
+/// was taken in between (by another export starting at the same time in
+/// another process).
+const ADD_ATTEMPTS_MAX: usize = 16;
+
+/// Held while an export of this process picks an id, records it and adds
+/// the device with it, so two exports starting together pick two ids.
+static ADDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The lowest ublk device id not in use and at least `from`.
+fn free_device_id(from: i32) -> Option<i32> {
+    (from..DEVICE_ID_MAX).find(|i| !Path::new(&format!("/sys/class/ublk-char/ublkc{i}")).exists())
+}
+
+/// Adds a new device with an id picked here, recorded in `id_file` before
+/// the device exists, so the udev rule names it /dev/blkrep/VOLUME on its
+/// add event and a restarted daemon recovers its own device. The kernel
+/// refuses an id in use (EEXIST): then the next free one is tried.
+fn add_device<Ctrl>(
+    id_file: &Path,
+    add: impl Fn(i32) -> Result<Ctrl, libublk::UblkError>,
+) -> Result<Ctrl, libublk::UblkError> {
+    let _adding = ADDING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut from = 0;
+    for _ in 0..ADD_ATTEMPTS_MAX {
+        let Some(id) = free_device_id(from) else {
+            break;
+        };
+        if let Some(dir) = id_file.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        std::fs::write(id_file, format!("{id}\n"))?;
+        match add(id) {
+            Err(libublk::UblkError::UringIOError(e)) if e == -libc::EEXIST => {
+                tracing::debug!("/dev/ublkb{id} was taken meanwhile; trying the next id");
+                from = id + 1;
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(id_file);
+                return Err(e);
+            }
+            Ok(ctrl) => return Ok(ctrl),
+        }
+    }
+    let _ = std::fs::remove_file(id_file);
+    Err(libublk::UblkError::OtherError(-libc::ENOSPC))
 }
 
 /// Removes a device of `volume` left behind by a dead daemon (its I/O then
@@ -143,39 +192,33 @@ impl UblkExport {
         }
         let id_file = id_file(state_dir, volume.name());
         let recover = quiesced_device(&id_file);
-        // Pick the id ourselves and record it before the device appears, so
-        // the udev rule can name it /dev/blkrep/VOLUME on the add event.
-        let new_id = free_device_id();
-        if recover.is_none()
-            && let Some(id) = new_id
-        {
-            if let Some(dir) = id_file.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            let _ = std::fs::write(&id_file, format!("{id}\n"));
-        }
         let rt =
             tokio::runtime::Handle::try_current().map_err(|e| UblkError::Lib(e.to_string()))?;
         let (id_tx, id_rx) = mpsc::channel();
         let size = volume.size_bytes();
+        let new_id_file = id_file.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ublk-{}", volume.name()))
             .spawn(move || {
-                let builder = UblkCtrlBuilder::default()
-                    .name("blkrep")
-                    .nr_queues(opts.queues)
-                    .depth(opts.depth)
-                    .io_buf_bytes(IO_BUF_BYTES)
-                    .ctrl_flags(ctrl_flags);
+                let builder = || {
+                    UblkCtrlBuilder::default()
+                        .name("blkrep")
+                        .nr_queues(opts.queues)
+                        .depth(opts.depth)
+                        .io_buf_bytes(IO_BUF_BYTES)
+                        .ctrl_flags(ctrl_flags)
+                };
                 let built = match recover {
-                    Some(id) => builder
+                    Some(id) => builder()
                         .id(id)
                         .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
                         .build(),
-                    None => builder
-                        .id(-1)
-                        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-                        .build(),
+                    None => add_device(&new_id_file, |id| {
+                        builder()
+                            .id(id)
+                            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+                            .build()
+                    }),
                 };
                 let ctrl = match built {
                     Ok(c) => c,
@@ -551,5 +594,44 @@ async fn io_task(
         };
         q.submit_io_commit_cmd(tag, BufDesc::Slice(path.slice()), res)
             .await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The id is recorded before the device is added and the device is
+    /// added with exactly that id; when the kernel says it is taken, the
+    /// next one is tried and recorded. (No ublk devices exist on the test
+    /// machine, so every id is free by sysfs.)
+    #[test]
+    fn a_device_is_added_with_the_id_its_file_records() {
+        let dir = crate::testkit::cluster::scratch_dir("ublk-id");
+        let file = id_file(&dir, "vol0");
+        let taken = [0, 1];
+        let asked = std::cell::RefCell::new(Vec::new());
+        let got = add_device(&file, |id| {
+            let recorded: i32 = std::fs::read_to_string(&file)
+                .expect("recorded before the add")
+                .trim()
+                .parse()
+                .expect("an id");
+            assert_eq!(recorded, id, "the file names the id being added");
+            asked.borrow_mut().push(id);
+            if taken.contains(&id) {
+                Err(libublk::UblkError::UringIOError(-libc::EEXIST))
+            } else {
+                Ok(id)
+            }
+        })
+        .expect("a free id");
+        assert_eq!(got, 2);
+        assert_eq!(*asked.borrow(), vec![0, 1, 2]);
+        assert_eq!(std::fs::read_to_string(&file).expect("id file"), "2\n");
+        // Any other failure leaves no file naming a device that is not there.
+        let e = add_device::<i32>(&file, |_| Err(libublk::UblkError::OtherError(-libc::EPERM)));
+        assert!(e.is_err());
+        assert!(!file.exists());
     }
 }
