@@ -785,7 +785,7 @@ async fn heartbeat_loop(me: Weak<Daemon>, witness: Arc<WitnessClient>, lease_ms:
             })
             .unwrap_or_default();
         drop(daemon);
-        let claims = volumes
+        let claims: Vec<Claim> = volumes
             .iter()
             .filter_map(|(name, peer, h)| {
                 let (view, primary_now) = h.lease()?.claim();
@@ -797,14 +797,25 @@ async fn heartbeat_loop(me: Weak<Daemon>, witness: Arc<WitnessClient>, lease_ms:
                 })
             })
             .collect();
-        if let Ok(reply) = witness.heartbeat(claims).await {
+        let handles: BTreeMap<&str, &VolumeHandle> =
+            volumes.iter().map(|(n, _, h)| (n.as_str(), h)).collect();
+        // A heartbeat carries a bounded number of claims (its answer must
+        // fit in a frame): more volumes go in several, sent at once so
+        // that one slow answer does not delay the others' renewals.
+        let mut batches = tokio::task::JoinSet::new();
+        for batch in crate::witness::protocol::heartbeat_batches(&claims) {
+            let w = witness.clone();
+            batches.spawn(async move { w.heartbeat(batch).await });
+        }
+        while let Some(done) = batches.join_next().await {
+            let Ok(Ok(reply)) = done else { continue };
             interval_ms = LeaseSettings {
                 lease_ms: reply.lease_ms,
                 ..Default::default()
             }
             .renew_interval_ms();
             for answer in reply.volumes {
-                let Some((_, _, h)) = volumes.iter().find(|(n, _, _)| *n == answer.volume) else {
+                let Some(h) = handles.get(answer.volume.as_str()) else {
                     continue;
                 };
                 match &answer.refused {

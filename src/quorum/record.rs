@@ -4,6 +4,12 @@
 
 use std::collections::BTreeSet;
 
+/// Highest epoch taken from outside the witness (a claim, an expected
+/// epoch, a stored record): far beyond any real number of changes, and
+/// low enough that the witness's increments never overflow (an epoch that
+/// wrapped would go backwards).
+pub const EPOCH_MAX: u64 = 1 << 62;
+
 /// The record the witness keeps, durably, per volume.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Record {

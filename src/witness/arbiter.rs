@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::protocol::{ChangeOutcome, Claim, Refusal, VolumeAnswer, WitnessOp};
+use crate::quorum::record::EPOCH_MAX;
 use crate::quorum::{LeaseSettings, Record};
 
 /// The storage key of a volume's record: the volume name and its two nodes
@@ -135,7 +136,13 @@ impl Arbiter {
         let mut changed = Vec::new();
         let mut lease_granted = false;
         for c in claims {
-            let key = match self.admit(node, &c.volume, &c.peer) {
+            let admitted = self.admit(node, &c.volume, &c.peer).and_then(|key| {
+                if c.view.epoch > EPOCH_MAX {
+                    return Err(Refusal::EpochOutOfRange(c.view.epoch));
+                }
+                Ok(key)
+            });
+            let key = match admitted {
                 Ok(key) => key,
                 Err(refusal) => {
                     answers.push(VolumeAnswer {
@@ -217,6 +224,12 @@ impl Arbiter {
             Ok(key) => key,
             Err(refusal) => return (ChangeOutcome::Refused(refusal), None),
         };
+        if expected_epoch > EPOCH_MAX {
+            return (
+                ChangeOutcome::Refused(Refusal::EpochOutOfRange(expected_epoch)),
+                None,
+            );
+        }
         let Some(current) = self.records.get(&key).cloned() else {
             if let WitnessOp::Promote {
                 force: true,
@@ -367,6 +380,34 @@ mod tests {
             peer_up_to_date: true,
             forced: false,
         }
+    }
+
+    /// An epoch no witness handed out (a claim or an expected epoch near
+    /// u64::MAX) is refused: incrementing it overflowed (a panic, or in a
+    /// release build an epoch that went back to 0, so "epochs only grow"
+    /// broke). Nothing is learnt or changed.
+    #[test]
+    fn epochs_beyond_the_limit_are_refused_and_change_nothing() {
+        let mut w = fresh();
+        for node in ["a", "b"] {
+            let peer = if node == "a" { "b" } else { "a" };
+            let (ans, changed) = w.heartbeat(
+                node,
+                1000,
+                &[claim(peer, both_up(u64::MAX, Holder::Nobody), false)],
+            );
+            assert_eq!(ans[0].refused, Some(Refusal::EpochOutOfRange(u64::MAX)));
+            assert!(changed.is_empty() && ans[0].record.is_none() && !ans[0].lease);
+        }
+        let (o, changed) = w.change("a", 1000, "v", "b", u64::MAX, promote(true));
+        assert_eq!(
+            o,
+            ChangeOutcome::Refused(Refusal::EpochOutOfRange(u64::MAX))
+        );
+        assert!(changed.is_none() && w.records().is_empty());
+        // At the limit, everything still works and the epoch grows.
+        let (o, _) = w.change("a", 1000, "v", "b", EPOCH_MAX, promote(true));
+        assert!(matches!(o, ChangeOutcome::Done(r) if r.epoch == EPOCH_MAX + 1));
     }
 
     #[test]

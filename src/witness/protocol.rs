@@ -5,8 +5,14 @@
 
 use crate::quorum::{Record, RecordView};
 
-/// Largest frame body accepted (a heartbeat for about 1000 volumes).
+/// Largest frame body accepted.
 pub const FRAME_BODY_MAX_BYTES: usize = 256 * 1024;
+
+/// Most claims one heartbeat carries. A node with more volumes sends
+/// several heartbeats at once; one heartbeat and its answer, with every
+/// name at its longest, stay well inside [`FRAME_BODY_MAX_BYTES`] (a test
+/// checks the worst case). The witness refuses a heartbeat with more.
+pub const HEARTBEAT_CLAIMS_MAX: usize = 256;
 /// ALPN of the witness protocol.
 pub const ALPN: &[u8] = b"blkrep-witness/1";
 
@@ -39,6 +45,19 @@ pub struct Claim {
     pub view: RecordView,
     /// The node is primary right now.
     pub primary_now: bool,
+}
+
+/// The heartbeats that carry `claims`: at most [`HEARTBEAT_CLAIMS_MAX`]
+/// each, and one empty heartbeat when there are none (it keeps the session
+/// and learns the lease length).
+pub fn heartbeat_batches(claims: &[Claim]) -> Vec<Vec<Claim>> {
+    if claims.is_empty() {
+        return vec![Vec::new()];
+    }
+    claims
+        .chunks(HEARTBEAT_CLAIMS_MAX)
+        .map(<[Claim]>::to_vec)
+        .collect()
 }
 
 /// A change a node asks for (each a compare-and-set on the epoch).
@@ -129,6 +148,10 @@ pub enum Refusal {
     /// The peer named is not one of the data nodes this witness serves.
     #[error("{0:?} is not one of the nodes this witness serves (its `nodes` setting)")]
     UnknownPeer(String),
+    /// An epoch beyond [`EPOCH_MAX`](crate::quorum::record::EPOCH_MAX): no
+    /// witness ever counted that far.
+    #[error("epoch {0} is beyond any the witness hands out")]
+    EpochOutOfRange(u64),
     /// The node pair has as many records as the witness holds per pair.
     #[error("the witness holds at most {0} volumes per node pair; this one would exceed it")]
     TooManyVolumes(usize),
@@ -216,6 +239,90 @@ pub fn decode<T: serde::de::DeserializeOwned>(frame: &[u8]) -> Result<T, FrameEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 14, hole 11: a node with 3000 volumes (every name at its
+    /// longest) renews every lease. Its claims go in heartbeats of at most
+    /// HEARTBEAT_CLAIMS_MAX, and each request and each answer of the real
+    /// arbiter fits in a frame; in one heartbeat they would not.
+    #[test]
+    fn three_thousand_volumes_renew_every_lease_in_batches_that_fit() {
+        use crate::quorum::{Holder, LeaseSettings, RecordView};
+        let (a, b) = ("a".repeat(63), "b".repeat(63));
+        assert!(crate::config::valid_node_name(&a));
+        let volumes: Vec<String> = (0..3000).map(|i| format!("{i:0>64}")).collect();
+        assert!(crate::config::valid_volume_name(&volumes[0]));
+        let claims = |peer: &str, primary: Holder| -> Vec<Claim> {
+            volumes
+                .iter()
+                .map(|v| Claim {
+                    volume: v.clone(),
+                    peer: peer.to_string(),
+                    view: RecordView {
+                        epoch: crate::quorum::record::EPOCH_MAX,
+                        primary,
+                        me_up_to_date: true,
+                        peer_up_to_date: true,
+                        forced: false,
+                    },
+                    primary_now: primary == Holder::Me,
+                })
+                .collect()
+        };
+        let (from_a, from_b) = (claims(&b, Holder::Me), claims(&a, Holder::Peer));
+        let everything = WitnessRequest::Heartbeat {
+            claims: from_a.clone(),
+        };
+        assert!(
+            matches!(encode(&everything), Err(FrameError::TooLarge(_))),
+            "one heartbeat for all of them would not fit"
+        );
+        let settings = LeaseSettings::default();
+        let mut w = crate::witness::Arbiter::new(
+            settings,
+            &[a.clone(), b.clone()],
+            1000,
+            Default::default(),
+        );
+        let mut round = |node: &str, claims: &[Claim], now_ms: u64| -> Vec<VolumeAnswer> {
+            let mut answers = Vec::new();
+            for batch in heartbeat_batches(claims) {
+                let req = WitnessRequest::Heartbeat { claims: batch };
+                let frame = encode(&req).expect("a batch fits in a frame");
+                let WitnessRequest::Heartbeat { claims } = decode(&frame).expect("decodes") else {
+                    panic!("not a heartbeat");
+                };
+                let (volumes, _) = w.heartbeat(node, now_ms, &claims);
+                let resp = WitnessResponse::Heartbeat {
+                    lease_ms: settings.lease_ms,
+                    volumes,
+                };
+                let frame = encode(&resp).expect("its answer fits in a frame");
+                let WitnessResponse::Heartbeat { volumes, .. } = decode(&frame).expect("decodes")
+                else {
+                    panic!("not a heartbeat answer");
+                };
+                answers.extend(volumes);
+            }
+            answers
+        };
+        round(&a, &from_a, 1000);
+        round(&b, &from_b, 1100);
+        let answers = round(&a, &from_a, 1200);
+        assert_eq!(answers.len(), volumes.len());
+        for (v, answer) in volumes.iter().zip(&answers) {
+            assert_eq!(&answer.volume, v);
+            assert!(answer.lease, "{v}: no lease");
+            assert_eq!(
+                answer.record.as_ref().and_then(|r| r.primary.as_deref()),
+                Some(a.as_str())
+            );
+        }
+        assert_eq!(
+            heartbeat_batches(&[]).len(),
+            1,
+            "an empty heartbeat still goes"
+        );
+    }
 
     #[test]
     fn frames_round_trip_and_damage_is_refused() {

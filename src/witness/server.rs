@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::arbiter::Arbiter;
-use super::protocol::{self, WitnessRequest, WitnessResponse};
+use super::protocol::{self, HEARTBEAT_CLAIMS_MAX, WitnessRequest, WitnessResponse};
 use super::store::RecordStore;
 use super::{WitnessError, read_frame, transport_config};
 use crate::config::WitnessConfig;
@@ -151,9 +151,18 @@ async fn serve_stream(
 }
 
 async fn respond(send: &mut quinn::SendStream, response: &WitnessResponse) {
-    if let Ok(bytes) = protocol::encode(response) {
-        let _ = send.write_all(&bytes).await;
-    }
+    let bytes = match protocol::encode(response) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            // Not silence: the node would wait out its timeout and lose
+            // every lease of the request without knowing why.
+            tracing::error!("witness: cannot send an answer: {e}");
+            let refusal =
+                WitnessResponse::Error(format!("the witness cannot send its answer: {e}"));
+            protocol::encode(&refusal).unwrap_or_default()
+        }
+    };
+    let _ = send.write_all(&bytes).await;
     let _ = send.finish();
 }
 
@@ -166,6 +175,12 @@ impl State {
         };
         let now = clock::now_ms();
         let (response, changed) = match req {
+            WitnessRequest::Heartbeat { claims } if claims.len() > HEARTBEAT_CLAIMS_MAX => {
+                return WitnessResponse::Error(format!(
+                    "a heartbeat carries at most {HEARTBEAT_CLAIMS_MAX} claims; this one has {} (send several)",
+                    claims.len()
+                ));
+            }
             WitnessRequest::Heartbeat { claims } => {
                 let (volumes, changed) = arbiter.heartbeat(node, now, &claims);
                 (

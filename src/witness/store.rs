@@ -67,10 +67,7 @@ impl RecordStore {
             };
             let path = entry.path();
             let bytes = std::fs::read(&path).map_err(io(&path))?;
-            let record: Record = protocol::decode(&bytes).map_err(|e| StoreError::Corrupt {
-                path: path.display().to_string(),
-                problem: e.to_string(),
-            })?;
+            let record = decode_record(&bytes, &path)?;
             out.insert(key.to_string(), record);
         }
         Ok(out)
@@ -80,12 +77,7 @@ impl RecordStore {
     pub fn load_one(&self, key: &str) -> Result<Option<Record>, StoreError> {
         let path = self.dir.join(format!("{key}{SUFFIX}"));
         match std::fs::read(&path) {
-            Ok(bytes) => protocol::decode(&bytes)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt {
-                    path: path.display().to_string(),
-                    problem: e.to_string(),
-                }),
+            Ok(bytes) => decode_record(&bytes, &path).map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(&path)(e)),
         }
@@ -108,6 +100,22 @@ impl RecordStore {
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))
     }
+}
+
+/// A stored record, checked like anything else from outside.
+fn decode_record(bytes: &[u8], path: &Path) -> Result<Record, StoreError> {
+    let corrupt = |problem: String| StoreError::Corrupt {
+        path: path.display().to_string(),
+        problem,
+    };
+    let record: Record = protocol::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if record.epoch > crate::quorum::record::EPOCH_MAX {
+        return Err(corrupt(format!(
+            "epoch {} is beyond any the witness hands out",
+            record.epoch
+        )));
+    }
+    Ok(record)
 }
 
 #[cfg(test)]
