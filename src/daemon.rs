@@ -560,18 +560,21 @@ impl Daemon {
         let Some(h) = self.volume(name) else {
             return not_attached(name);
         };
-        match self.step_down(name, force, || h.detach()).await {
-            Ok(()) => {
-                if let Ok(mut v) = self.volumes.lock() {
-                    v.remove(name);
-                }
-                if let Some(mut e) = self.exports.lock().ok().and_then(|mut x| x.remove(name)) {
-                    tokio::task::spawn_blocking(move || e.stop());
-                }
-                Response::Ok {
-                    message: format!("volume {name} detached"),
-                }
+        let stopped = |response: Response| {
+            if let Ok(mut v) = self.volumes.lock() {
+                v.remove(name);
             }
+            if let Some(mut e) = self.exports.lock().ok().and_then(|mut x| x.remove(name)) {
+                tokio::task::spawn_blocking(move || e.stop());
+            }
+            response
+        };
+        match self.step_down(name, force, || h.detach()).await {
+            Ok(()) => stopped(Response::Ok {
+                message: format!("volume {name} detached"),
+            }),
+            // Stopped all the same: it is no longer attached here.
+            Err(response) if h.is_stopped() => stopped(response),
             Err(response) => response,
         }
     }

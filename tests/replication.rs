@@ -173,6 +173,21 @@ async fn local_disk_failure_detaches_and_serves_through_the_peer() {
     );
     let beta = c.status(1).await.expect("beta status");
     assert_eq!(beta.disk.as_deref(), Some("UpToDate"));
+    // Its final metadata write cannot land on the dead disk: the detach
+    // says so instead of reporting a clean stop, and the volume is gone.
+    let out = cli(&c, 0, &["detach", "demo"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "detach reported success: {text}");
+    assert!(
+        text.contains("final metadata write failed"),
+        "detach does not say why: {text}"
+    );
+    let out = cli(&c, 0, &["detach", "demo"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not attached"),
+        "the volume is still attached: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

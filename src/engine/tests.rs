@@ -374,6 +374,9 @@ impl Sim {
         s.heal();
         s.run_until_quiet();
         if let Some(w) = &mut s.witness {
+            // (A forced first promotion waits out any lease the witness may
+            // have granted the peer before it started.)
+            w.now_ms = w.now_ms.max(w.arb.lease_bound_ms(NAMES[1]));
             let (o, _) = w.arb.change(
                 NAMES[0],
                 w.now_ms,

@@ -59,6 +59,12 @@ pub enum VolumeError {
     /// The volume was detached.
     #[error("volume is detached")]
     Detached,
+    /// The volume stopped, but its final metadata write (the clean-stop
+    /// mark, after a flush of the data disk) failed.
+    #[error(
+        "volume stopped, but its final metadata write failed (the data disk or the metadata device failed): its superblock does not record a clean stop, so the next attach treats the copy as after a crash; check the disk (see the daemon log) before you attach it again"
+    )]
+    StoppedUnclean,
     /// Something else, explained.
     #[error("{0}")]
     Other(String),
@@ -242,6 +248,12 @@ impl VolumeHandle {
     /// Volume name.
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// Whether the volume's task has ended (after a detach, even one that
+    /// reported an error).
+    pub fn is_stopped(&self) -> bool {
+        self.inner.tx.is_closed()
     }
 
     /// Usable size in bytes.

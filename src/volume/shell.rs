@@ -274,6 +274,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         rate_controller: RateController::new(opts.resync_rate),
         write_started: HashMap::new(),
         detaching: None,
+        detach_write_failed: false,
         peer_detached: false,
         node: opts.node,
         lease,
@@ -530,6 +531,8 @@ struct Shell {
     /// Start time and length of application writes in flight.
     write_started: HashMap<u64, (Instant, u64)>,
     detaching: Option<oneshot::Sender<Result<(), VolumeError>>>,
+    /// A detach's final metadata write failed (meaningful once it is done).
+    detach_write_failed: bool,
     /// Meaningful while `conn` is set: the peer told us it detached this
     /// volume (its last state message had no view).
     peer_detached: bool,
@@ -608,7 +611,27 @@ impl Shell {
                 break;
             }
         }
+        // Requests the peer sent that are still queued get an answer:
+        // dropped, the peer would wait 4 x peer_timeout for them and then
+        // close the link of every volume. (Once closed, sends fail and the
+        // daemon refuses them itself.)
+        rx.close();
+        while let Ok(input) = rx.try_recv() {
+            if let Input::Replica(conn, req) = input {
+                tokio::spawn(
+                    async move { conn.reply(req.request, libc::EPERM as u32, None).await },
+                );
+            }
+        }
         if let Some(reply) = self.detaching.take() {
+            if self.detach_write_failed {
+                tracing::error!(
+                    "volume {}: the final metadata write of the detach failed",
+                    self.name
+                );
+                let _ = reply.send(Err(VolumeError::StoppedUnclean));
+                return;
+            }
             let _ = reply.send(Ok(()));
         }
         tracing::info!("volume {} detached", self.name);
@@ -689,6 +712,7 @@ impl Shell {
             Input::DiskFailed => self.engine.disk_failed(),
             Input::MetaDone { token, ok } => {
                 if token == DETACH_TOKEN {
+                    self.detach_write_failed = !ok;
                     self.meta_waiters.retain(|(t, _)| *t != DETACH_TOKEN);
                     return;
                 }

@@ -236,6 +236,19 @@ impl Arbiter {
                 incomplete,
             } = op
             {
+                // The peer may hold a primary lease this witness granted
+                // before it lost the record (or before it restarted): the
+                // same wait as for a known record's holder (rule 7).
+                let bound = self.lease_bound_ms(peer);
+                if now_ms < bound {
+                    return (
+                        ChangeOutcome::Wait {
+                            wait_ms: bound - now_ms,
+                            holder: peer.to_string(),
+                        },
+                        None,
+                    );
+                }
                 // The operator starts a history here; the epoch continues
                 // after anything either node claimed.
                 let epoch = self
@@ -406,8 +419,31 @@ mod tests {
         );
         assert!(changed.is_none() && w.records().is_empty());
         // At the limit, everything still works and the epoch grows.
-        let (o, _) = w.change("a", 1000, "v", "b", EPOCH_MAX, promote(true));
+        let later = w.lease_bound_ms("b");
+        let (o, _) = w.change("a", later, "v", "b", EPOCH_MAX, promote(true));
         assert!(matches!(o, ChangeOutcome::Done(r) if r.epoch == EPOCH_MAX + 1));
+    }
+
+    /// Issue 14, hole 13: a forced promotion on a record this witness has
+    /// not seen (it restarted, or lost its state) waits out any lease it
+    /// may have granted the peer before, as for a known record's holder.
+    #[test]
+    fn a_forced_promotion_on_an_unseen_record_waits_for_the_peer_lease() {
+        let mut w = fresh();
+        let bound = w.lease_bound_ms("b");
+        assert!(bound > 1000);
+        let (o, changed) = w.change("a", 1000, "v", "b", 0, promote(true));
+        assert_eq!(
+            o,
+            ChangeOutcome::Wait {
+                wait_ms: bound - 1000,
+                holder: "b".into()
+            }
+        );
+        assert!(changed.is_none() && w.records().is_empty());
+        let (o, changed) = w.change("a", bound, "v", "b", 0, promote(true));
+        assert!(matches!(o, ChangeOutcome::Done(r) if r.primary.as_deref() == Some("a")));
+        assert!(changed.is_some());
     }
 
     #[test]
@@ -433,8 +469,9 @@ mod tests {
     #[test]
     fn promotion_waits_for_the_old_primary_lease_and_needs_up_to_date() {
         let mut w = fresh();
-        let (_, _) = w.change("a", 1000, "v", "b", 0, promote(true));
-        let (_, _) = w.change("a", 1000, "v", "b", 1, WitnessOp::Restore);
+        let t = w.lease_bound_ms("b");
+        let (_, _) = w.change("a", t, "v", "b", 0, promote(true));
+        let (_, _) = w.change("a", t, "v", "b", 1, WitnessOp::Restore);
         let view = RecordView::of(w.record(&record_key("v", "a", "b")).unwrap(), "a", "b");
         let (ans, _) = w.heartbeat("a", 5000, &[claim("b", view, true)]);
         assert!(ans[0].lease);
@@ -489,14 +526,15 @@ mod tests {
     #[test]
     fn a_primary_that_demoted_unseen_is_cleared_by_its_heartbeat() {
         let mut w = fresh();
-        let (o, _) = w.change("a", 1000, "v", "b", 0, promote(true));
+        let t = w.lease_bound_ms("b");
+        let (o, _) = w.change("a", t, "v", "b", 0, promote(true));
         let ChangeOutcome::Done(r) = o else { panic!() };
         let view = RecordView::of(&r, "a", "b");
         // An older view does not clear it (the promotion may be in flight).
         let old = RecordView { epoch: 0, ..view };
-        let (_, ch) = w.heartbeat("a", 1100, &[claim("b", old, false)]);
+        let (_, ch) = w.heartbeat("a", t + 100, &[claim("b", old, false)]);
         assert!(ch.is_empty());
-        let (ans, ch) = w.heartbeat("a", 1200, &[claim("b", view, false)]);
+        let (ans, ch) = w.heartbeat("a", t + 200, &[claim("b", view, false)]);
         assert_eq!(ch.len(), 1);
         assert!(!ans[0].lease);
         assert_eq!(ans[0].record.as_ref().unwrap().primary, None);
@@ -563,7 +601,8 @@ mod tests {
         assert!(ch.is_none());
         let (o, _) = w.change("a", 1000, "v7", "b", 1, WitnessOp::Demote);
         assert!(matches!(o, ChangeOutcome::Done(_)), "a known one: {o:?}");
-        let (o, _) = w.change("a", 1000, "one-more", "c", 0, promote(true));
+        let t = w.lease_bound_ms("c");
+        let (o, _) = w.change("a", t, "one-more", "c", 0, promote(true));
         assert!(matches!(o, ChangeOutcome::Done(_)), "another pair: {o:?}");
     }
 
