@@ -124,6 +124,16 @@ impl Arbiter {
         self.settings.grantor_bound_ms(last)
     }
 
+    /// `Wait` while a primary lease `holder` may hold runs (rule 7: a
+    /// promotion of another node waits it out).
+    fn lease_wait(&self, holder: &str, now_ms: u64) -> Option<ChangeOutcome> {
+        let bound = self.lease_bound_ms(holder);
+        (now_ms < bound).then(|| ChangeOutcome::Wait {
+            wait_ms: bound - now_ms,
+            holder: holder.to_string(),
+        })
+    }
+
     /// A heartbeat from `node`: renews its leases and answers with its
     /// volumes' records. Returns the records that changed.
     pub fn heartbeat(
@@ -239,15 +249,8 @@ impl Arbiter {
                 // The peer may hold a primary lease this witness granted
                 // before it lost the record (or before it restarted): the
                 // same wait as for a known record's holder (rule 7).
-                let bound = self.lease_bound_ms(peer);
-                if now_ms < bound {
-                    return (
-                        ChangeOutcome::Wait {
-                            wait_ms: bound - now_ms,
-                            holder: peer.to_string(),
-                        },
-                        None,
-                    );
+                if let Some(wait) = self.lease_wait(peer, now_ms) {
+                    return (wait, None);
                 }
                 // The operator starts a history here; the epoch continues
                 // after anything either node claimed.
@@ -294,15 +297,8 @@ impl Arbiter {
                     return (ChangeOutcome::Refused(Refusal::Outdated), None);
                 }
                 if let Some(holder) = current.primary.as_deref() {
-                    let bound = self.lease_bound_ms(holder);
-                    if now_ms < bound {
-                        return (
-                            ChangeOutcome::Wait {
-                                wait_ms: bound - now_ms,
-                                holder: holder.to_string(),
-                            },
-                            None,
-                        );
+                    if let Some(wait) = self.lease_wait(holder, now_ms) {
+                        return (wait, None);
                     }
                 }
                 next.primary = Some(node.to_string());
