@@ -56,6 +56,32 @@ struct Attached {
     faults: Arc<FaultPlan>,
 }
 
+/// A volume's place in `Daemon::attaching` while its attach runs; released
+/// on drop.
+struct AttachingGuard<'a> {
+    set: &'a Mutex<std::collections::HashSet<String>>,
+    name: String,
+}
+
+impl<'a> AttachingGuard<'a> {
+    /// Claims `name`; None while another attach of it runs.
+    fn claim(set: &'a Mutex<std::collections::HashSet<String>>, name: &str) -> Option<Self> {
+        let mut s = set.lock().ok()?;
+        s.insert(name.to_string()).then(|| AttachingGuard {
+            set,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for AttachingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.set.lock() {
+            s.remove(&self.name);
+        }
+    }
+}
+
 /// How long `demote` and `detach` wait for requests in flight whose
 /// clients are gone.
 const STEP_DOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
@@ -71,6 +97,9 @@ pub struct Daemon {
     ring: Uring,
     link: Mutex<Option<Arc<Link>>>,
     volumes: Mutex<HashMap<String, Attached>>,
+    /// Volumes whose attach is reading their metadata (on a blocking
+    /// thread): a second attach of one of them is refused until it is done.
+    attaching: Mutex<std::collections::HashSet<String>>,
     exports: Mutex<HashMap<String, Export>>,
     /// Why the last export of a volume could not start.
     export_failures: Mutex<HashMap<String, String>>,
@@ -133,6 +162,7 @@ impl Daemon {
             ring,
             link: Mutex::new(None),
             volumes: Mutex::new(HashMap::new()),
+            attaching: Mutex::new(std::collections::HashSet::new()),
             exports: Mutex::new(HashMap::new()),
             export_failures: Mutex::new(HashMap::new()),
             export_changed: tokio::sync::Notify::new(),
@@ -410,7 +440,7 @@ impl Daemon {
         })
     }
 
-    fn attach(&self, name: &str) -> Response {
+    async fn attach(&self, name: &str) -> Response {
         let Some(vcfg) = self.cfg.volume(name) else {
             return err(
                 ErrorCode::BadRequest,
@@ -468,7 +498,22 @@ impl Daemon {
             events: self.event_hook(),
             quorum: self.quorum_for(peer),
         };
-        let handle = match volume::attach(opts) {
+        let Some(_attaching) = AttachingGuard::claim(&self.attaching, name) else {
+            return err(
+                ErrorCode::Busy,
+                format!(
+                    "volume {name} is being attached (its disk is being read); try again once that is done"
+                ),
+            );
+        };
+        if self.volume(name).is_some() {
+            return Response::Ok {
+                message: format!("volume {name} is already attached"),
+            };
+        }
+        // (The metadata reads and writes run on a blocking thread: a slow
+        // disk delays this answer only.)
+        let handle = match volume::attach(opts).await {
             Ok(h) => h,
             Err(e) => return err(ErrorCode::Failed, format!("cannot attach {name}: {e}")),
         };
@@ -665,7 +710,7 @@ impl ControlHandler for Daemon {
     fn handle(&self, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send + '_>> {
         Box::pin(async move {
             match req {
-                Request::Attach { volume } => self.attach(&volume),
+                Request::Attach { volume } => self.attach(&volume).await,
                 Request::Detach { volume, force } => self.detach(&volume, force).await,
                 Request::Primary { volume, force } => match self.volume(&volume) {
                     // The hook returns once applications can use the device.

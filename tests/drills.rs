@@ -397,66 +397,6 @@ async fn primary_local_disk_fails_during_writes() {
     assert_nothing_lost(&c, &ledger).await;
 }
 
-/// Mounts a small ext4 filesystem (a loop device) and undoes it on drop.
-struct SmallFs {
-    mountpoint: std::path::PathBuf,
-}
-
-impl SmallFs {
-    fn new(dir: &Path, bytes: u64) -> Self {
-        let image = dir.join("small-fs.img");
-        let mountpoint = dir.join("small-fs");
-        std::fs::create_dir_all(&mountpoint).expect("mountpoint");
-        let f = std::fs::File::create(&image).expect("fs image");
-        f.set_len(bytes).expect("size");
-        run("mkfs.ext4", &["-q", "-F", image.to_str().expect("path")]);
-        run(
-            "mount",
-            &[
-                "-o",
-                "loop",
-                image.to_str().expect("path"),
-                mountpoint.to_str().expect("path"),
-            ],
-        );
-        SmallFs { mountpoint }
-    }
-
-    fn free_bytes(&self) -> u64 {
-        let o = std::process::Command::new("df")
-            .args(["--output=avail", "-B1"])
-            .arg(&self.mountpoint)
-            .output()
-            .expect("df");
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .nth(1)
-            .and_then(|l| l.trim().parse().ok())
-            .expect("df output")
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.mountpoint)
-            .status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let o = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// The secondary's disk is a sparse file on a filesystem that fills up in
 /// the middle of a write storm (ENOSPC, as with an over-committed thin
 /// pool): the secondary drops its disk, the primary goes on alone after

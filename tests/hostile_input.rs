@@ -933,3 +933,119 @@ async fn a_whole_device_discard_completes_and_leaves_the_volume_usable() {
     .await
     .expect("demote after the discard");
 }
+
+/// Hole 8: attaching a volume whose disk hangs (its filesystem frozen:
+/// every write blocks in the kernel) must not stall the daemon. While that
+/// attach waits in its superblock write, the other volume's replicated
+/// writes and reads, `status`, and the link keep working; a second attach
+/// of the hung volume is refused as busy; once the disk answers again the
+/// attach completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attaching_a_volume_on_a_hung_disk_does_not_stall_the_others() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("needs root to mount and freeze a filesystem (CI runs as root): skipped");
+        return;
+    }
+    let mut c = cluster(
+        "hung-attach",
+        blkrep::testkit::cluster::ClusterOptions {
+            extra_volumes: 1,
+            ..small()
+        },
+    );
+    let fs = SmallFs::new(&c.dir, 48 << 20);
+    // alpha's disk of the second volume moves onto the filesystem to freeze.
+    let disk = c.nodes[0].disk.with_file_name("disk-1.img");
+    let moved = fs.mountpoint.join("disk-1.img");
+    run(
+        "cp",
+        &[
+            "--sparse=always",
+            disk.to_str().expect("path"),
+            moved.to_str().expect("path"),
+        ],
+    );
+    std::fs::remove_file(&disk).expect("old disk");
+    std::os::unix::fs::symlink(&moved, &disk).expect("symlink");
+    if let Err(e) = c.bring_up().await {
+        dump_logs(&c);
+        panic!("bring up: {e}");
+    }
+    qemu_io(&c, 0, &["write -P 0x11 0 1M"]);
+
+    let frozen = fs.freeze();
+    let control = c.nodes[0].control.clone();
+    let attach = tokio::spawn(async move {
+        blkrep::control::call(
+            &control,
+            &Request::Attach {
+                volume: "demo-1".into(),
+            },
+        )
+        .await
+    });
+    let deadline = Instant::now() + WAIT;
+    while !daemon_blocked_on_disk(&c, 0) {
+        assert!(
+            Instant::now() < deadline && !attach.is_finished(),
+            "the attach never reached its superblock write on the frozen disk"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The first volume goes on: a replicated write, a read, a flush.
+    let limit = Duration::from_secs(15);
+    let mut io = std::process::Command::new("qemu-io");
+    io.args(["-f", "raw", "-c", "write -P 0x22 1M 1M", "-c", "flush"])
+        .args(["-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 1M 1M"])
+        .arg(nbd_uri(&c, 0));
+    let out = output_within(&mut io, limit).await;
+    let Some(out) = out else {
+        dump_logs(&c);
+        panic!("I/O on the other volume stalled while an attach waited on a hung disk");
+    };
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io: {text}"
+    );
+    let status = tokio::time::timeout(limit, c.status(0)).await;
+    assert!(
+        matches!(status, Ok(Ok(_))),
+        "status did not answer while an attach waited on a hung disk"
+    );
+    let again = tokio::time::timeout(
+        limit,
+        c.call(
+            0,
+            Request::Attach {
+                volume: "demo-1".into(),
+            },
+        ),
+    )
+    .await;
+    match again {
+        Ok(Ok(blkrep::control::Response::Error { code, message })) => {
+            assert_eq!(code, blkrep::control::ErrorCode::Busy, "{message}");
+            assert!(message.contains("being attached"), "{message}");
+        }
+        other => panic!("a second attach of the hung volume: {other:?}"),
+    }
+    assert!(
+        !attach.is_finished(),
+        "the attach finished while its disk was frozen"
+    );
+
+    drop(frozen);
+    let answer = tokio::time::timeout(WAIT, attach)
+        .await
+        .expect("the attach ends once the disk answers")
+        .expect("task")
+        .expect("control call");
+    assert!(
+        matches!(answer, blkrep::control::Response::Ok { .. }),
+        "attach after the thaw: {answer:?}"
+    );
+    assert_replicas_equal(&c).await;
+}

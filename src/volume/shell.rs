@@ -108,9 +108,32 @@ pub fn open_meta(
     }
 }
 
-/// Attaches a volume: reads and checks its metadata, opens the store and
-/// starts the volume task.
-pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
+/// Attaches a volume: reads and checks its metadata and opens the store on
+/// a blocking thread (a slow or hung disk must not stall the daemon's
+/// runtime thread, which carries every other volume, the link keepalives
+/// and the lease renewals), then starts the volume task.
+pub async fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
+    let opened = tokio::task::spawn_blocking(move || open_volume(opts))
+        .await
+        .map_err(|e| VolumeError::Other(format!("the attach thread failed: {e}")))??;
+    Ok(start(opened))
+}
+
+/// A volume whose metadata has been read, checked and marked attached, and
+/// whose store is open: everything `start` needs, with no I/O left to do.
+struct OpenedVolume {
+    opts: AttachOptions,
+    engine: Engine,
+    meta: MetaDevice,
+    sb: Superblock,
+    store: Arc<dyn BlockStore>,
+    data_bytes: u64,
+}
+
+/// The blocking half of `attach`: opens, probes and reads the metadata,
+/// recovers after an unclean stop, and writes the superblock's attached
+/// mark (O_DSYNC).
+fn open_volume(opts: AttachOptions) -> Result<OpenedVolume, VolumeError> {
     // The chunk size is whatever create-md recorded; read the superblock with
     // the default layout first only to learn it.
     let (probe, _) = open_meta(&opts.disk, &opts.meta, crate::meta::DEFAULT_CHUNK_BYTES)?;
@@ -210,7 +233,26 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
     sb.primary = crashed_primary;
     sb.seq += 1;
     meta.write_superblock(&sb)?;
+    Ok(OpenedVolume {
+        opts,
+        engine,
+        meta,
+        sb,
+        store,
+        data_bytes: layout.data_bytes,
+    })
+}
 
+/// The non-blocking half of `attach`: spawns the volume's tasks.
+fn start(opened: OpenedVolume) -> VolumeHandle {
+    let OpenedVolume {
+        opts,
+        engine,
+        meta,
+        sb,
+        store,
+        data_bytes,
+    } = opened;
     let (tx, rx) = mpsc::unbounded_channel();
     let lease = opts.quorum.as_ref().map(super::VolumeLease::new);
     // Witness retries and lease checks, and the age bound of writes
@@ -224,7 +266,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
             read_path: read_path.clone(),
             store: store.clone(),
             permits: Semaphore::new(super::CLIENT_INFLIGHT_MAX),
-            data_bytes: layout.data_bytes,
+            data_bytes,
             lease: lease.clone(),
         }),
     };
@@ -247,7 +289,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         index: opts.index,
         peer_name: opts.peer,
         disk_path: opts.disk,
-        data_bytes: layout.data_bytes,
+        data_bytes,
         chunk_bytes,
         store,
         tx,
@@ -286,7 +328,7 @@ pub fn attach(opts: AttachOptions) -> Result<VolumeHandle, VolumeError> {
         forwarded_replies: HashMap::new(),
     };
     tokio::spawn(shell.run(rx));
-    Ok(handle)
+    handle
 }
 
 /// The volume was attached when its node stopped. If the machine has not

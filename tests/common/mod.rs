@@ -72,6 +72,44 @@ pub fn qemu_io(c: &LocalCluster, i: usize, cmds: &[&str]) -> String {
     text
 }
 
+/// Runs `cmd` to its end, or kills it after `limit` (None then): for
+/// commands that hang when the daemon does.
+pub async fn output_within(cmd: &mut Command, limit: Duration) -> Option<std::process::Output> {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.wait_with_output().ok()
+}
+
+/// The daemon of node `i` has a thread blocked in uninterruptible sleep
+/// (state D in /proc: waiting in the kernel on a disk).
+pub fn daemon_blocked_on_disk(c: &LocalCluster, i: usize) -> bool {
+    let Some(pid) = c.pid(i) else { return false };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('D'))
+            })
+            .unwrap_or(false)
+    })
+}
+
 /// Both nodes' data areas, byte for byte.
 pub async fn assert_replicas_equal(c: &LocalCluster) {
     let size = c.status(0).await.expect("status").size_bytes.expect("size");
@@ -112,4 +150,90 @@ pub fn use_identity(c: &LocalCluster, i: usize, cert: &Path, key: &Path) {
             &key.display().to_string(),
         );
     std::fs::write(&c.nodes[i].config, cfg).expect("write config");
+}
+
+/// Mounts a small ext4 filesystem (a loop device) and undoes it on drop.
+pub struct SmallFs {
+    /// Where it is mounted.
+    pub mountpoint: std::path::PathBuf,
+}
+
+impl SmallFs {
+    /// Creates and mounts a filesystem of `bytes` under `dir`.
+    pub fn new(dir: &Path, bytes: u64) -> Self {
+        let image = dir.join("small-fs.img");
+        let mountpoint = dir.join("small-fs");
+        std::fs::create_dir_all(&mountpoint).expect("mountpoint");
+        let f = std::fs::File::create(&image).expect("fs image");
+        f.set_len(bytes).expect("size");
+        run("mkfs.ext4", &["-q", "-F", image.to_str().expect("path")]);
+        run(
+            "mount",
+            &[
+                "-o",
+                "loop",
+                image.to_str().expect("path"),
+                mountpoint.to_str().expect("path"),
+            ],
+        );
+        SmallFs { mountpoint }
+    }
+
+    /// Free bytes on it.
+    pub fn free_bytes(&self) -> u64 {
+        let o = std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.mountpoint)
+            .output()
+            .expect("df");
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df output")
+    }
+
+    /// Freezes the filesystem (`fsfreeze`): every write to it blocks
+    /// until the returned guard is dropped, as on a hung disk; reads go on.
+    pub fn freeze(&self) -> Frozen<'_> {
+        run("fsfreeze", &["-f", self.mountpoint.to_str().expect("path")]);
+        Frozen { fs: self }
+    }
+}
+
+/// A frozen `SmallFs`; thawed on drop (also when a test fails, so that no
+/// process stays blocked in a write).
+pub struct Frozen<'a> {
+    fs: &'a SmallFs,
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.fs.mountpoint)
+            .status();
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .status();
+    }
+}
+
+/// Runs a command that must succeed.
+pub fn run(cmd: &str, args: &[&str]) {
+    let o = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
