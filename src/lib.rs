@@ -13,6 +13,7 @@
 //! - [`control`]: the daemon's Unix control socket and its typed requests.
 //! - [`quorum`]: the witness record as nodes see it, leases (no I/O).
 //! - [`witness`]: the witness service and a node's session with it.
+//! - [`log_limit`]: rate limits for log lines outsiders can cause.
 //! - [`access`]: who may use the daemon's Unix sockets (control, NBD).
 //! - [`config`], [`cert`], [`daemon`]: configuration, certificates, the agent.
 
@@ -26,6 +27,7 @@ pub mod demo;
 pub mod engine;
 pub mod frontend;
 pub mod link;
+pub mod log_limit;
 pub mod meta;
 pub mod quorum;
 pub mod resync;

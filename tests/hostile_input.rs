@@ -1049,3 +1049,178 @@ async fn attaching_a_volume_on_a_hung_disk_does_not_stall_the_others() {
     );
     assert_replicas_equal(&c).await;
 }
+
+/// The 18-byte NBD greeting of a fresh connection, or None when the server
+/// closed it first.
+async fn nbd_greeting(s: &mut tokio::net::UnixStream) -> Option<[u8; 18]> {
+    use tokio::io::AsyncReadExt;
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).await.ok().map(|_| g)
+}
+
+/// Whether the server closes `s` (EOF or reset) within `limit`; what it
+/// sent before is returned.
+async fn closed_within(s: &mut tokio::net::UnixStream, limit: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut b = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut b)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(seen),
+            Ok(Ok(n)) => seen.extend_from_slice(&b[..n]),
+        }
+    }
+}
+
+fn nbd_option(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut o = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+    o.extend_from_slice(&opt.to_be_bytes());
+    o.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    o.extend_from_slice(data);
+    o
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Hole 9: an NBD export bounds what its clients can take. At most
+/// `CONNECTIONS_MAX` connections (one more is closed before the greeting);
+/// at most `OPTIONS_MAX` options per handshake; a handshake not done in
+/// `HANDSHAKE_TIMEOUT` is closed; and a client that pipelines large reads
+/// and never reads the replies holds at most the volume's
+/// `CLIENT_INFLIGHT_BYTES_MAX`, not 128 x 32 MiB per connection. Once the
+/// hostile clients are gone, a real client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nbd_export_bounds_connections_handshakes_and_bytes_in_flight() {
+    use blkrep::frontend::nbd::{CONNECTIONS_MAX, HANDSHAKE_TIMEOUT, OPTIONS_MAX};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = up(
+        "nbd-bounds",
+        blkrep::testkit::cluster::ClusterOptions {
+            disk_bytes: 80 << 20,
+            ..Default::default()
+        },
+    )
+    .await;
+    let sock = c.nbd_socket(0);
+    let connect = || tokio::net::UnixStream::connect(&sock);
+
+    // Connections: the limit is served, one more is closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..CONNECTIONS_MAX {
+        let mut s = connect().await.expect("connect");
+        assert!(nbd_greeting(&mut s).await.is_some(), "greeting");
+        idle.push(s);
+    }
+    let mut extra = connect().await.expect("connect");
+    assert!(
+        nbd_greeting(&mut extra).await.is_none(),
+        "connection {} was served",
+        CONNECTIONS_MAX + 1
+    );
+    let started = Instant::now();
+
+    // Options: one connection floods the handshake with LIST options; it is
+    // answered OPTIONS_MAX times, then closed.
+    let mut flood = idle.pop().expect("a connection");
+    let mut msg = 3u32.to_be_bytes().to_vec();
+    for _ in 0..OPTIONS_MAX + 8 {
+        msg.extend_from_slice(&nbd_option(3, &[]));
+    }
+    flood.write_all(&msg).await.expect("send options");
+    let replies = closed_within(&mut flood, Duration::from_secs(5))
+        .await
+        .expect("an option flood is cut off");
+    // Each LIST is answered by a SERVER reply (20 bytes + 4 + the name) and
+    // an ACK (20 bytes).
+    let per_list = 20 + 4 + "demo".len() + 20;
+    assert_eq!(replies.len(), OPTIONS_MAX * per_list, "options answered");
+
+    // Handshakes: the idle connections are closed once their time is up.
+    for s in &mut idle {
+        let left = (HANDSHAKE_TIMEOUT + Duration::from_secs(5)).saturating_sub(started.elapsed());
+        assert!(
+            closed_within(s, left).await.is_some(),
+            "an idle handshake was not closed within {HANDSHAKE_TIMEOUT:?}"
+        );
+    }
+    assert!(
+        started.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_millis(500),
+        "idle handshakes were closed before their time"
+    );
+    drop(idle);
+
+    // Bytes in flight: 128 reads of 32 MiB, replies never read.
+    let pid = c.pid(0).expect("alpha runs");
+    let before = rss_bytes(pid);
+    let mut greedy = connect().await.expect("connect");
+    assert!(nbd_greeting(&mut greedy).await.is_some(), "greeting");
+    let mut go = 3u32.to_be_bytes().to_vec();
+    go.extend_from_slice(&nbd_option(1, b"demo"));
+    greedy.write_all(&go).await.expect("export name");
+    let mut export = [0u8; 10];
+    greedy.read_exact(&mut export).await.expect("export info");
+    let mut reads = Vec::new();
+    for h in 0..128u64 {
+        reads.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        reads.extend_from_slice(&0u16.to_be_bytes());
+        reads.extend_from_slice(&0u16.to_be_bytes());
+        reads.extend_from_slice(&h.to_be_bytes());
+        reads.extend_from_slice(&0u64.to_be_bytes());
+        reads.extend_from_slice(&(32u32 << 20).to_be_bytes());
+    }
+    greedy.write_all(&reads).await.expect("send reads");
+    let bound = blkrep::volume::CLIENT_INFLIGHT_BYTES_MAX as u64 + (192 << 20);
+    let mut peak = 0;
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(5) {
+        peak = peak.max(rss_bytes(pid).saturating_sub(before));
+        assert!(
+            peak <= bound,
+            "the daemon grew by {} MiB for one client's unread replies",
+            peak >> 20
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), c.status(0))
+            .await
+            .is_ok_and(|s| s.is_ok()),
+        "status answers while a client holds the volume's budget"
+    );
+    drop(greedy);
+    drop(extra);
+    drop(flood);
+    let started = Instant::now();
+    let mut io = std::process::Command::new("qemu-io");
+    io.args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x33 0 1M",
+        "-c",
+        "read -P 0x33 0 1M",
+    ])
+    .arg(nbd_uri(&c, 0));
+    let out = output_within(&mut io, WAIT)
+        .await
+        .expect("a real client is served once the hostile ones are gone");
+    assert!(
+        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"),
+        "qemu-io: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    eprintln!(
+        "peak growth {} MiB; a real client served {:?} after the hostile ones left",
+        peak >> 20,
+        started.elapsed()
+    );
+}

@@ -19,14 +19,37 @@ pub trait ControlHandler: Send + Sync + 'static {
     fn handle(&self, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send + '_>>;
 }
 
-/// Accepts and serves connections until the listener fails.
+/// Control connections served at once; more wait in the socket's backlog.
+pub const CONNECTIONS_MAX: usize = 64;
+
+/// Warnings about failed accepts.
+static ACCEPT_LOG: crate::log_limit::LogLimit =
+    crate::log_limit::LogLimit::new(std::time::Duration::from_secs(10));
+
+/// Accepts and serves connections, at most [`CONNECTIONS_MAX`] at once.
 pub async fn serve(listener: UnixListener, handler: Arc<dyn ControlHandler>, access: Access) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // (Out of descriptors, say: back off instead of spinning.)
+                if let Some(held) = ACCEPT_LOG.admit() {
+                    tracing::warn!(
+                        "control socket: accept failed: {e}{}",
+                        crate::log_limit::held_back(held, &ACCEPT_LOG)
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let h = handler.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = serve_one(stream, h, access).await {
                 tracing::debug!("control connection: {e}");
             }

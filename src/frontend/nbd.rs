@@ -76,6 +76,22 @@ pub const REQUEST_MAX_BYTES: u32 = 32 << 20;
 const PIECE_MAX_BYTES: usize = 1 << 20;
 /// Requests in flight per NBD connection.
 const CONNECTION_INFLIGHT_MAX: usize = 128;
+/// Client connections one export serves at once (qemu-nbd serves one by
+/// default, `--shared`; nbdcopy opens 4, fio one per job); one more is
+/// closed at once, with a warning.
+pub const CONNECTIONS_MAX: usize = 16;
+/// How long a client may take from connecting to the end of its handshake
+/// (qemu-nbd's `--handshake-limit` default).
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Options one handshake may send (nbdkit's limit).
+pub const OPTIONS_MAX: usize = 32;
+const _: () = assert!(
+    REQUEST_MAX_BYTES as usize + 2 * BLOCK as usize <= crate::volume::CLIENT_INFLIGHT_BYTES_MAX
+);
+
+/// Warnings about refused clients and failed accepts.
+static REFUSED_LOG: crate::log_limit::LogLimit =
+    crate::log_limit::LogLimit::new(std::time::Duration::from_secs(10));
 const BLOCK: u64 = 4096;
 
 /// Why an NBD session ended abnormally.
@@ -159,11 +175,25 @@ async fn accept_loop(
             r = listener.accept() => match r {
                 Ok((stream, _)) if !access.allows_peer(&stream) => {
                     let cred = stream.peer_cred().ok();
-                    tracing::warn!(
-                        "volume {}: refused an NBD client (uid {:?}): only root, the daemon's user and control_group may use the export",
-                        volume.name(),
-                        cred.map(|c| c.uid())
-                    );
+                    if let Some(held) = REFUSED_LOG.admit() {
+                        tracing::warn!(
+                            "volume {}: refused an NBD client (uid {:?}): only root, the daemon's user and control_group may use the export{}",
+                            volume.name(),
+                            cred.map(|c| c.uid()),
+                            crate::log_limit::held_back(held, &REFUSED_LOG)
+                        );
+                    }
+                }
+                Ok(_) if clients.load(Ordering::Acquire) >= CONNECTIONS_MAX => {
+                    // (Dropping the stream closes it: the client sees the
+                    // connection end before the greeting.)
+                    if let Some(held) = REFUSED_LOG.admit() {
+                        tracing::warn!(
+                            "volume {}: refused an NBD client: {CONNECTIONS_MAX} connections are open, the most one export serves{}",
+                            volume.name(),
+                            crate::log_limit::held_back(held, &REFUSED_LOG)
+                        );
+                    }
                 }
                 Ok((stream, _)) => {
                     let v = volume.clone();
@@ -182,7 +212,14 @@ async fn accept_loop(
                     });
                 }
                 Err(e) => {
-                    tracing::warn!("NBD accept failed: {e}");
+                    // (Out of descriptors, say: back off instead of spinning.)
+                    if let Some(held) = REFUSED_LOG.admit() {
+                        tracing::warn!(
+                            "volume {}: NBD accept failed: {e}{}",
+                            volume.name(),
+                            crate::log_limit::held_back(held, &REFUSED_LOG)
+                        );
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             }
@@ -253,7 +290,7 @@ where
         )));
     }
     let size = volume.size_bytes();
-    loop {
+    for _ in 0..OPTIONS_MAX {
         let magic = r.read_u64().await?;
         if magic != IHAVEOPT {
             return Err(NbdError::Protocol(format!("bad option magic {magic:#x}")));
@@ -322,6 +359,9 @@ where
             _ => option_reply(w, opt, REP_ERR_UNSUP, &[]).await?,
         }
     }
+    Err(NbdError::Protocol(format!(
+        "more than {OPTIONS_MAX} options in one handshake"
+    )))
 }
 
 fn name_matches(name: &[u8], volume: &str) -> bool {
@@ -374,7 +414,9 @@ pub fn parse_request(b: &[u8; 28]) -> Result<Request, NbdError> {
 struct ReplyMsg {
     handle: u64,
     error: u32,
-    data: Option<(AlignedBuf, usize, usize)>,
+    /// Read data: the buffer, where the reply's bytes start in it, how
+    /// many, and the volume's client-bytes budget it holds until sent.
+    data: Option<(AlignedBuf, usize, usize, OwnedSemaphorePermit)>,
 }
 
 async fn reply_writer(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<ReplyMsg>) {
@@ -386,7 +428,7 @@ async fn reply_writer(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<ReplyMsg>) {
         if w.write_all(&hdr).await.is_err() {
             return;
         }
-        if let Some((buf, start, len)) = &m.data
+        if let Some((buf, start, len, _budget)) = &m.data
             && w.write_all(&buf.as_slice()[*start..*start + *len])
                 .await
                 .is_err()
@@ -413,8 +455,18 @@ fn errno_of(e: &VolumeError) -> u32 {
 async fn serve(stream: tokio::net::UnixStream, volume: VolumeHandle) -> Result<(), NbdError> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::with_capacity(256 * 1024, r);
-    if handshake(&mut r, &mut w, &volume).await?.is_none() {
-        return Ok(());
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut r, &mut w, &volume)).await {
+        Err(_) => {
+            return Err(NbdError::Protocol(format!(
+                "no complete handshake within {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            )));
+        }
+        Ok(r) => {
+            if r?.is_none() {
+                return Ok(());
+            }
+        }
     }
     let (tx, rx) = mpsc::channel(CONNECTION_INFLIGHT_MAX);
     let writer = tokio::spawn(reply_writer(w, rx));
@@ -462,6 +514,8 @@ async fn transmission<R: AsyncReadExt + Unpin>(
                         "write of {length} bytes is too large"
                     )));
                 }
+                // (The budget is taken before the buffer exists.)
+                let budget = volume.reserve_client_bytes(length).await.map_err(shut)?;
                 let mut buf = AlignedBuf::zeroed(length as usize);
                 r.read_exact(buf.as_mut_slice()).await?;
                 if !in_bounds || !aligned {
@@ -470,7 +524,9 @@ async fn transmission<R: AsyncReadExt + Unpin>(
                 }
                 let v = volume.clone();
                 reply_when_done(tx, handle, permit, async move {
-                    write_pieces(&v, offset, buf, fua).await
+                    let done = write_pieces(&v, offset, buf, fua).await;
+                    drop(budget);
+                    done
                 });
             }
             CMD_READ => {
@@ -478,6 +534,11 @@ async fn transmission<R: AsyncReadExt + Unpin>(
                     reply_error(tx, handle, EINVAL).await;
                     continue;
                 }
+                let (start, end) = span(offset, length as usize);
+                let budget = volume
+                    .reserve_client_bytes((end - start) as u32)
+                    .await
+                    .map_err(shut)?;
                 let v = volume.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
@@ -485,7 +546,7 @@ async fn transmission<R: AsyncReadExt + Unpin>(
                         Ok((buf, start)) => ReplyMsg {
                             handle,
                             error: 0,
-                            data: Some((buf, start, length as usize)),
+                            data: Some((buf, start, length as usize, budget)),
                         },
                         Err(e) => ReplyMsg {
                             handle,
@@ -515,6 +576,18 @@ async fn transmission<R: AsyncReadExt + Unpin>(
             _ => reply_error(tx, handle, EINVAL).await,
         }
     }
+}
+
+/// The session ends when the volume's budget is gone (it was detached).
+fn shut(e: VolumeError) -> NbdError {
+    NbdError::Protocol(format!("volume unavailable: {e}"))
+}
+
+/// `[offset, offset+len)` widened to 4 KiB alignment.
+fn span(offset: u64, len: usize) -> (u64, u64) {
+    let start = offset / BLOCK * BLOCK;
+    let end = (offset + len as u64).div_ceil(BLOCK) * BLOCK;
+    (start, end)
 }
 
 /// Replies with an error right away (in order with other replies).
@@ -575,8 +648,7 @@ async fn read_span(
     offset: u64,
     len: usize,
 ) -> Result<(AlignedBuf, usize), VolumeError> {
-    let start = offset / BLOCK * BLOCK;
-    let end = (offset + len as u64).div_ceil(BLOCK) * BLOCK;
+    let (start, end) = span(offset, len);
     let total = (end - start) as usize;
     if total == 0 {
         return Ok((AlignedBuf::zeroed(0), 0));

@@ -27,6 +27,12 @@ pub use shell::{AttachOptions, EventHook, ExportHook, attach, open_meta};
 /// extents, so this stays well below the log's capacity).
 pub const CLIENT_INFLIGHT_MAX: usize = 256;
 
+/// Bytes of client request data (write payloads read from a client, read
+/// data not yet sent back) a frontend may hold for one volume at once,
+/// over all its connections: a client that pipelines large requests, or
+/// does not read its replies, waits instead of growing the daemon.
+pub const CLIENT_INFLIGHT_BYTES_MAX: usize = 64 << 20;
+
 /// Errors of volume operations.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -240,6 +246,8 @@ struct HandleInner {
     read_path: Arc<AtomicU8>,
     store: Arc<dyn BlockStore>,
     permits: Semaphore,
+    /// [`CLIENT_INFLIGHT_BYTES_MAX`], one permit per byte.
+    client_bytes: Arc<Semaphore>,
     data_bytes: u64,
     lease: Option<Arc<VolumeLease>>,
 }
@@ -263,6 +271,28 @@ impl VolumeHandle {
 
     pub(crate) fn send(&self, input: Input) -> Result<(), VolumeError> {
         self.inner.tx.send(input).map_err(|_| VolumeError::Detached)
+    }
+
+    /// Reserves `bytes` of the volume's client data budget
+    /// ([`CLIENT_INFLIGHT_BYTES_MAX`]) until the permit is dropped; waits
+    /// while the budget is spent. A frontend takes it before it allocates a
+    /// request's buffer and keeps it until the reply is sent.
+    pub async fn reserve_client_bytes(
+        &self,
+        bytes: u32,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, VolumeError> {
+        if bytes as usize > CLIENT_INFLIGHT_BYTES_MAX {
+            return Err(VolumeError::OutOfRange {
+                offset: 0,
+                len: u64::from(bytes),
+            });
+        }
+        self.inner
+            .client_bytes
+            .clone()
+            .acquire_many_owned(bytes)
+            .await
+            .map_err(|_| VolumeError::Detached)
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
@@ -325,6 +355,14 @@ impl VolumeHandle {
         self.check(offset, len as u64)?;
         match self.inner.read_path.load(Ordering::Acquire) {
             READ_LOCAL => {
+                // (Local reads count against the volume's requests in
+                // flight like every other request.)
+                let _permit = self
+                    .inner
+                    .permits
+                    .acquire()
+                    .await
+                    .map_err(|_| VolumeError::Detached)?;
                 self.lease_gate().await?;
                 match self.inner.store.read(offset, len).await {
                     Ok(b) => Ok(b),

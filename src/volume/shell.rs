@@ -266,6 +266,7 @@ fn start(opened: OpenedVolume) -> VolumeHandle {
             read_path: read_path.clone(),
             store: store.clone(),
             permits: Semaphore::new(super::CLIENT_INFLIGHT_MAX),
+            client_bytes: Arc::new(Semaphore::new(super::CLIENT_INFLIGHT_BYTES_MAX)),
             data_bytes,
             lease: lease.clone(),
         }),
