@@ -77,9 +77,10 @@ const PIECE_MAX_BYTES: usize = 1 << 20;
 /// Requests in flight per NBD connection.
 const CONNECTION_INFLIGHT_MAX: usize = 128;
 /// Client connections one export serves at once (qemu-nbd serves one by
-/// default, `--shared`; nbdcopy opens 4, fio one per job); one more is
-/// closed at once, with a warning.
-pub const CONNECTIONS_MAX: usize = 16;
+/// default, `--shared`; nbdcopy opens 4, fio one per job, `blkrep bench`'s
+/// own load generator one per request in flight, up to 32); one more is
+/// closed at once, with a warning. Each costs a 256 KiB read buffer.
+pub const CONNECTIONS_MAX: usize = 64;
 /// How long a client may take from connecting to the end of its handshake
 /// (qemu-nbd's `--handshake-limit` default).
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
