@@ -1224,3 +1224,124 @@ async fn an_nbd_export_bounds_connections_handshakes_and_bytes_in_flight() {
         started.elapsed()
     );
 }
+
+/// The first byte of what `server` answers to one QUIC Initial packet (a
+/// connection attempt from a fresh address), None without an answer.
+async fn answer_to_an_initial(server: std::net::SocketAddr, alpn: &[u8]) -> Option<u8> {
+    let dir = blkrep::testkit::cluster::scratch_dir("initial");
+    blkrep::cert::create_ca(&dir).expect("ca");
+    blkrep::cert::issue("stranger", &dir, &dir, 2).expect("cert");
+    let tls = TlsMaterial::load(
+        &dir.join("ca.pem"),
+        &dir.join("stranger.pem"),
+        &dir.join("stranger.key"),
+    )
+    .expect("TLS material");
+    let client = quinn::ClientConfig::new(Arc::new(tls.quic_client(alpn).expect("crypto")));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut endpoint = quinn_proto::Endpoint::new(
+        Arc::new(quinn_proto::EndpointConfig::default()),
+        None,
+        false,
+        None,
+    );
+    let now = std::time::Instant::now();
+    let (_, mut conn) = endpoint
+        .connect(now, client, server, "alpha")
+        .expect("connect");
+    let mut initial = Vec::new();
+    let t = conn
+        .poll_transmit(now, 1, &mut initial)
+        .expect("an Initial");
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    socket
+        .send_to(&initial[..t.size], server)
+        .await
+        .expect("send");
+    let mut answer = [0u8; 2048];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    (n > 0).then_some(answer[0])
+}
+
+/// Hole 10: a QUIC flood on the replication or the witness port. A
+/// connection attempt from an address not yet validated gets a stateless
+/// Retry (long header, type 3: first byte 0xf?), not a handshake; a burst
+/// of handshakes that fail their certificate check is logged at warn once
+/// (at most once per 10 s), not once each; replication goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_flood_is_answered_with_retries_and_logged_once() {
+    let c = up(
+        "quic-flood",
+        blkrep::testkit::cluster::ClusterOptions {
+            witness: true,
+            ..small()
+        },
+    )
+    .await;
+    let witness = c.witness.clone().expect("a witness");
+    for (what, addr, alpn) in [
+        ("replication", c.nodes[0].address, blkrep::link::tls::ALPN),
+        ("witness", witness.address, blkrep::witness::protocol::ALPN),
+    ] {
+        let first = answer_to_an_initial(addr, alpn).await;
+        assert!(
+            first.is_some_and(|b| b & 0xf0 == 0xf0),
+            "the {what} port answered an unvalidated Initial with {first:x?}, not a Retry"
+        );
+    }
+
+    let foreign = c.dir.join("foreign");
+    blkrep::cert::create_ca(&foreign).expect("foreign CA");
+    blkrep::cert::issue("beta", &foreign, &foreign, 30).expect("foreign cert");
+    let tls = TlsMaterial::load(
+        &foreign.join("ca.pem"),
+        &foreign.join("beta.pem"),
+        &foreign.join("beta.key"),
+    )
+    .expect("TLS material");
+    let attempts = 40;
+    for (addr, alpn, name) in [
+        (c.nodes[0].address, blkrep::link::tls::ALPN, "alpha"),
+        (witness.address, blkrep::witness::protocol::ALPN, "witness"),
+    ] {
+        let client = quinn::ClientConfig::new(Arc::new(tls.quic_client(alpn).expect("crypto")));
+        let mut end = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("bind");
+        end.set_default_client_config(client);
+        for _ in 0..attempts {
+            let connecting = end.connect(addr, name).expect("connect");
+            let r = tokio::time::timeout(Duration::from_secs(5), connecting).await;
+            assert!(!matches!(r, Ok(Ok(_))), "a foreign certificate got through");
+        }
+        end.close(0u32.into(), b"done");
+    }
+    // Every attempt reached the server (each was refused by it: the first
+    // line is there), and only the first of the burst was logged at warn.
+    let count = |log: &std::path::Path, needle: &str| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains(needle))
+            .count()
+    };
+    assert!(
+        wait_log(&c.nodes[0].log, "refused a replication connection").await,
+        "alpha never logged the refused handshakes"
+    );
+    assert!(
+        wait_log(&witness.log, "witness: refused").await,
+        "the witness never logged the refused handshakes"
+    );
+    let alpha = count(&c.nodes[0].log, "refused a replication connection");
+    let w = count(&witness.log, "witness: refused");
+    assert!(
+        alpha <= 2 && w <= 2,
+        "{attempts} refused handshakes each were logged {alpha} times by alpha and {w} times by the witness"
+    );
+    qemu_io(&c, 0, &["write -P 0x44 0 1M", "read -P 0x44 0 1M"]);
+    assert_replicas_equal(&c).await;
+}

@@ -4,6 +4,7 @@
 //! other accepts; reconnects with capped exponential backoff; every transport
 //! option is set explicitly for a dedicated replication link.
 
+pub mod admission;
 pub mod capacity;
 pub mod connection;
 pub mod tls;
@@ -194,6 +195,7 @@ impl Link {
             .map_err(|e| setup(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
         server.transport_config(transport.clone());
+        admission::bound_incoming(&mut server);
         let client_crypto = tls
             .quic_client(tls::ALPN)
             .map_err(|e| setup(e.to_string()))?;
@@ -352,12 +354,15 @@ impl Link {
 
     async fn accept_loop(self: Arc<Self>) {
         while let Some(incoming) = self.endpoint.accept().await {
+            let Some(incoming) = admission::validated(incoming) else {
+                continue;
+            };
             let link = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
                 if let Err(e) = link.accept_one(incoming).await {
                     let why = format!("refused a replication connection from {remote}: {e}");
-                    tracing::warn!("{why}");
+                    admission::log_refused(&why);
                     // (The peer may not be known from a refused handshake:
                     // every peer that dials this node hears of it.)
                     let dialers: Vec<String> = link

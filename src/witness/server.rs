@@ -56,6 +56,7 @@ impl WitnessServer {
             .map_err(|e| setup(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport_config(cfg.lease_ms)));
+        crate::link::admission::bound_incoming(&mut server);
         let endpoint =
             quinn::Endpoint::server(server, cfg.listen).map_err(|e| setup(e.to_string()))?;
         let state = Arc::new(State {
@@ -90,22 +91,27 @@ impl WitnessServer {
 
 async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>) {
     while let Some(incoming) = endpoint.accept().await {
+        let Some(incoming) = crate::link::admission::validated(incoming) else {
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let quic = match incoming.await {
                 Ok(q) => q,
                 Err(e) => {
-                    tracing::warn!("witness: refused connection from {remote}: {e}");
+                    crate::link::admission::log_refused(&format!(
+                        "witness: refused connection from {remote}: {e}"
+                    ));
                     return;
                 }
             };
             let candidates: Vec<&str> = state.nodes.iter().map(String::as_str).collect();
             let Some(node) = identify_peer(&quic, &candidates).map(str::to_string) else {
-                tracing::warn!(
+                crate::link::admission::log_refused(&format!(
                     "witness: refused {remote}: its certificate names none of the nodes {:?}",
                     state.nodes
-                );
+                ));
                 quic.close(1u32.into(), b"unknown node");
                 return;
             };
