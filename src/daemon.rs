@@ -447,11 +447,6 @@ impl Daemon {
                 format!("volume {name:?} is not in {}", self.cfg.path.display()),
             );
         };
-        if self.volume(name).is_some() {
-            return Response::Ok {
-                message: format!("volume {name} is already attached"),
-            };
-        }
         let (Some(node_cfg), Some(peer)) =
             (vcfg.nodes.get(&self.cfg.node), vcfg.peer_of(&self.cfg.node))
         else {

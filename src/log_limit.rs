@@ -30,6 +30,15 @@ impl LogLimit {
         self.admit_at(Instant::now())
     }
 
+    /// Logs `line()` at warn when a line may go out now, with the count of
+    /// those held back since the last one; otherwise logs nothing (and
+    /// builds no text).
+    pub fn warn(&self, line: impl FnOnce() -> String) {
+        if let Some(held) = self.admit() {
+            tracing::warn!("{}{}", line(), held_back(held, self));
+        }
+    }
+
     fn admit_at(&self, now: Instant) -> Option<u64> {
         let mut state = self.state.lock().ok()?;
         match &mut *state {
@@ -51,8 +60,8 @@ impl LogLimit {
     }
 }
 
-/// " (N more like it in the last S s)" after a rate-limited line, or "".
-pub fn held_back(n: u64, limit: &LogLimit) -> String {
+/// " (N more like it ...)" after a rate-limited line, or "".
+fn held_back(n: u64, limit: &LogLimit) -> String {
     if n == 0 {
         return String::new();
     }

@@ -419,17 +419,7 @@ async fn secondary_disk_full_during_writes() {
     );
     let fs = SmallFs::new(&c.dir, 48 << 20);
     // beta's disk moves onto the small filesystem (still sparse).
-    let moved = fs.mountpoint.join("beta.img");
-    run(
-        "cp",
-        &[
-            "--sparse=always",
-            c.nodes[1].disk.to_str().expect("path"),
-            moved.to_str().expect("path"),
-        ],
-    );
-    std::fs::remove_file(&c.nodes[1].disk).expect("old disk");
-    std::os::unix::fs::symlink(&moved, &c.nodes[1].disk).expect("symlink");
+    fs.move_in(&c.nodes[1].disk);
     if let Err(e) = c.bring_up().await {
         dump_logs(&c);
         panic!("bring up: {e}");

@@ -132,11 +132,15 @@ async fn a_wrong_peer_address_is_explained_in_status() {
 
 /// The TLS material of node `name` of cluster `c`.
 fn node_tls(c: &blkrep::testkit::cluster::LocalCluster, name: &str) -> TlsMaterial {
-    let tls = c.dir.join("tls");
+    tls_in(&c.dir.join("tls"), name)
+}
+
+/// The CA and node `name`'s certificate and key in `dir`.
+fn tls_in(dir: &std::path::Path, name: &str) -> TlsMaterial {
     TlsMaterial::load(
-        &tls.join("ca.pem"),
-        &tls.join(format!("{name}.pem")),
-        &tls.join(format!("{name}.key")),
+        &dir.join("ca.pem"),
+        &dir.join(format!("{name}.pem")),
+        &dir.join(format!("{name}.key")),
     )
     .expect("TLS material")
 }
@@ -743,14 +747,7 @@ async fn raw_link(tag: &str) -> RawLink {
     for n in ["alpha", "beta"] {
         blkrep::cert::issue(n, &dir, &dir, 2).expect("cert");
     }
-    let load = |n: &str| {
-        TlsMaterial::load(
-            &dir.join("ca.pem"),
-            &dir.join(format!("{n}.pem")),
-            &dir.join(format!("{n}.key")),
-        )
-        .expect("TLS material")
-    };
+    let load = |n: &str| tls_in(&dir, n);
     let settings = LinkSettings {
         peer_timeout_ms: 5000,
         keepalive_interval_ms: 1000,
@@ -956,18 +953,7 @@ async fn attaching_a_volume_on_a_hung_disk_does_not_stall_the_others() {
     );
     let fs = SmallFs::new(&c.dir, 48 << 20);
     // alpha's disk of the second volume moves onto the filesystem to freeze.
-    let disk = c.nodes[0].disk.with_file_name("disk-1.img");
-    let moved = fs.mountpoint.join("disk-1.img");
-    run(
-        "cp",
-        &[
-            "--sparse=always",
-            disk.to_str().expect("path"),
-            moved.to_str().expect("path"),
-        ],
-    );
-    std::fs::remove_file(&disk).expect("old disk");
-    std::os::unix::fs::symlink(&moved, &disk).expect("symlink");
+    fs.move_in(&c.nodes[0].disk.with_file_name("disk-1.img"));
     if let Err(e) = c.bring_up().await {
         dump_logs(&c);
         panic!("bring up: {e}");
@@ -1231,12 +1217,7 @@ async fn answer_to_an_initial(server: std::net::SocketAddr, alpn: &[u8]) -> Opti
     let dir = blkrep::testkit::cluster::scratch_dir("initial");
     blkrep::cert::create_ca(&dir).expect("ca");
     blkrep::cert::issue("stranger", &dir, &dir, 2).expect("cert");
-    let tls = TlsMaterial::load(
-        &dir.join("ca.pem"),
-        &dir.join("stranger.pem"),
-        &dir.join("stranger.key"),
-    )
-    .expect("TLS material");
+    let tls = tls_in(&dir, "stranger");
     let client = quinn::ClientConfig::new(Arc::new(tls.quic_client(alpn).expect("crypto")));
     let _ = std::fs::remove_dir_all(&dir);
     let mut endpoint = quinn_proto::Endpoint::new(
@@ -1298,12 +1279,7 @@ async fn a_quic_flood_is_answered_with_retries_and_logged_once() {
     let foreign = c.dir.join("foreign");
     blkrep::cert::create_ca(&foreign).expect("foreign CA");
     blkrep::cert::issue("beta", &foreign, &foreign, 30).expect("foreign cert");
-    let tls = TlsMaterial::load(
-        &foreign.join("ca.pem"),
-        &foreign.join("beta.pem"),
-        &foreign.join("beta.key"),
-    )
-    .expect("TLS material");
+    let tls = tls_in(&foreign, "beta");
     let attempts = 40;
     for (addr, alpn, name) in [
         (c.nodes[0].address, blkrep::link::tls::ALPN, "alpha"),

@@ -37,12 +37,7 @@ pub async fn serve(listener: UnixListener, handler: Arc<dyn ControlHandler>, acc
             Ok((stream, _)) => stream,
             Err(e) => {
                 // (Out of descriptors, say: back off instead of spinning.)
-                if let Some(held) = ACCEPT_LOG.admit() {
-                    tracing::warn!(
-                        "control socket: accept failed: {e}{}",
-                        crate::log_limit::held_back(held, &ACCEPT_LOG)
-                    );
-                }
+                ACCEPT_LOG.warn(|| format!("control socket: accept failed: {e}"));
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }

@@ -176,25 +176,19 @@ async fn accept_loop(
             r = listener.accept() => match r {
                 Ok((stream, _)) if !access.allows_peer(&stream) => {
                     let cred = stream.peer_cred().ok();
-                    if let Some(held) = REFUSED_LOG.admit() {
-                        tracing::warn!(
-                            "volume {}: refused an NBD client (uid {:?}): only root, the daemon's user and control_group may use the export{}",
-                            volume.name(),
-                            cred.map(|c| c.uid()),
-                            crate::log_limit::held_back(held, &REFUSED_LOG)
-                        );
-                    }
+                    REFUSED_LOG.warn(|| format!(
+                        "volume {}: refused an NBD client (uid {:?}): only root, the daemon's user and control_group may use the export",
+                        volume.name(),
+                        cred.map(|c| c.uid())
+                    ));
                 }
                 Ok(_) if clients.load(Ordering::Acquire) >= CONNECTIONS_MAX => {
                     // (Dropping the stream closes it: the client sees the
                     // connection end before the greeting.)
-                    if let Some(held) = REFUSED_LOG.admit() {
-                        tracing::warn!(
-                            "volume {}: refused an NBD client: {CONNECTIONS_MAX} connections are open, the most one export serves{}",
-                            volume.name(),
-                            crate::log_limit::held_back(held, &REFUSED_LOG)
-                        );
-                    }
+                    REFUSED_LOG.warn(|| format!(
+                        "volume {}: refused an NBD client: {CONNECTIONS_MAX} connections are open, the most one export serves",
+                        volume.name()
+                    ));
                 }
                 Ok((stream, _)) => {
                     let v = volume.clone();
@@ -214,13 +208,7 @@ async fn accept_loop(
                 }
                 Err(e) => {
                     // (Out of descriptors, say: back off instead of spinning.)
-                    if let Some(held) = REFUSED_LOG.admit() {
-                        tracing::warn!(
-                            "volume {}: NBD accept failed: {e}{}",
-                            volume.name(),
-                            crate::log_limit::held_back(held, &REFUSED_LOG)
-                        );
-                    }
+                    REFUSED_LOG.warn(|| format!("volume {}: NBD accept failed: {e}", volume.name()));
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             }

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use crate::log_limit::{LogLimit, held_back};
+use crate::log_limit::LogLimit;
 
 /// Connection attempts that may wait to be handled at once; more are
 /// refused by quinn until some are done.
@@ -50,9 +50,5 @@ pub fn validated(incoming: quinn::Incoming) -> Option<quinn::Incoming> {
 
 /// Logs a refused handshake at warn, rate-limited (`what` says which).
 pub fn log_refused(what: &str) {
-    if let Some(held) = REFUSED_LOG.admit() {
-        tracing::warn!("{what}{}", held_back(held, &REFUSED_LOG));
-    } else {
-        tracing::debug!("{what}");
-    }
+    REFUSED_LOG.warn(|| what.to_string());
 }

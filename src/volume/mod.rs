@@ -300,18 +300,22 @@ impl VolumeHandle {
             .map_err(|_| VolumeError::OutOfRange { offset, len })
     }
 
+    /// One of the volume's [`CLIENT_INFLIGHT_MAX`] request permits.
+    async fn request_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, VolumeError> {
+        self.inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| VolumeError::Detached)
+    }
+
     async fn submit(
         &self,
         op: Op,
         range: Range,
         buf: Option<Arc<AlignedBuf>>,
     ) -> Result<Option<AlignedBuf>, VolumeError> {
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| VolumeError::Detached)?;
+        let _permit = self.request_permit().await?;
         let (reply, rx) = oneshot::channel();
         self.send(Input::Submit {
             op,
@@ -357,12 +361,7 @@ impl VolumeHandle {
             READ_LOCAL => {
                 // (Local reads count against the volume's requests in
                 // flight like every other request.)
-                let _permit = self
-                    .inner
-                    .permits
-                    .acquire()
-                    .await
-                    .map_err(|_| VolumeError::Detached)?;
+                let _permit = self.request_permit().await?;
                 self.lease_gate().await?;
                 match self.inner.store.read(offset, len).await {
                     Ok(b) => Ok(b),

@@ -193,6 +193,23 @@ impl SmallFs {
             .expect("df output")
     }
 
+    /// Moves the file at `path` onto this filesystem (kept sparse) and
+    /// leaves a symlink to it at `path`.
+    pub fn move_in(&self, path: &Path) {
+        let name = path.file_name().expect("a file name");
+        let moved = self.mountpoint.join(name);
+        run(
+            "cp",
+            &[
+                "--sparse=always",
+                path.to_str().expect("path"),
+                moved.to_str().expect("path"),
+            ],
+        );
+        std::fs::remove_file(path).expect("remove the moved file");
+        std::os::unix::fs::symlink(&moved, path).expect("symlink");
+    }
+
     /// Freezes the filesystem (`fsfreeze`): every write to it blocks
     /// until the returned guard is dropped, as on a hung disk; reads go on.
     pub fn freeze(&self) -> Frozen<'_> {
