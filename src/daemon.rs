@@ -11,9 +11,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 
+use crate::cert::validity::{CertificateKind, Validity};
 use crate::config::Config;
 use crate::control::server::{self, ControlHandler};
-use crate::control::status::{NodeStatus, VolumeStatusReport};
+use crate::control::status::{CertificateReport, NodeStatus, VolumeStatusReport};
 use crate::control::{ErrorCode, Request, Response};
 use crate::engine::PromoteError;
 use crate::frontend::ublk::UblkOptions;
@@ -108,6 +109,8 @@ pub struct Daemon {
     witness: Option<Arc<WitnessClient>>,
     /// Who may use the control socket and the NBD exports.
     access: crate::access::Access,
+    /// This node's certificate and the CA, as loaded at start.
+    certificates: Vec<(CertificateKind, Validity)>,
     me: Weak<Daemon>,
 }
 
@@ -120,6 +123,7 @@ impl Daemon {
             source,
         })?;
         let tls = TlsMaterial::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+        let certificates = crate::cert::watch::loaded(&cfg.tls.ca, &cfg.tls.cert);
         let group = match &cfg.control_group {
             Some(g) => Some(server::resolve_group(g).map_err(|why| DaemonError::Io {
                 what: format!("control_group `{g}`: {why}"),
@@ -167,6 +171,7 @@ impl Daemon {
             export_failures: Mutex::new(HashMap::new()),
             export_changed: tokio::sync::Notify::new(),
             access: crate::access::Access::new(group),
+            certificates: certificates.clone(),
             me: me.clone(),
         });
         let peers: Vec<(String, std::net::SocketAddr)> = cfg
@@ -193,6 +198,7 @@ impl Daemon {
                 cfg.link.lease_ms,
             ));
         }
+        tokio::spawn(crate::cert::watch::watch(certificates));
         let control: Arc<dyn ControlHandler> = daemon.clone();
         tokio::spawn(server::serve(listener, control, daemon.access));
         tracing::info!(
@@ -665,7 +671,28 @@ impl Daemon {
             schema: 1,
             node: self.cfg.node.clone(),
             volumes,
+            certificates: self.certificate_reports(),
         })
+    }
+
+    /// The certificates this node depends on: its own and the CA's as
+    /// loaded, each peer's and the witness's as last presented.
+    fn certificate_reports(&self) -> Vec<CertificateReport> {
+        let now = crate::cert::validity::now_unix_s();
+        let mut seen = self.certificates.clone();
+        if let Some(link) = self.link.lock().ok().and_then(|l| l.clone()) {
+            for peer in self.cfg.nodes.keys().filter(|n| **n != self.cfg.node) {
+                if let Some(v) = link.peer_certificate(peer) {
+                    seen.push((CertificateKind::Peer, v));
+                }
+            }
+        }
+        if let Some(v) = self.witness.as_ref().and_then(|w| w.certificate()) {
+            seen.push((CertificateKind::Witness, v));
+        }
+        seen.iter()
+            .map(|(kind, v)| CertificateReport::new(*kind, v, now))
+            .collect()
     }
 }
 

@@ -395,9 +395,133 @@ async fn expired_certificate_is_refused() {
         "alpha did not report the expired certificate: {}",
         std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default()
     );
+    let s = c.status(0).await.expect("status");
+    assert_eq!(s.peer.connection, "Disconnected");
+    // Status says whose certificate expired and how to renew it.
+    let why = s.peer.last_error.unwrap_or_default();
+    assert!(
+        why.contains("beta's certificate has expired")
+            && why.contains("blkrep cert issue beta --ca"),
+        "{why}"
+    );
+    // beta, whose certificate alpha refused, is told so in its log.
+    assert!(
+        wait_log(
+            &c.nodes[1].log,
+            "refused this node's certificate as expired"
+        )
+        .await,
+        "beta did not report its refused certificate: {}",
+        std::fs::read_to_string(&c.nodes[1].log).unwrap_or_default()
+    );
+    // And beta, whose own certificate it is, says so in its status.
+    let own = node_status(&c, 1).await.certificates;
+    let mine = own.iter().find(|r| r.kind == "node").expect("own cert");
     assert_eq!(
-        c.status(0).await.expect("status").peer.connection,
-        "Disconnected"
+        (mine.name.as_str(), mine.days_left),
+        ("beta", -5),
+        "{own:?}"
+    );
+    assert!(
+        mine.warning
+            .as_deref()
+            .is_some_and(|w| w.contains("expired 5 days ago")),
+        "{own:?}"
+    );
+}
+
+/// The whole status report of node `i`.
+async fn node_status(
+    c: &blkrep::testkit::cluster::LocalCluster,
+    i: usize,
+) -> blkrep::control::status::NodeStatus {
+    match c
+        .call(i, Request::Status { volume: None })
+        .await
+        .expect("status")
+    {
+        blkrep::control::Response::Status(s) => s,
+        other => panic!("unexpected status answer {other:?}"),
+    }
+}
+
+/// Issue 14, hole 12: a certificate that expires in 10 days is reported
+/// weeks ahead, by the node that holds it and by the peer and witness it
+/// presents it to: in `status` (JSON and text) and in the logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_close_to_expiry_is_reported_ahead() {
+    let mut c = cluster(
+        "cert-expiry",
+        blkrep::testkit::cluster::ClusterOptions {
+            witness: true,
+            ..small()
+        },
+    );
+    let tls = c.dir.join("tls");
+    let short = c.dir.join("short");
+    blkrep::cert::issue("beta", &tls, &short, 10).expect("short-lived beta cert");
+    use_identity(&c, 1, &short.join("beta.pem"), &short.join("beta.key"));
+    c.start_witness().await.expect("witness");
+    start_and_attach(&mut c).await;
+    c.wait_for(0, "connected", WAIT, |s| s.peer.connection == "Connected")
+        .await
+        .expect("the link comes up: the certificate is still valid");
+    // alpha learns beta's and the witness's certificates once they connect.
+    let deadline = Instant::now() + WAIT;
+    let alpha = loop {
+        let s = node_status(&c, 0).await;
+        let kinds: Vec<&str> = s.certificates.iter().map(|r| r.kind.as_str()).collect();
+        if kinds.contains(&"peer") && kinds.contains(&"witness") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{:?}", s.certificates);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let find = |s: &blkrep::control::status::NodeStatus, kind: &str| {
+        s.certificates
+            .iter()
+            .find(|r| r.kind == kind)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {kind} certificate in {:?}", s.certificates))
+    };
+    let peer = find(&alpha, "peer");
+    assert_eq!((peer.name.as_str(), peer.days_left), ("beta", 9));
+    let warning = peer.warning.expect("a warning for beta's certificate");
+    assert!(
+        warning.starts_with("peer beta's certificate expires in 9 days")
+            && warning.contains("blkrep cert issue beta --ca"),
+        "{warning}"
+    );
+    for kind in ["node", "ca", "witness"] {
+        let r = find(&alpha, kind);
+        assert!(r.days_left > 365 && r.warning.is_none(), "{r:?}");
+    }
+    let own = find(&node_status(&c, 1).await, "node");
+    assert_eq!((own.name.as_str(), own.days_left), ("beta", 9));
+    assert!(own.warning.is_some(), "{own:?}");
+    // The logs: beta warns of its own certificate at start, alpha of the
+    // peer's once the link came up.
+    assert!(
+        wait_log(
+            &c.nodes[1].log,
+            "this node's certificate (beta) expires in 9 days"
+        )
+        .await,
+        "beta did not warn: {}",
+        std::fs::read_to_string(&c.nodes[1].log).unwrap_or_default()
+    );
+    assert!(
+        wait_log(&c.nodes[0].log, "peer beta's certificate expires in 9 days").await,
+        "alpha did not warn: {}",
+        std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default()
+    );
+    // The text status an operator reads.
+    let o = cli(&c, 0, &["status"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("peer beta 9 days")
+            && text.contains("CERTIFICATE: peer beta's certificate expires in 9 days"),
+        "{text}"
     );
 }
 

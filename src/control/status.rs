@@ -14,6 +14,49 @@ pub struct NodeStatus {
     pub node: String,
     /// Every configured volume (or just the one asked for).
     pub volumes: Vec<VolumeStatusReport>,
+    /// The certificates this node depends on and when they expire: its
+    /// own, the CA, and those its peers and witness presented (once a
+    /// connection with them came up). Absent from older daemons' reports.
+    #[serde(default)]
+    pub certificates: Vec<CertificateReport>,
+}
+
+/// One certificate this node depends on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CertificateReport {
+    /// "node" (this node's), "ca", "peer" or "witness".
+    pub kind: String,
+    /// The subject's common name.
+    pub name: String,
+    /// The end of its validity (seconds since the Unix epoch).
+    pub not_after_unix_s: i64,
+    /// Whole days left (negative: expired that many days ago).
+    pub days_left: i64,
+    /// Set within 30 days of the end and after it: what expires and what
+    /// to do.
+    pub warning: Option<String>,
+}
+
+impl CertificateReport {
+    /// The report of `validity` at `now_unix_s`.
+    pub fn new(
+        kind: crate::cert::validity::CertificateKind,
+        validity: &crate::cert::validity::Validity,
+        now_unix_s: i64,
+    ) -> Self {
+        use crate::cert::validity::Expiry;
+        let days_left = match validity.expiry(now_unix_s) {
+            Expiry::Valid { days_left } | Expiry::Soon { days_left } => days_left,
+            Expiry::Expired { days_ago } => -days_ago,
+        };
+        CertificateReport {
+            kind: kind.as_str().to_string(),
+            name: validity.subject.clone(),
+            not_after_unix_s: validity.not_after_unix_s,
+            days_left,
+            warning: crate::cert::validity::warning(kind, validity, now_unix_s),
+        }
+    }
 }
 
 /// Status of one volume on this node.
@@ -441,6 +484,19 @@ pub fn render_text(s: &NodeStatus) -> String {
         ));
         if let Some(r) = &v.resync {
             out.push_str(&format!("  resync: {}\n", resync_line(r)));
+        }
+    }
+    if !s.certificates.is_empty() {
+        let each: Vec<String> = s
+            .certificates
+            .iter()
+            .map(|c| format!("{} {} {} days", c.kind, c.name, c.days_left))
+            .collect();
+        out.push_str(&format!("certificates: {}\n", each.join(", ")));
+        for c in &s.certificates {
+            if let Some(w) = &c.warning {
+                out.push_str(&format!("  CERTIFICATE: {w}\n"));
+            }
         }
     }
     out

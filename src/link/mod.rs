@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+
+use crate::cert::validity::Validity;
 pub use connection::{
     HelloMsg, InboundHandler, InboundRequest, PeerConnection, PeerLease, Reply, VolumeStateMsg,
 };
@@ -123,6 +125,9 @@ struct PeerSlot {
     /// Why the last attempt to connect with this peer failed; cleared
     /// when a connection comes up.
     problem: Mutex<Option<ConnectionProblem>>,
+    /// The certificate the peer presented on the last connection that came
+    /// up (`None` until one did).
+    certificate: Mutex<Option<Validity>>,
 }
 
 /// Why the link to a peer is not up, for `status`.
@@ -144,10 +149,12 @@ impl ConnectionProblem {
 }
 
 /// A dial error in words that say which side to fix.
-fn explain_dial_error(peer: &str, addr: SocketAddr, e: &LinkError) -> String {
+fn explain_dial_error(me: &str, peer: &str, addr: SocketAddr, e: &LinkError) -> String {
     let text = e.to_string();
     let lower = text.to_ascii_lowercase();
-    if lower.contains("invalid peer certificate") {
+    if let Some(expired) = explain_expired_certificate(me, Some(peer), &lower) {
+        format!("{expired} ({text})")
+    } else if lower.contains("invalid peer certificate") {
         format!(
             "{peer}'s certificate is not accepted here ({text}): it must be issued for the name {peer:?} by the CA in this node's [tls] ca"
         )
@@ -161,6 +168,34 @@ fn explain_dial_error(peer: &str, addr: SocketAddr, e: &LinkError) -> String {
         )
     } else {
         format!("connecting to {peer} at {addr}: {text}")
+    }
+}
+
+/// TLS alert `certificate_expired` (RFC 8446, 6.2), as QUIC reports it.
+const ALERT_CERTIFICATE_EXPIRED: &str = "handshake failed: error 45";
+
+/// A handshake error (lowercased) that says a certificate expired, in
+/// words that say whose and how to renew it. `peer` is `None` on the
+/// accepting side, before the certificate named the node.
+fn explain_expired_certificate(me: &str, peer: Option<&str>, lower: &str) -> Option<String> {
+    use crate::cert::validity::CertificateKind;
+    if !lower.contains("certificate expired") && !lower.contains(ALERT_CERTIFICATE_EXPIRED) {
+        return None;
+    }
+    // quinn: "aborted by peer: ..." when the other side closed, with its
+    // reason (rustls's words for *our* certificate) after it.
+    if lower.contains("by peer:") {
+        Some(format!(
+            "{} refused this node's certificate as expired (see `blkrep status`): {}",
+            peer.unwrap_or("the peer"),
+            CertificateKind::Own.renewal(me)
+        ))
+    } else {
+        Some(format!(
+            "{}'s certificate has expired, so this node refuses it: {}",
+            peer.unwrap_or("the connecting node"),
+            CertificateKind::Peer.renewal(peer.unwrap_or("NODE"))
+        ))
     }
 }
 
@@ -216,6 +251,7 @@ impl Link {
                             current: Mutex::new(None),
                             lease: Arc::new(PeerLease::default()),
                             problem: Mutex::new(None),
+                            certificate: Mutex::new(None),
                         },
                     )
                 })
@@ -239,6 +275,12 @@ impl Link {
         let slot = self.peers.get(peer)?;
         let c = slot.current.lock().ok()?.clone()?;
         c.is_open().then_some(c)
+    }
+
+    /// When the certificate `peer` presented on its last connection
+    /// expires (`None` until a connection came up).
+    pub fn peer_certificate(&self, peer: &str) -> Option<Validity> {
+        self.peers.get(peer)?.certificate.lock().ok()?.clone()
     }
 
     /// Why the link to `peer` is not up, when it is not: the last failure,
@@ -304,7 +346,7 @@ impl Link {
                     self.run(peer.clone(), quic, send, recv, terms).await;
                 }
                 Err(e) => {
-                    let why = explain_dial_error(&peer, addr, &e);
+                    let why = explain_dial_error(&self.me, &peer, addr, &e);
                     // Say it once per outage, then keep trying quietly.
                     if failures == 0 {
                         tracing::warn!("{why}; retrying");
@@ -361,7 +403,17 @@ impl Link {
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
                 if let Err(e) = link.accept_one(incoming).await {
-                    let why = format!("refused a replication connection from {remote}: {e}");
+                    let text = e.to_string();
+                    let why = match explain_expired_certificate(
+                        &link.me,
+                        None,
+                        &text.to_ascii_lowercase(),
+                    ) {
+                        Some(expired) => format!(
+                            "refused a replication connection from {remote}: {expired} ({text})"
+                        ),
+                        None => format!("refused a replication connection from {remote}: {text}"),
+                    };
                     admission::log_refused(&why);
                     // (The peer may not be known from a refused handshake:
                     // every peer that dials this node hears of it.)
@@ -419,6 +471,7 @@ impl Link {
         if let Ok(mut p) = slot.problem.lock() {
             *p = None;
         }
+        note_peer_certificate(slot, &quic);
         if terms.lease_ms != self.settings.lease_ms {
             tracing::info!(
                 "link to {peer}: it grants leases of {} ms, this node {} ms; each side counts the lease it holds with the length its grantor stated",
@@ -466,6 +519,27 @@ impl Link {
             self.handler.connection_changed(&peer, None);
         }
     }
+}
+
+/// Records the certificate the peer presented; warns once per certificate
+/// when it expires within 30 days (the handshake refuses expired ones).
+fn note_peer_certificate(slot: &PeerSlot, quic: &quinn::Connection) {
+    let Some(validity) = tls::peer_validity(quic) else {
+        return;
+    };
+    let Ok(mut seen) = slot.certificate.lock() else {
+        return;
+    };
+    if seen.as_ref() != Some(&validity)
+        && let Some(w) = crate::cert::validity::warning(
+            crate::cert::validity::CertificateKind::Peer,
+            &validity,
+            crate::cert::validity::now_unix_s(),
+        )
+    {
+        tracing::warn!("{w}");
+    }
+    *seen = Some(validity);
 }
 
 /// Keeps renewing the lease this node holds from the peer while the

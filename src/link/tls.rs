@@ -149,6 +149,16 @@ pub fn check_peer_name(conn: &quinn::Connection, expected: &str) -> Result<(), P
         .map_err(|e| fail(&e.to_string()))
 }
 
+/// When the end-entity certificate a peer presented expires (`None` when
+/// it presented none the parser can read: rustls verified it already).
+pub fn peer_validity(conn: &quinn::Connection) -> Option<crate::cert::validity::Validity> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    crate::cert::validity::Validity::of_der(certs.first()?).ok()
+}
+
 /// Finds which of `candidates` the peer's certificate names.
 pub fn identify_peer<'a>(conn: &quinn::Connection, candidates: &[&'a str]) -> Option<&'a str> {
     candidates

@@ -224,7 +224,7 @@ impl LocalCluster {
             })
             .collect();
         for f in &files {
-            crate::cert::issue(&f.name, &tls, &tls, 30)?;
+            crate::cert::issue(&f.name, &tls, &tls, 3650)?;
             let nd = f.config.parent().unwrap_or(dir);
             std::fs::create_dir_all(nd).map_err(io("creating node dir"))?;
             let disk = std::fs::File::create(&f.disk).map_err(io("creating disk file"))?;
@@ -235,7 +235,7 @@ impl LocalCluster {
         let mut witness = None;
         let mut routes = Routes::default();
         if opts.witness {
-            crate::cert::issue("witness", &tls, &tls, 30)?;
+            crate::cert::issue("witness", &tls, &tls, 3650)?;
             let wd = dir.join("witness");
             std::fs::create_dir_all(&wd).map_err(io("creating witness dir"))?;
             let w = WitnessFiles {

@@ -34,6 +34,9 @@ pub struct WitnessClient {
     timeout: Duration,
     reachable: AtomicBool,
     lease_ms: AtomicU64,
+    /// The certificate the witness presented on the last connection
+    /// (`None` until one came up).
+    certificate: std::sync::Mutex<Option<crate::cert::validity::Validity>>,
 }
 
 impl WitnessClient {
@@ -63,12 +66,19 @@ impl WitnessClient {
             timeout: Duration::from_millis(request_timeout_ms),
             reachable: AtomicBool::new(false),
             lease_ms: AtomicU64::new(0),
+            certificate: std::sync::Mutex::new(None),
         }))
     }
 
     /// The witness's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// When the certificate the witness presented expires (`None` until a
+    /// connection came up).
+    pub fn certificate(&self) -> Option<crate::cert::validity::Validity> {
+        self.certificate.lock().ok()?.clone()
     }
 
     /// The lease length the witness grants (known after a heartbeat).
@@ -98,6 +108,20 @@ impl WitnessClient {
         let c = connecting
             .await
             .map_err(|e| WitnessError::Unreachable(e.to_string()))?;
+        let validity = crate::link::tls::peer_validity(&c);
+        if let Ok(mut seen) = self.certificate.lock() {
+            if let Some(v) = &validity
+                && seen.as_ref() != Some(v)
+                && let Some(w) = crate::cert::validity::warning(
+                    crate::cert::validity::CertificateKind::Witness,
+                    v,
+                    crate::cert::validity::now_unix_s(),
+                )
+            {
+                tracing::warn!("{w}");
+            }
+            *seen = validity;
+        }
         *guard = Some(c.clone());
         Ok(c)
     }

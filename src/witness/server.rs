@@ -47,6 +47,10 @@ impl WitnessServer {
         };
         let arbiter = Arbiter::new(settings, &cfg.nodes, clock::now_ms(), records);
         let tls = TlsMaterial::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+        tokio::spawn(crate::cert::watch::watch(crate::cert::watch::loaded(
+            &cfg.tls.ca,
+            &cfg.tls.cert,
+        )));
         let setup = |message: String| WitnessError::Setup {
             addr: cfg.listen,
             message,

@@ -1,6 +1,9 @@
 //! Cluster certificates: a CA and one certificate per node (rcgen). A node's
 //! identity on the link is the DNS name in its certificate.
 
+pub mod validity;
+pub mod watch;
+
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
