@@ -322,6 +322,12 @@ fn fuzz_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     ] {
         seed("witness_frame", name, encode(&req).expect("witness frame"));
     }
+    seed("witness_arbiter", "lifecycle", witness_script(false));
+    seed(
+        "witness_arbiter",
+        "repromote-then-takeover",
+        witness_script(true),
+    );
     for (name, req) in [
         ("attach", Request::Attach { volume: "v".into() }),
         (
@@ -338,6 +344,71 @@ fn fuzz_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         seed("control_request", name, line);
     }
     seeds
+}
+
+/// A script for the `witness_arbiter` target (see its doc for the step
+/// format): alpha creates volume v, heartbeats, outdates beta, restores
+/// it, demotes, and beta takes over; with `takeover`, alpha promotes again
+/// while primary and beta forces a takeover 300 ms after alpha's first
+/// lease would have ended (the lease alpha counts from its second grant
+/// still runs).
+fn witness_script(takeover: bool) -> Vec<u8> {
+    use blkrep::quorum::{Holder, RecordView};
+    use blkrep::witness::protocol::{Claim, WitnessOp, WitnessRequest};
+    let mut out = Vec::new();
+    let mut step = |node: u8, advance_25ms: u8, req: WitnessRequest| {
+        let body = serde_json::to_vec(&req).expect("witness request");
+        out.push(node);
+        out.push(advance_25ms);
+        out.extend_from_slice(&(body.len() as u16).to_le_bytes());
+        out.extend_from_slice(&body);
+    };
+    let change = |peer: &str, expected_epoch: u64, op: WitnessOp| WitnessRequest::Change {
+        volume: "v".into(),
+        peer: peer.into(),
+        expected_epoch,
+        op,
+    };
+    let (alpha, beta) = (0u8, 1u8);
+    let forced = WitnessOp::Promote {
+        force: true,
+        incomplete: true,
+    };
+    let promote = WitnessOp::Promote {
+        force: false,
+        incomplete: false,
+    };
+    // (A new witness first waits out any lease it may have granted before
+    // it started: 2.2 s.)
+    step(alpha, 90, change("beta", 0, forced));
+    let claim = |epoch, peer: &str| WitnessRequest::Heartbeat {
+        claims: vec![Claim {
+            volume: "v".into(),
+            peer: peer.into(),
+            view: RecordView {
+                epoch,
+                primary: Holder::Me,
+                me_up_to_date: true,
+                peer_up_to_date: false,
+                forced: true,
+            },
+            primary_now: true,
+        }],
+    };
+    step(alpha, 4, claim(1, "beta"));
+    step(alpha, 4, change("beta", 1, WitnessOp::Outdate));
+    step(alpha, 4, change("beta", 1, WitnessOp::Restore));
+    if takeover {
+        step(alpha, 80, change("beta", 2, promote));
+        step(beta, 12, change("alpha", 2, promote));
+    } else {
+        step(alpha, 4, change("beta", 2, WitnessOp::Demote));
+        step(beta, 4, change("alpha", 3, promote));
+        // The witness restarts; beta's lease is assumed to run.
+        step(0x80 | alpha, 4, change("beta", 4, forced));
+        step(alpha, 100, change("beta", 4, forced));
+    }
+    out
 }
 
 const CONFIG: &str = r#"

@@ -5,7 +5,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::protocol::{ChangeOutcome, Claim, Refusal, VolumeAnswer, WitnessOp};
+use super::protocol::{
+    ChangeOutcome, Claim, HEARTBEAT_CLAIMS_MAX, Refusal, VolumeAnswer, WitnessOp, WitnessRequest,
+    WitnessResponse,
+};
 use crate::quorum::record::EPOCH_MAX;
 use crate::quorum::{LeaseSettings, Record};
 
@@ -134,6 +137,52 @@ impl Arbiter {
         })
     }
 
+    /// Answers one request of `node` at `now_ms`, with every record that
+    /// changed: the caller must make those durable before it sends the
+    /// answer.
+    pub fn handle(
+        &mut self,
+        node: &str,
+        now_ms: u64,
+        req: WitnessRequest,
+    ) -> (WitnessResponse, Vec<(String, Record)>) {
+        match req {
+            WitnessRequest::Heartbeat { claims } if claims.len() > HEARTBEAT_CLAIMS_MAX => (
+                WitnessResponse::Error(format!(
+                    "a heartbeat carries at most {HEARTBEAT_CLAIMS_MAX} claims; this one has {} (send several)",
+                    claims.len()
+                )),
+                Vec::new(),
+            ),
+            WitnessRequest::Heartbeat { claims } => {
+                let (volumes, changed) = self.heartbeat(node, now_ms, &claims);
+                (
+                    WitnessResponse::Heartbeat {
+                        lease_ms: self.settings.lease_ms,
+                        volumes,
+                    },
+                    changed,
+                )
+            }
+            WitnessRequest::Change {
+                volume,
+                peer,
+                expected_epoch,
+                op,
+            } => {
+                let (outcome, changed) =
+                    self.change(node, now_ms, &volume, &peer, expected_epoch, op);
+                if changed.is_some() {
+                    tracing::info!("witness: {node} {op:?} on {volume}: {outcome:?}");
+                }
+                (
+                    WitnessResponse::Change(outcome),
+                    changed.into_iter().collect(),
+                )
+            }
+        }
+    }
+
     /// A heartbeat from `node`: renews its leases and answers with its
     /// volumes' records. Returns the records that changed.
     pub fn heartbeat(
@@ -220,8 +269,29 @@ impl Arbiter {
         Some(r)
     }
 
-    /// A change requested by `node`.
+    /// A change requested by `node`. An answer `Done` that names `node`
+    /// primary grants it the primary lease (the node counts one from it,
+    /// also when it was primary already), so the grant is recorded for
+    /// rule 7 whatever the path.
     pub fn change(
+        &mut self,
+        node: &str,
+        now_ms: u64,
+        volume: &str,
+        peer: &str,
+        expected_epoch: u64,
+        op: WitnessOp,
+    ) -> (ChangeOutcome, Changed) {
+        let (outcome, changed) = self.decide_change(node, now_ms, volume, peer, expected_epoch, op);
+        if let ChangeOutcome::Done(r) = &outcome
+            && r.primary.as_deref() == Some(node)
+        {
+            self.granted_ms.insert(node.to_string(), now_ms);
+        }
+        (outcome, changed)
+    }
+
+    fn decide_change(
         &mut self,
         node: &str,
         now_ms: u64,
@@ -272,7 +342,6 @@ impl Arbiter {
                 };
                 self.records.insert(key.clone(), r.clone());
                 self.claims.remove(&key);
-                self.granted_ms.insert(node.to_string(), now_ms);
                 return (ChangeOutcome::Done(r.clone()), Some((key, r)));
             }
             return (ChangeOutcome::Refused(Refusal::Unknown), None);
@@ -311,7 +380,6 @@ impl Arbiter {
                     // later writes alone will not make it the proof either.
                     next.forced = true;
                 }
-                self.granted_ms.insert(node.to_string(), now_ms);
             }
             WitnessOp::Outdate => {
                 let primary_ok = match current.primary.as_deref() {
@@ -323,9 +391,6 @@ impl Arbiter {
                 }
                 next.primary = Some(node.to_string());
                 next.up_to_date.remove(peer);
-                if next.primary != current.primary {
-                    self.granted_ms.insert(node.to_string(), now_ms);
-                }
             }
             WitnessOp::Restore => {
                 if !me_up_to_date {
@@ -440,6 +505,40 @@ mod tests {
         let (o, changed) = w.change("a", bound, "v", "b", 0, promote(true));
         assert!(matches!(o, ChangeOutcome::Done(r) if r.primary.as_deref() == Some("a")));
         assert!(changed.is_some());
+    }
+
+    /// Found by the `witness_arbiter` fuzz target: a primary that asks
+    /// again (a promotion retried, or an outdate) is answered `Done` and
+    /// counts a new lease from that answer; the witness must count it too,
+    /// or it lets the peer take over while that lease still runs (rule 7).
+    #[test]
+    fn a_repeated_grant_to_the_primary_delays_a_takeover() {
+        let mut w = fresh();
+        let start = w.lease_bound_ms("b");
+        let (o, _) = w.change("a", start, "v", "b", 0, promote(true));
+        assert!(matches!(o, ChangeOutcome::Done(_)));
+        let (o, _) = w.change("a", start + 1, "v", "b", 1, WitnessOp::Restore);
+        let ChangeOutcome::Done(r) = o else {
+            panic!("{o:?}")
+        };
+        let first_bound = w.lease_bound_ms("a");
+        for (at, op) in [
+            (start + 1500, promote(false)),
+            (start + 1600, WitnessOp::Outdate),
+        ] {
+            let (o, _) = w.change("a", at, "v", "b", r.epoch, op);
+            let ChangeOutcome::Done(again) = o else {
+                panic!("{o:?}")
+            };
+            assert_eq!(again.primary.as_deref(), Some("a"));
+            assert_eq!(w.lease_bound_ms("a"), w.settings().grantor_bound_ms(at));
+            let (o, changed) = w.change("b", first_bound, "v", "a", again.epoch, promote(true));
+            assert!(
+                matches!(o, ChangeOutcome::Wait { ref holder, .. } if holder == "a"),
+                "{op:?}: {o:?}"
+            );
+            assert!(changed.is_none());
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::arbiter::Arbiter;
-use super::protocol::{self, HEARTBEAT_CLAIMS_MAX, WitnessRequest, WitnessResponse};
+use super::protocol::{self, WitnessRequest, WitnessResponse};
 use super::store::RecordStore;
 use super::{WitnessError, read_frame, transport_config};
 use crate::config::WitnessConfig;
@@ -25,7 +25,6 @@ struct State {
     arbiter: Mutex<Arbiter>,
     store: RecordStore,
     nodes: Vec<String>,
-    lease_ms: u64,
 }
 
 impl WitnessServer {
@@ -67,7 +66,6 @@ impl WitnessServer {
             arbiter: Mutex::new(arbiter),
             store,
             nodes: cfg.nodes.clone(),
-            lease_ms: cfg.lease_ms,
         });
         tokio::spawn(accept_loop(endpoint.clone(), state.clone()));
         Ok(WitnessServer { endpoint, state })
@@ -183,41 +181,7 @@ impl State {
         let Ok(mut arbiter) = self.arbiter.lock() else {
             return WitnessResponse::Error("witness state is poisoned".into());
         };
-        let now = clock::now_ms();
-        let (response, changed) = match req {
-            WitnessRequest::Heartbeat { claims } if claims.len() > HEARTBEAT_CLAIMS_MAX => {
-                return WitnessResponse::Error(format!(
-                    "a heartbeat carries at most {HEARTBEAT_CLAIMS_MAX} claims; this one has {} (send several)",
-                    claims.len()
-                ));
-            }
-            WitnessRequest::Heartbeat { claims } => {
-                let (volumes, changed) = arbiter.heartbeat(node, now, &claims);
-                (
-                    WitnessResponse::Heartbeat {
-                        lease_ms: self.lease_ms,
-                        volumes,
-                    },
-                    changed,
-                )
-            }
-            WitnessRequest::Change {
-                volume,
-                peer,
-                expected_epoch,
-                op,
-            } => {
-                let (outcome, changed) =
-                    arbiter.change(node, now, &volume, &peer, expected_epoch, op);
-                if changed.is_some() {
-                    tracing::info!("witness: {node} {op:?} on {volume}: {outcome:?}");
-                }
-                (
-                    WitnessResponse::Change(outcome),
-                    changed.into_iter().collect(),
-                )
-            }
-        };
+        let (response, changed) = arbiter.handle(node, clock::now_ms(), req);
         for (key, record) in &changed {
             if let Err(e) = self.store.save(key, record) {
                 tracing::error!("witness: {e}; refusing to answer");
