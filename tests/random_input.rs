@@ -288,6 +288,7 @@ fn fuzz_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         b.extend_from_slice(&4096u32.to_be_bytes());
         seed("nbd_request", name, b);
     }
+    seed("nbd_session", "go-write-read-flush", nbd_session_script());
     let sb = sample_superblock();
     seed(
         "metadata",
@@ -344,6 +345,41 @@ fn fuzz_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         seed("control_request", name, line);
     }
     seeds
+}
+
+/// What a client sends in one NBD session, for the `nbd_session` target
+/// (the bytes `testkit::nbd_client` and qemu send): fixed newstyle flags,
+/// NBD_OPT_GO for the default export asking for block sizes, then a write,
+/// a read, a flush, a write of zeroes, a trim and a disconnect.
+fn nbd_session_script() -> Vec<u8> {
+    const OPT_MAGIC: u64 = 0x4948_4156_454f_5054;
+    const REQUEST_MAGIC: u32 = 0x2560_9513;
+    let mut b = Vec::new();
+    b.extend_from_slice(&3u32.to_be_bytes());
+    b.extend_from_slice(&OPT_MAGIC.to_be_bytes());
+    b.extend_from_slice(&7u32.to_be_bytes());
+    b.extend_from_slice(&8u32.to_be_bytes());
+    b.extend_from_slice(&0u32.to_be_bytes());
+    b.extend_from_slice(&1u16.to_be_bytes());
+    b.extend_from_slice(&3u16.to_be_bytes());
+    let mut request = |ty: u16, flags: u16, handle: u64, offset: u64, len: u32| {
+        b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&ty.to_be_bytes());
+        b.extend_from_slice(&handle.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        if ty == 1 {
+            b.extend(std::iter::repeat_n(0xa5u8, len as usize));
+        }
+    };
+    request(1, 1, 1, 8192, 4096);
+    request(0, 0, 2, 8192, 4096);
+    request(3, 0, 3, 0, 0);
+    request(6, 0, 4, 65536, 8192);
+    request(4, 0, 5, 1 << 20, 65536);
+    request(2, 0, 6, 0, 0);
+    b
 }
 
 /// A script for the `witness_arbiter` target (see its doc for the step

@@ -198,7 +198,7 @@ async fn accept_loop(
                         let _open = open;
                         tokio::select! {
                             _ = s.changed() => {}
-                            r = serve(stream, v) => {
+                            r = serve_connection(stream, v) => {
                                 if let Err(e) = r {
                                     tracing::warn!("NBD client session ended: {e}");
                                 }
@@ -441,7 +441,13 @@ fn errno_of(e: &VolumeError) -> u32 {
     }
 }
 
-async fn serve(stream: tokio::net::UnixStream, volume: VolumeHandle) -> Result<(), NbdError> {
+/// Serves one client connection from its handshake to its end (the accept
+/// loop's access check and connection bound come before this): for the
+/// export, and for driving the real server from tests and fuzz targets.
+pub async fn serve_connection(
+    stream: tokio::net::UnixStream,
+    volume: VolumeHandle,
+) -> Result<(), NbdError> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::with_capacity(256 * 1024, r);
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut r, &mut w, &volume)).await {

@@ -5,4 +5,5 @@ pub mod cluster;
 pub mod nbd_client;
 pub mod proxy;
 pub mod rng;
+pub mod standalone;
 pub mod storm;

@@ -295,6 +295,12 @@ impl VolumeHandle {
             .map_err(|_| VolumeError::Detached)
     }
 
+    /// How much of the client data budget is free now (all of it, when no
+    /// client request is in flight).
+    pub fn client_bytes_available(&self) -> usize {
+        self.inner.client_bytes.available_permits()
+    }
+
     fn check(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         crate::store::check_range(offset, len, self.inner.data_bytes)
             .map_err(|_| VolumeError::OutOfRange { offset, len })
