@@ -471,7 +471,6 @@ impl Link {
         if let Ok(mut p) = slot.problem.lock() {
             *p = None;
         }
-        note_peer_certificate(slot, &quic);
         if terms.lease_ms != self.settings.lease_ms {
             tracing::info!(
                 "link to {peer}: it grants leases of {} ms, this node {} ms; each side counts the lease it holds with the length its grantor stated",
@@ -480,6 +479,7 @@ impl Link {
             );
         }
         let own = self.settings.inflight_requests_max;
+        let presented = quic.clone();
         let conn = PeerConnection::start(
             peer.clone(),
             quic,
@@ -500,6 +500,9 @@ impl Link {
         }
         tracing::info!("replication link to {peer} is up (connection {})", conn.id);
         self.handler.connection_changed(&peer, Some(conn.clone()));
+        // (For status and the expiry warning; after the volumes heard of
+        // the link, so that nothing waits on it.)
+        note_peer_certificate(slot, &presented);
         let err = conn.read_loop(recv, &self.handler).await;
         tracing::info!("replication link to {peer} is down: {err}");
         let was_current = slot
