@@ -2,6 +2,7 @@
 //! twice a day: a warning within 30 days of an end, an error after it.
 
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use super::validity::{self, CertificateKind, Expiry, Validity};
@@ -39,4 +40,24 @@ pub async fn watch(certificates: Vec<(CertificateKind, Validity)>) {
         }
         tokio::time::sleep(CHECK_INTERVAL).await;
     }
+}
+
+/// Records the certificate a peer or the witness presented on a new
+/// connection in `seen`, and warns once per certificate (not once per
+/// connection) when it expires within 30 days. A certificate the parser
+/// could not read (`None`) leaves `seen` as it was.
+pub fn note_presented(
+    kind: CertificateKind,
+    seen: &Mutex<Option<Validity>>,
+    presented: Option<Validity>,
+) {
+    let (Some(validity), Ok(mut seen)) = (presented, seen.lock()) else {
+        return;
+    };
+    if seen.as_ref() != Some(&validity)
+        && let Some(w) = validity::warning(kind, &validity, validity::now_unix_s())
+    {
+        tracing::warn!("{w}");
+    }
+    *seen = Some(validity);
 }

@@ -404,16 +404,12 @@ impl Link {
                 let remote = incoming.remote_address();
                 if let Err(e) = link.accept_one(incoming).await {
                     let text = e.to_string();
-                    let why = match explain_expired_certificate(
-                        &link.me,
-                        None,
-                        &text.to_ascii_lowercase(),
-                    ) {
-                        Some(expired) => format!(
-                            "refused a replication connection from {remote}: {expired} ({text})"
-                        ),
-                        None => format!("refused a replication connection from {remote}: {text}"),
+                    let lower = text.to_ascii_lowercase();
+                    let why = match explain_expired_certificate(&link.me, None, &lower) {
+                        Some(expired) => format!("{expired} ({text})"),
+                        None => text,
                     };
+                    let why = format!("refused a replication connection from {remote}: {why}");
                     admission::log_refused(&why);
                     // (The peer may not be known from a refused handshake:
                     // every peer that dials this node hears of it.)
@@ -502,7 +498,11 @@ impl Link {
         self.handler.connection_changed(&peer, Some(conn.clone()));
         // (For status and the expiry warning; after the volumes heard of
         // the link, so that nothing waits on it.)
-        note_peer_certificate(slot, &presented);
+        crate::cert::watch::note_presented(
+            crate::cert::validity::CertificateKind::Peer,
+            &slot.certificate,
+            tls::peer_validity(&presented),
+        );
         let err = conn.read_loop(recv, &self.handler).await;
         tracing::info!("replication link to {peer} is down: {err}");
         let was_current = slot
@@ -522,27 +522,6 @@ impl Link {
             self.handler.connection_changed(&peer, None);
         }
     }
-}
-
-/// Records the certificate the peer presented; warns once per certificate
-/// when it expires within 30 days (the handshake refuses expired ones).
-fn note_peer_certificate(slot: &PeerSlot, quic: &quinn::Connection) {
-    let Some(validity) = tls::peer_validity(quic) else {
-        return;
-    };
-    let Ok(mut seen) = slot.certificate.lock() else {
-        return;
-    };
-    if seen.as_ref() != Some(&validity)
-        && let Some(w) = crate::cert::validity::warning(
-            crate::cert::validity::CertificateKind::Peer,
-            &validity,
-            crate::cert::validity::now_unix_s(),
-        )
-    {
-        tracing::warn!("{w}");
-    }
-    *seen = Some(validity);
 }
 
 /// Keeps renewing the lease this node holds from the peer while the

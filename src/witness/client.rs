@@ -108,20 +108,11 @@ impl WitnessClient {
         let c = connecting
             .await
             .map_err(|e| WitnessError::Unreachable(e.to_string()))?;
-        let validity = crate::link::tls::peer_validity(&c);
-        if let Ok(mut seen) = self.certificate.lock() {
-            if let Some(v) = &validity
-                && seen.as_ref() != Some(v)
-                && let Some(w) = crate::cert::validity::warning(
-                    crate::cert::validity::CertificateKind::Witness,
-                    v,
-                    crate::cert::validity::now_unix_s(),
-                )
-            {
-                tracing::warn!("{w}");
-            }
-            *seen = validity;
-        }
+        crate::cert::watch::note_presented(
+            crate::cert::validity::CertificateKind::Witness,
+            &self.certificate,
+            crate::link::tls::peer_validity(&c),
+        );
         *guard = Some(c.clone());
         Ok(c)
     }
