@@ -127,7 +127,7 @@ struct PeerSlot {
     problem: Mutex<Option<ConnectionProblem>>,
     /// The certificate the peer presented on the last connection that came
     /// up (`None` until one did).
-    certificate: Mutex<Option<Validity>>,
+    certificate: Arc<Mutex<Option<Validity>>>,
 }
 
 /// Why the link to a peer is not up, for `status`.
@@ -251,7 +251,7 @@ impl Link {
                             current: Mutex::new(None),
                             lease: Arc::new(PeerLease::default()),
                             problem: Mutex::new(None),
-                            certificate: Mutex::new(None),
+                            certificate: Arc::new(Mutex::new(None)),
                         },
                     )
                 })
@@ -496,13 +496,16 @@ impl Link {
         }
         tracing::info!("replication link to {peer} is up (connection {})", conn.id);
         self.handler.connection_changed(&peer, Some(conn.clone()));
-        // (For status and the expiry warning; after the volumes heard of
-        // the link, so that nothing waits on it.)
-        crate::cert::watch::note_presented(
-            crate::cert::validity::CertificateKind::Peer,
-            &slot.certificate,
-            tls::peer_validity(&presented),
-        );
+        // For status and the expiry warning, off the link's path: parsing
+        // it here would delay the read loop.
+        let seen = slot.certificate.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::cert::watch::note_presented(
+                crate::cert::validity::CertificateKind::Peer,
+                &seen,
+                tls::peer_validity(&presented),
+            )
+        });
         let err = conn.read_loop(recv, &self.handler).await;
         tracing::info!("replication link to {peer} is down: {err}");
         let was_current = slot
