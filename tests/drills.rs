@@ -136,7 +136,7 @@ async fn secondary_killed_during_writes() {
     c.kill(1);
     // The primary goes on once the witness outdated beta.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    writes_continue(&storm, Duration::from_secs(1), "without beta").await;
+    writes_continue(&c, &storm, Duration::from_secs(1), "without beta").await;
     c.restart(1).await.expect("restart beta");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let ledger = stop(storm).await;
@@ -178,7 +178,7 @@ async fn witness_killed_and_restarted_during_writes() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.kill_witness();
     // With the peer connected nothing needs the witness.
-    writes_continue(&storm, Duration::from_secs(3), "without the witness").await;
+    writes_continue(&c, &storm, Duration::from_secs(3), "without the witness").await;
     c.start_witness().await.expect("witness restart");
     c.wait_for(0, "witness reachable again", WAIT, |s| {
         s.quorum.as_ref().is_some_and(|q| q.witness_reachable)
@@ -209,10 +209,14 @@ async fn both_data_nodes_killed_and_restarted() {
 const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
 /// Storm progress across one `window`: writes must keep completing.
-async fn writes_continue(storm: &Storm, window: Duration, what: &str) {
+/// On failure both daemons' logs go to stderr.
+async fn writes_continue(c: &LocalCluster, storm: &Storm, window: Duration, what: &str) {
     let before = storm.acked_writes();
     tokio::time::sleep(window).await;
-    assert!(storm.acked_writes() > before, "writes stopped {what}");
+    if storm.acked_writes() <= before {
+        dump_logs(c);
+        panic!("writes stopped {what}");
+    }
 }
 
 /// The wall clock of the witness and both daemons jumps 20 days forward,
@@ -278,9 +282,10 @@ async fn wall_clock_jumps_do_not_touch_leases() {
         );
     }
     let storm = storm(&c, 0, 6);
-    writes_continue(&storm, Duration::from_millis(500), "before the jumps").await;
+    writes_continue(&c, &storm, Duration::from_millis(500), "before the jumps").await;
     std::fs::write(&clock, "+20d\n").expect("jump forward");
     writes_continue(
+        &c,
         &storm,
         Duration::from_secs(3),
         "after the clock jumped 20 days forward",
@@ -288,6 +293,7 @@ async fn wall_clock_jumps_do_not_touch_leases() {
     .await;
     std::fs::write(&clock, "-20h\n").expect("jump back");
     writes_continue(
+        &c,
         &storm,
         Duration::from_secs(3),
         "after the clock jumped back",
@@ -368,7 +374,7 @@ async fn primary_local_disk_fails_during_writes() {
     )
     .await;
     let storm = storm(&c, 0, 7);
-    writes_continue(&storm, Duration::from_millis(500), "before the failure").await;
+    writes_continue(&c, &storm, Duration::from_millis(500), "before the failure").await;
     c.ok(
         0,
         Request::FailDisk {
@@ -382,7 +388,13 @@ async fn primary_local_disk_fails_during_writes() {
     })
     .await
     .expect("diskless");
-    writes_continue(&storm, Duration::from_secs(2), "after alpha's disk failed").await;
+    writes_continue(
+        &c,
+        &storm,
+        Duration::from_secs(2),
+        "after alpha's disk failed",
+    )
+    .await;
     let ledger = stop(storm).await;
     let s = c.status(0).await.expect("status");
     assert_eq!(s.role.as_deref(), Some("Primary"));
@@ -445,6 +457,7 @@ async fn secondary_disk_full_during_writes() {
     let log = std::fs::read_to_string(&c.nodes[1].log).unwrap_or_default();
     assert!(log.contains("No space left on device"), "{log}");
     writes_continue(
+        &c,
         &storm,
         Duration::from_secs(2),
         "after beta's disk filled up",
@@ -458,7 +471,7 @@ async fn secondary_disk_full_during_writes() {
     // Heal: free the space, re-attach.
     std::fs::remove_file(&ballast).expect("free space");
     reattach(&c, 1).await;
-    writes_continue(&storm, Duration::from_secs(1), "during the resync").await;
+    writes_continue(&c, &storm, Duration::from_secs(1), "during the resync").await;
     let ledger = stop(storm).await;
     assert_nothing_lost(&c, &ledger).await;
     assert!(
@@ -486,7 +499,13 @@ async fn slow_secondary_disk_during_writes() {
     )
     .await;
     let storm = storm(&c, 0, 9);
-    writes_continue(&storm, Duration::from_millis(500), "before the slowdown").await;
+    writes_continue(
+        &c,
+        &storm,
+        Duration::from_millis(500),
+        "before the slowdown",
+    )
+    .await;
     let slow = |delay_ms| Request::SlowDisk {
         volume: c.opts.volume.clone(),
         delay_ms,
@@ -495,7 +514,13 @@ async fn slow_secondary_disk_during_writes() {
     let before = storm.acked_writes();
     let started = std::time::Instant::now();
     for _ in 0..6 {
-        writes_continue(&storm, Duration::from_millis(500), "with a slow secondary").await;
+        writes_continue(
+            &c,
+            &storm,
+            Duration::from_millis(500),
+            "with a slow secondary",
+        )
+        .await;
         let s = c.status(0).await.expect("status");
         assert_eq!(s.peer.relation.as_deref(), Some("InSync"), "{s:?}");
         assert!(s.quorum.expect("quorum").peer_up_to_date);
@@ -525,6 +550,7 @@ async fn replayed_datagrams_on_the_replication_link_change_nothing() {
     let storm = Storm::start(c.nbd_socket(0), WRITERS, 64, 10);
     c.set_replay(NetPath::AlphaBeta, Duration::from_millis(300));
     writes_continue(
+        &c,
         &storm,
         Duration::from_secs(3),
         "while datagrams were replayed",
@@ -544,6 +570,16 @@ async fn replayed_datagrams_on_the_replication_link_change_nothing() {
     assert_nothing_lost(&c, &ledger).await;
 }
 
+/// The failover's second half: a storm on beta (now primary) goes on
+/// while alpha restarts and is resynced from beta.
+async fn storm_on_beta_while_alpha_returns(c: &mut LocalCluster, seed: u64) -> Ledger {
+    let second = storm(c, 1, seed);
+    writes_continue(c, &second, Duration::from_millis(500), "on the new primary").await;
+    c.restart(0).await.expect("restart alpha");
+    writes_continue(c, &second, Duration::from_secs(1), "while alpha resyncs").await;
+    stop(second).await
+}
+
 /// The primary is killed with SIGKILL in the middle of a write storm; the
 /// cluster manager's hook (`blkrep promote`) makes the survivor primary as
 /// soon as the witness consents; the storm goes on there; the dead node
@@ -552,15 +588,11 @@ async fn replayed_datagrams_on_the_replication_link_change_nothing() {
 async fn primary_killed_during_writes() {
     let mut c = up_with_witness("d-kill-a").await;
     let first = storm(&c, 0, 11);
-    writes_continue(&first, Duration::from_millis(500), "before the kill").await;
+    writes_continue(&c, &first, Duration::from_millis(500), "before the kill").await;
     c.kill(0);
     let first = stop(first).await;
     promote_through_hook(&c, 1);
-    let second = storm(&c, 1, 12);
-    writes_continue(&second, Duration::from_millis(500), "on the new primary").await;
-    c.restart(0).await.expect("restart alpha");
-    writes_continue(&second, Duration::from_secs(1), "while alpha resyncs").await;
-    let second = stop(second).await;
+    let second = storm_on_beta_while_alpha_returns(&mut c, 12).await;
     assert_nothing_lost(&c, &first.then(&second)).await;
 }
 
@@ -610,7 +642,7 @@ async fn torn_write_at_a_crash_resyncs_to_equal_copies() {
     .await;
     const AT: u64 = 1 << 20;
     let storm = storm(&c, 0, 13);
-    writes_continue(&storm, Duration::from_millis(300), "before the tear").await;
+    writes_continue(&c, &storm, Duration::from_millis(300), "before the tear").await;
     let ledger = stop(storm).await;
     let old = vec![0x11u8; 65536];
     let new = vec![0x22u8; 65536];
@@ -706,7 +738,7 @@ fn assert_storm_mixed(ledger: &Ledger) {
 async fn secondary_power_cut_during_writes_then_failover_to_it() {
     let mut c = up_volatile("d-pc-b").await;
     let s = storm(&c, 0, 21);
-    writes_continue(&s, Duration::from_millis(700), "before the cut").await;
+    writes_continue(&c, &s, Duration::from_millis(700), "before the cut").await;
     cut_power(&mut c, 1, 21).await;
     // The storm ends with the cut (the writes in flight then complete
     // without beta): the resync must then copy what beta lost, not just
@@ -730,17 +762,13 @@ async fn secondary_power_cut_during_writes_then_failover_to_it() {
 async fn primary_power_cut_during_writes_survivor_promoted() {
     let mut c = up_volatile("d-pc-a").await;
     let s = storm(&c, 0, 31);
-    writes_continue(&s, Duration::from_millis(700), "before the cut").await;
+    writes_continue(&c, &s, Duration::from_millis(700), "before the cut").await;
     cut_power(&mut c, 0, 31).await;
     let first = stop(s).await;
     assert_storm_mixed(&first);
     promote_through_hook(&c, 1);
     assert_readable_through(&c, 1, &first).await;
-    let second = storm(&c, 1, 32);
-    writes_continue(&second, Duration::from_millis(500), "on the new primary").await;
-    c.restart(0).await.expect("restart alpha");
-    writes_continue(&second, Duration::from_secs(1), "while alpha resyncs").await;
-    let second = stop(second).await;
+    let second = storm_on_beta_while_alpha_returns(&mut c, 32).await;
     assert_nothing_lost(&c, &first.then(&second)).await;
 }
 
@@ -760,7 +788,7 @@ async fn power_cuts_at_seeded_moments_and_during_resyncs() {
         let s = storm(&c, 0, rng.next_u64());
         tokio::time::sleep(Duration::from_millis(200 + rng.below(800))).await;
         cut_power(&mut c, 1, rng.next_u64()).await;
-        writes_continue(&s, Duration::from_secs(4), "without beta").await;
+        writes_continue(&c, &s, Duration::from_secs(4), "without beta").await;
         c.restart(1).await.expect("restart beta");
         if round == 1 {
             // The resync into beta is running: cut beta (the target) again.
@@ -776,7 +804,7 @@ async fn power_cuts_at_seeded_moments_and_during_resyncs() {
     // take over (its copy is incomplete); alpha comes back and finishes.
     let s = storm(&c, 0, rng.next_u64());
     cut_power(&mut c, 1, rng.next_u64()).await;
-    writes_continue(&s, Duration::from_secs(4), "without beta").await;
+    writes_continue(&c, &s, Duration::from_secs(4), "without beta").await;
     let l = keep(stop(s).await);
     c.restart(1).await.expect("restart beta");
     tokio::time::sleep(Duration::from_millis(50 + rng.below(200))).await;

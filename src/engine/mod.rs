@@ -1458,6 +1458,9 @@ impl Engine {
 
     /// Sends `op` on `range` to the peer for request `id`.
     fn send_to_peer(&mut self, id: RequestId, op: Op, range: Range, forward: bool) {
+        if let Some(r) = self.table.requests.get_mut(&id) {
+            r.peer_issued = true;
+        }
         self.actions.push_back(Action::PeerIo {
             id,
             op,
@@ -1521,6 +1524,19 @@ impl Engine {
                     result: Err(IoFailure::NoQuorum),
                 });
                 self.finish(id);
+                return;
+            }
+            if !r.peer_issued && self.replicating() {
+                // It started while the peer received no writes, and the peer
+                // receives them again now (it came back while this request's
+                // local leg ran, after `resend_quorum_waiters`): the peer,
+                // not the witness, completes it. Waiting would also hold
+                // back the resync chunk queued behind it.
+                let (op, range) = (r.op, r.range);
+                if let Some(r) = self.table.requests.get_mut(&id) {
+                    r.peer = Leg::Pending;
+                }
+                self.send_to_peer(id, op, range, false);
                 return;
             }
             self.quorum_waiters.insert(id);

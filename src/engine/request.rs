@@ -136,6 +136,11 @@ pub struct Request {
     /// power cut here could make this copy, the newer one, resync older
     /// data over it.
     pub needs_local_flush: bool,
+    /// Its peer leg was issued at least once. One that never was (the peer
+    /// did not receive writes when it started) goes to the peer as soon as
+    /// it would otherwise wait for the witness while the peer receives
+    /// writes (see `Engine::try_complete`).
+    pub peer_issued: bool,
 }
 
 impl Request {
@@ -155,6 +160,7 @@ impl Request {
             from_peer: false,
             peer_marked: false,
             needs_local_flush: false,
+            peer_issued: false,
         }
     }
 }

@@ -49,6 +49,9 @@ struct VolatileCache {
 /// Bytes of one cached block.
 const CACHE_BLOCK_BYTES: u64 = 4096;
 
+/// Longest write of a flush's write-back (runs never cross a multiple).
+const WRITE_BACK_RUN_BYTES: u64 = 1 << 20;
+
 impl FaultPlan {
     /// A plan that injects nothing.
     pub fn healthy() -> Arc<Self> {
@@ -286,8 +289,24 @@ impl<S: BlockStore> BlockStore for FaultyStore<S> {
                         .collect()
                 })
                 .unwrap_or_default();
-            for (at, _, data) in &due {
-                inner.write(*at, data.clone(), false).await?;
+            // Adjacent blocks go out as one write (up to 1 MiB), as a
+            // disk writes back its cache: a flush after a resync costs a
+            // few writes, not one per 4 KiB block.
+            for run in due
+                .chunk_by(|a, b| b.0 == a.0 + CACHE_BLOCK_BYTES && b.0 % WRITE_BACK_RUN_BYTES != 0)
+            {
+                let data = if let [(_, _, one)] = run {
+                    one.clone()
+                } else {
+                    let mut buf = AlignedBuf::zeroed(run.len() * CACHE_BLOCK_BYTES as usize);
+                    for (i, (_, _, d)) in run.iter().enumerate() {
+                        let at = i * CACHE_BLOCK_BYTES as usize;
+                        buf.as_mut_slice()[at..at + CACHE_BLOCK_BYTES as usize]
+                            .copy_from_slice(d.as_slice());
+                    }
+                    Arc::new(buf)
+                };
+                inner.write(run[0].0, data, false).await?;
             }
             inner.flush().await?;
             if let Some(c) = plan.lock_cache().as_mut() {
@@ -321,5 +340,71 @@ impl<S: BlockStore> BlockStore for FaultyStore<S> {
 
     fn size_bytes(&self) -> u64 {
         self.inner.size_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::UringStore;
+    use crate::store::uring::Uring;
+
+    fn block(byte: u8) -> Arc<AlignedBuf> {
+        let mut b = AlignedBuf::zeroed(CACHE_BLOCK_BYTES as usize);
+        b.as_mut_slice().fill(byte);
+        Arc::new(b)
+    }
+
+    /// A flush writes back exactly the cached blocks (adjacent ones in
+    /// runs, a run split at the 1 MiB boundary, a lone block apart); a
+    /// power cut after it loses none of them, and nothing else is written.
+    #[tokio::test]
+    async fn a_flush_writes_back_every_cached_block_in_runs() {
+        let path = std::env::temp_dir().join(format!("blkrep-faulty-{}.img", std::process::id()));
+        let size = 4u64 << 20;
+        std::fs::write(&path, vec![0u8; size as usize]).expect("image");
+        let ring = Uring::start().expect("io_uring");
+        let plan = FaultPlan::healthy();
+        plan.enable_volatile_cache();
+        let store = FaultyStore::new(
+            UringStore::open(&path, size, ring).expect("open"),
+            plan.clone(),
+        );
+        let mut expect = vec![0u8; size as usize];
+        let mut at = |offset: u64, byte: u8| {
+            let b = block(byte);
+            expect[offset as usize..(offset + CACHE_BLOCK_BYTES) as usize].fill(byte);
+            (offset, b)
+        };
+        let writes = [
+            at(0, 1),
+            at(4096, 2),
+            at(8192, 3),
+            at((1 << 20) - 8192, 4),
+            at((1 << 20) - 4096, 5),
+            at(1 << 20, 6),
+            at((1 << 20) + 4096, 7),
+            at(3 << 20, 8),
+        ];
+        for (offset, b) in writes {
+            store.write(offset, b, false).await.expect("cached write");
+        }
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            vec![0u8; size as usize],
+            "nothing reached the disk before the flush"
+        );
+        store.flush().await.expect("flush");
+        assert_eq!(
+            plan.power_cut(&path, 1).expect("cut"),
+            (0, 0),
+            "nothing left cached"
+        );
+        let on_disk = std::fs::read(&path).expect("read");
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            on_disk == expect,
+            "the disk holds exactly the flushed blocks"
+        );
     }
 }
