@@ -1912,6 +1912,18 @@ impl Engine {
         if r.forwarded {
             r.forwarded = false;
             self.frozen.insert(id);
+            // The sync source may have applied it (only its answer was
+            // lost): the copies may differ there whatever becomes of the
+            // request, so the next resync copies the range (the source
+            // adds this node's dirty runs to its own).
+            let range = r.range;
+            if matches!(r.op, Op::Write { .. } | Op::Zeroes { .. }) {
+                let pages = self.bitmap.set_range(range.offset, range.len);
+                if !pages.is_empty() {
+                    self.pages_to_persist.extend(pages);
+                    self.persist();
+                }
+            }
             return;
         }
         // Sent, so the peer may have applied it.
