@@ -1532,11 +1532,7 @@ impl Engine {
                 // local leg ran, after `resend_quorum_waiters`): the peer,
                 // not the witness, completes it. Waiting would also hold
                 // back the resync chunk queued behind it.
-                let (op, range) = (r.op, r.range);
-                if let Some(r) = self.table.requests.get_mut(&id) {
-                    r.peer = Leg::Pending;
-                }
-                self.send_to_peer(id, op, range, false);
+                self.resend_to_peer(id);
                 return;
             }
             self.quorum_waiters.insert(id);
@@ -1573,15 +1569,25 @@ impl Engine {
     /// waited for quorum; each completes once the peer has it.
     fn resend_quorum_waiters(&mut self) {
         for id in self.quorum_waiters.clone() {
-            if let Some(r) = self.table.requests.get_mut(&id)
-                && r.peer != Leg::Pending
-                && r.op != Op::Read
+            if self
+                .table
+                .requests
+                .get(&id)
+                .is_some_and(|r| r.peer != Leg::Pending && r.op != Op::Read)
             {
-                r.peer = Leg::Pending;
-                let (op, range) = (r.op, r.range);
-                self.send_to_peer(id, op, range, false);
+                self.resend_to_peer(id);
             }
         }
+    }
+
+    /// Issues request `id`'s peer leg (again).
+    fn resend_to_peer(&mut self, id: RequestId) {
+        let Some(r) = self.table.requests.get_mut(&id) else {
+            return;
+        };
+        r.peer = Leg::Pending;
+        let (op, range) = (r.op, r.range);
+        self.send_to_peer(id, op, range, false);
     }
 
     /// Asks the witness for what the state needs, one change at a time.
