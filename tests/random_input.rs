@@ -289,6 +289,13 @@ fn fuzz_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         seed("nbd_request", name, b);
     }
     seed("nbd_session", "go-write-read-flush", nbd_session_script());
+    for (name, script) in blkrep::testkit::replica_session::seed_scripts() {
+        seed(
+            "replica_session",
+            name,
+            blkrep::testkit::replica_session::encode_script(&script),
+        );
+    }
     let sb = sample_superblock();
     seed(
         "metadata",

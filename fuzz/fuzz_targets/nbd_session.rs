@@ -26,11 +26,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime = blkrep::testkit::standalone::fuzz_runtime().expect("runtime");
         let disk = std::env::temp_dir().join(format!("blkrep-fuzz-nbd-{}.img", std::process::id()));
         let volume = runtime
             .block_on(blkrep::testkit::standalone::primary_on_file(

@@ -270,6 +270,11 @@ impl Link {
         Ok(link)
     }
 
+    /// The address the endpoint is bound to (the port, when bound to 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
     /// The current connection to `peer`, if up.
     pub fn connection(&self, peer: &str) -> Option<Arc<PeerConnection>> {
         let slot = self.peers.get(peer)?;

@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod nbd_client;
 pub mod proxy;
+pub mod replica_session;
 pub mod rng;
 pub mod standalone;
 pub mod storm;

@@ -1,6 +1,8 @@
-//! A volume attached on a file with no peer and promoted: the real shell,
-//! engine and io_uring store, for driving a frontend (the NBD fuzz target)
-//! without a cluster.
+//! A volume attached on a file in this process: the real shell, engine and
+//! io_uring store, for the fuzz targets. `primary_on_file` has no peer and
+//! is promoted (driving a frontend: the NBD target); `secondary_on_file`
+//! waits for a peer on a link (the replica side: the replica-session
+//! target).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +17,32 @@ pub async fn primary_on_file(
     disk: &Path,
     name: &str,
     size_bytes: u64,
+) -> Result<VolumeHandle, String> {
+    let volume = attach_on_file(disk, name, size_bytes, "alpha", "beta").await?;
+    volume.promote(true).await.map_err(|e| e.to_string())?;
+    Ok(volume)
+}
+
+/// Creates a `size_bytes` file at `disk` (replacing it), writes fresh
+/// metadata (an Inconsistent copy with no history) and attaches it as
+/// volume `name` on node `node`, secondary, replicating with `peer`: the
+/// caller hands it that peer's connections (`connection_changed`).
+pub async fn secondary_on_file(
+    disk: &Path,
+    name: &str,
+    size_bytes: u64,
+    node: &str,
+    peer: &str,
+) -> Result<VolumeHandle, String> {
+    attach_on_file(disk, name, size_bytes, node, peer).await
+}
+
+async fn attach_on_file(
+    disk: &Path,
+    name: &str,
+    size_bytes: u64,
+    node: &str,
+    peer: &str,
 ) -> Result<VolumeHandle, String> {
     let f = std::fs::File::create(disk).map_err(|e| format!("{}: {e}", disk.display()))?;
     f.set_len(size_bytes).map_err(|e| e.to_string())?;
@@ -32,8 +60,8 @@ pub async fn primary_on_file(
         index: 0,
         disk: disk.to_path_buf(),
         meta: MetaLocation::Internal,
-        node: "alpha".into(),
-        peer: "beta".into(),
+        node: node.into(),
+        peer: peer.into(),
         resync_rate: crate::resync::RateSettings {
             min_bytes_per_s: 1 << 20,
             max_bytes_per_s: 0,
@@ -48,9 +76,14 @@ pub async fn primary_on_file(
         events: Arc::new(|_, _| {}),
         quorum: None,
     };
-    let volume = crate::volume::attach(opts)
-        .await
-        .map_err(|e| e.to_string())?;
-    volume.promote(true).await.map_err(|e| e.to_string())?;
-    Ok(volume)
+    crate::volume::attach(opts).await.map_err(|e| e.to_string())
+}
+
+/// The runtime a fuzz target drives its fixture on: one worker thread (the
+/// fuzzer's own thread blocks on it) with timers and I/O.
+pub fn fuzz_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
 }
