@@ -6,6 +6,7 @@
 //! faults.
 
 pub mod durability;
+mod invariants;
 pub mod peer;
 pub mod request;
 

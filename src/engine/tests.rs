@@ -1842,7 +1842,15 @@ impl Sim {
         }
     }
 
+    /// One random event, then the engines' invariants.
     fn step(&mut self) {
+        self.step_once();
+        for n in &self.nodes {
+            n.eng.check_invariants();
+        }
+    }
+
+    fn step_once(&mut self) {
         if self.nodes.iter().any(|n| !n.eng.frozen.is_empty()) {
             self.cov.frozen_steps += 1;
         }
