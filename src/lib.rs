@@ -26,6 +26,7 @@ pub mod daemon;
 pub mod demo;
 pub mod engine;
 pub mod frontend;
+mod layering;
 pub mod link;
 pub mod log_limit;
 pub mod meta;

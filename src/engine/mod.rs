@@ -18,8 +18,7 @@ pub use request::{INTERNAL_ID_BASE, Leg, Op, Range, Request, RequestId, RequestT
 use crate::meta::activity_log::{ActivityLog, AlSnapshot};
 use crate::meta::bitmap::BITMAP_PAGE_BYTES;
 use crate::meta::{Bitmap, DiskState, Generations};
-use crate::quorum::{Holder, NoQuorumPolicy, RecordView};
-use crate::witness::WitnessOp;
+use crate::quorum::{Holder, NoQuorumPolicy, RecordView, WitnessOp};
 use durability::{Unflushed, UnflushedWrite};
 
 /// Resync (and verify) chunks in flight at once, at most.

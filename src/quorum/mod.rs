@@ -10,10 +10,12 @@
 //! - rule 7: a primary serves I/O only while it holds a fresh lease from the
 //!   witness or from its connected peer.
 
+pub mod change;
 pub mod clock;
 pub mod lease;
 pub mod record;
 
+pub use change::WitnessOp;
 pub use lease::LeaseSettings;
 pub use record::{Holder, Record, RecordView};
 
