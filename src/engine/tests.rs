@@ -2500,12 +2500,16 @@ fn once_failing_sync_target_schedules_converge() {
 ///   (fixed in `Engine::peer_leg_lost`: the range goes into its bitmap);
 /// - 5737 (forced): a write the peer had acknowledged completed after an
 ///   operator forced the peer, whose new history had overwritten it there;
-///   the rule 1 check now knows the peer held it when it acknowledged.
+///   the rule 1 check now knows the peer held it when it acknowledged;
+/// - 73143 (of 100000, no crashes): a verify begun in sync compared a chunk
+///   marked since (the peer refused a write); the checker now fails only on
+///   differences no bitmap marks.
 #[test]
 fn once_failing_power_cut_schedules_converge() {
     for seed in [12076, 24801, 16593] {
         run_seed(seed, 400, true, false);
     }
+    run_seed(73143, 400, false, false);
     run_forced_seed(5737, true, false);
 }
 
