@@ -1533,7 +1533,11 @@ impl Shell {
     fn replica(&mut self, conn: Arc<PeerConnection>, req: InboundRequest) {
         let store = self.store.clone();
         let current = self.current_conn_id() == Some(conn.id);
-        let accepts = self.engine.accepts_peer_writes() && current;
+        let accepts = if req.flags & FLAG_RESYNC != 0 {
+            self.engine.accepts_resync_writes()
+        } else {
+            self.engine.accepts_peer_writes()
+        } && current;
         let serves_reads = self.engine.serves_peer_reads() && current;
         let range_ok = crate::store::check_range(req.offset, req.len, self.data_bytes).is_ok()
             || req.kind == Kind::Flush;
