@@ -670,7 +670,7 @@ impl ReplicaFixture {
         let mut request = 0u64;
         let mut writes = 0u64;
         for step in steps {
-            let mut h = match *step {
+            let (mut h, payload) = match *step {
                 Step::Announce { template, index } => {
                     let view = peer_view(template, &node_view);
                     let _ = out.send(state_frame(index, view, None)).await;
@@ -721,51 +721,52 @@ impl ReplicaFixture {
                             allowed.insert((offset / SECTOR_BYTES + k as u64, crc32fast::hash(s)));
                         }
                     }
-                    request += 1;
-                    let mut h = data_frame(Kind::Write, flags, index, offset, 0);
-                    h.request = request;
-                    report.frames_sent += 1;
-                    remember(&answers, request);
-                    let mut frame = h.encode(&payload).to_vec();
-                    frame.extend_from_slice(&payload);
-                    let _ = out.send(frame).await;
-                    continue;
+                    (data_frame(Kind::Write, flags, index, offset, 0), payload)
                 }
                 Step::Zeroes {
                     flags,
                     index,
                     sector,
                     sectors,
-                } => data_frame(
-                    Kind::Zeroes,
-                    flags,
-                    index,
-                    offset_of(flags, sector, data_bytes),
-                    u32::from(sectors) * SECTOR_BYTES as u32,
+                } => (
+                    data_frame(
+                        Kind::Zeroes,
+                        flags,
+                        index,
+                        offset_of(flags, sector, data_bytes),
+                        u32::from(sectors) * SECTOR_BYTES as u32,
+                    ),
+                    Vec::new(),
                 ),
-                Step::Flush { index } => data_frame(Kind::Flush, 0, index, 0, 0),
+                Step::Flush { index } => (data_frame(Kind::Flush, 0, index, 0, 0), Vec::new()),
                 Step::Read {
                     mode,
                     index,
                     sector,
                     sectors,
-                } => data_frame(
-                    if mode & 1 != 0 {
-                        Kind::HashRequest
-                    } else {
-                        Kind::ReadRequest
-                    },
-                    0,
-                    index,
-                    offset_of(mode, sector, data_bytes),
-                    u32::from(sectors) * SECTOR_BYTES as u32,
+                } => (
+                    data_frame(
+                        if mode & 1 != 0 {
+                            Kind::HashRequest
+                        } else {
+                            Kind::ReadRequest
+                        },
+                        0,
+                        index,
+                        offset_of(mode, sector, data_bytes),
+                        u32::from(sectors) * SECTOR_BYTES as u32,
+                    ),
+                    Vec::new(),
                 ),
             };
+            // Every data frame: its own request id, awaited by `settle`.
             request += 1;
             h.request = request;
             report.frames_sent += 1;
             remember(&answers, request);
-            let _ = out.send(h.encode(&[]).to_vec()).await;
+            let mut frame = h.encode(&payload).to_vec();
+            frame.extend_from_slice(&payload);
+            let _ = out.send(frame).await;
         }
         settle(&answers, &quic).await;
         quic.close(

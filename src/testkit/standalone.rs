@@ -18,7 +18,7 @@ pub async fn primary_on_file(
     name: &str,
     size_bytes: u64,
 ) -> Result<VolumeHandle, String> {
-    let volume = attach_on_file(disk, name, size_bytes, "alpha", "beta").await?;
+    let volume = secondary_on_file(disk, name, size_bytes, "alpha", "beta").await?;
     volume.promote(true).await.map_err(|e| e.to_string())?;
     Ok(volume)
 }
@@ -28,16 +28,6 @@ pub async fn primary_on_file(
 /// volume `name` on node `node`, secondary, replicating with `peer`: the
 /// caller hands it that peer's connections (`connection_changed`).
 pub async fn secondary_on_file(
-    disk: &Path,
-    name: &str,
-    size_bytes: u64,
-    node: &str,
-    peer: &str,
-) -> Result<VolumeHandle, String> {
-    attach_on_file(disk, name, size_bytes, node, peer).await
-}
-
-async fn attach_on_file(
     disk: &Path,
     name: &str,
     size_bytes: u64,
