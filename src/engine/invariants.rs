@@ -1,9 +1,16 @@
 //! What the engine relies on between events, asserted (TigerBeetle style):
-//! `check_invariants` runs at the end of the public mutators and after every
-//! step of the simulator, in builds with debug assertions. A failure is a
-//! bug in the engine, never a condition of the outside world.
+//! `check_invariants` runs at the end of the public mutators (in
+//! `after_event` for those that post-process, explicitly in the others) and
+//! after every step of the simulator, in builds with debug assertions, so
+//! the daemon's debug builds in the integration tests run it too. A failure
+//! is a bug in the engine, never a condition of the outside world.
+//!
+//! Not checked after: the attach-time setters (`set_cache_lost`,
+//! `power_lost`, `set_record`, `continue_activity_log`: single fields, before
+//! any event), `peer_dirty_runs` (always followed by `peer_state`, which
+//! checks), and `poll_action` (takes an action off the queue).
 
-use super::Engine;
+use super::{Engine, Relation};
 
 impl Engine {
     /// Panics when the engine's state breaks a rule the code relies on.
@@ -40,6 +47,14 @@ impl Engine {
                 "pending durable states out of order or already durable: {token} after {previous}"
             );
             previous = token;
+        }
+        // A resync pass exists only while this node is the sync source.
+        if self.resync.is_some() {
+            assert!(
+                matches!(self.peer, Some((_, Relation::SyncSource { .. }))),
+                "a resync pass is running but the relation is {:?}",
+                self.peer.map(|(_, r)| r)
+            );
         }
         // Every request the engine holds back is one it tracks. (The
         // sync-done and resync flushes are internal ids outside the table.)

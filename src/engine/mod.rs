@@ -616,10 +616,17 @@ impl Engine {
         {
             // Both hold every acknowledged write (neither outdated the
             // other, so neither completed a write alone): the histories
-            // differ only in unacknowledged writes. Either copy will do.
-            let me_wins = match (self.role, view.role) {
-                (Role::Primary, _) => true,
-                (_, Role::Primary) => false,
+            // differ only in unacknowledged writes. Either copy will do,
+            // but a copy that lost power may lack writes the other holds:
+            // the one that kept power is the source. (That mark is durable
+            // and the same in both views, so both sides decide alike; roles
+            // may change between the two decisions, a fenced primary's
+            // does.)
+            let me_wins = match (self.cache_lost, view.cache_lost, self.role, view.role) {
+                (false, true, ..) => true,
+                (true, false, ..) => false,
+                (_, _, Role::Primary, _) => true,
+                (_, _, _, Role::Primary) => false,
                 _ => self.cfg.tie_winner,
             };
             if !me_wins {
@@ -659,7 +666,20 @@ impl Engine {
             && self.disk != DiskState::Diskless
             && self.role == Role::Secondary
         {
-            return (negotiated != Relation::SyncTarget).then_some(Relation::SyncTarget);
+            // The peer's state predates this record: it may be changing
+            // already (into our sync target, on the record it knew), and
+            // a copy outdated by this record that became the target of a
+            // copy now Inconsistent waits for good. It adopts the record
+            // from our next state, announces, and we decide on that.
+            if negotiated == Relation::SyncTarget {
+                return None;
+            }
+            if view.record.epoch < rec.epoch {
+                return Some(Relation::Refused(
+                    "waiting for the peer to learn the witness record",
+                ));
+            }
+            return Some(Relation::SyncTarget);
         }
         if rec.me_up_to_date
             && self.disk == DiskState::UpToDate
@@ -735,7 +755,9 @@ impl Engine {
         self.al.set_seq(al_seq + 1);
         // Persist an empty log too: these extents now live in the bitmap.
         self.al_to_persist = Some(self.al.snapshot());
-        self.persist()
+        let token = self.persist();
+        self.check_invariants();
+        token
     }
 
     /// After a clean attach: the activity log's numbering continues after
@@ -754,7 +776,9 @@ impl Engine {
     pub fn mark_all_out_of_sync(&mut self) -> u64 {
         let pages = self.bitmap.set_all();
         self.pages_to_persist.extend(pages);
-        self.persist()
+        let token = self.persist();
+        self.check_invariants();
+        token
     }
 
     /// Sets how many resync chunks may be in flight (1..=`RESYNC_WINDOW`):
@@ -1147,6 +1171,7 @@ impl Engine {
         }
         self.flush_if_needed();
         self.want_witness();
+        self.check_invariants();
     }
 
     // ---- durability of completed writes (see `durability`) ----
@@ -1677,6 +1702,7 @@ impl Engine {
         }
         self.flush_if_needed();
         self.want_witness();
+        self.check_invariants();
     }
 
     /// The witness record (from a heartbeat, a change, or the peer's newer
@@ -2110,6 +2136,7 @@ impl Engine {
             self.renegotiate();
         }
         self.actions.push_back(Action::AnnounceState);
+        self.check_invariants();
         Ok(token)
     }
 
@@ -2177,8 +2204,16 @@ impl Engine {
         if self.peer.is_some() {
             self.renegotiate();
         }
-        if !self.replicating() && self.disk == DiskState::UpToDate && self.gens.bitmap == 0 {
-            // Writing without the peer from the start: track changes for it.
+        if !self.replicating() && self.disk == DiskState::UpToDate {
+            // Writing without the peer from the start: track changes for it
+            // under a generation of this node's own. Even when a bitmap
+            // base is set already: the current generation may be the one
+            // the peer took at the end of a resync from this node (the
+            // confirmation that would have moved it to the bitmap base was
+            // lost with this node's restart), and writes completed under a
+            // generation the peer holds too would pass for ones it has.
+            // (The base stays: a peer at the base still gets a bitmap
+            // resync.)
             let id = self.fresh_id();
             self.start_tracking(id);
         }
@@ -2194,6 +2229,7 @@ impl Engine {
         } else {
             self.export_after = Some(token);
         }
+        self.check_invariants();
         Ok(token)
     }
 
@@ -2334,6 +2370,9 @@ impl Engine {
                 if let Some(r) = &mut self.resync {
                     r.total_chunks = r.done_chunks + self.bitmap.set_count();
                 }
+                // The target learns what is left to copy now (an upper
+                // bound it reports if the resync is cut short).
+                self.actions.push_back(Action::AnnounceState);
             }
         }
         self.start_sending(view, full);
@@ -2382,23 +2421,19 @@ impl Engine {
             return;
         }
         self.peer = Some((view, new));
+        if !matches!(new, Relation::SyncSource { .. }) {
+            // No longer the source: the pass is over (its chunks in flight
+            // finish on their own; what they did not copy stays marked).
+            self.resync = None;
+        }
         match new {
             Relation::SyncSource { full, .. } => {
-                if !full
-                    && view.dirty_chunks > 0
-                    && let Some(ranges) = self.peer_dirty.take()
-                {
-                    // Resync the union: what changed here and what the peer
-                    // may have changed (its activity log or its own writes).
-                    for (first, count) in ranges {
-                        let pages = self.bitmap.set_range(
-                            first.saturating_mul(self.cfg.chunk_bytes),
-                            count.saturating_mul(self.cfg.chunk_bytes),
-                        );
-                        self.pages_to_persist.extend(pages);
-                    }
-                    self.persist();
-                }
+                // The peer's own marks join this bitmap only once it is our
+                // target (`target_ready`): until then they stay in its
+                // bitmap, and the dirty count this node announces stays its
+                // own, which is what the peer's negotiation reads as "marks
+                // of its own" (a copy that kept power against one that lost
+                // it: see `negotiate`).
                 if full {
                     // Track the copy under a bitmap base the target can
                     // adopt (see `adopt_full_sync_base`).
@@ -2418,7 +2453,7 @@ impl Engine {
                 self.actions
                     .push_back(Action::Notify(Notice::ResyncStarted));
                 if view.sync_target {
-                    self.start_sending(view, full);
+                    self.target_ready(view, full);
                 }
             }
             Relation::SyncTarget => {
@@ -2555,6 +2590,7 @@ impl Engine {
             op: Op::Flush,
             range: Range::new(0, 0),
         });
+        self.check_invariants();
     }
 
     /// The flush before taking the source's generations finished.
@@ -2615,6 +2651,7 @@ impl Engine {
             ..Default::default()
         });
         self.pump_verify();
+        self.check_invariants();
         Ok(())
     }
 
