@@ -303,7 +303,7 @@ async fn wall_clock_jumps_do_not_touch_leases() {
     let s = c.status(0).await.expect("status");
     let q = s.quorum.expect("quorum status");
     assert!(q.lease_valid && q.peer_up_to_date, "{q:?}");
-    assert_eq!(q.frozen_requests, 0);
+    assert_eq!(q.held_for_lease_requests, 0);
     let ledger = stop(storm).await;
     assert_nothing_lost(&c, &ledger).await;
     for n in &c.nodes {

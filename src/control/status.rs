@@ -138,8 +138,10 @@ pub struct QuorumReport {
     pub lease_valid: bool,
     /// Writes waiting for the witness to outdate the peer (rule 2).
     pub waiting_writes: usize,
-    /// Requests held because the primary has no lease (rule 7).
-    pub frozen_requests: usize,
+    /// Requests held because the primary has no lease (rule 7). (Named
+    /// `frozen_requests` before; read under that name too.)
+    #[serde(alias = "frozen_requests")]
+    pub held_for_lease_requests: usize,
 }
 
 /// The peer of a volume.
@@ -372,7 +374,7 @@ impl VolumeStatusReport {
                 witness_reachable: s.witness_reachable.unwrap_or(false),
                 lease_valid,
                 waiting_writes: e.quorum_waiting,
-                frozen_requests: s.frozen_requests,
+                held_for_lease_requests: s.held_for_lease_requests,
             }),
         }
     }
@@ -449,10 +451,10 @@ pub fn render_text(s: &NodeStatus) -> String {
                 q.up_to_date,
                 q.peer_up_to_date,
                 if q.lease_valid { "valid" } else { "NONE" },
-                if q.waiting_writes + q.frozen_requests > 0 {
+                if q.waiting_writes + q.held_for_lease_requests > 0 {
                     format!(
-                        "  I/O held: {} waiting for quorum, {} frozen",
-                        q.waiting_writes, q.frozen_requests
+                        "  I/O held: {} waiting for quorum, {} for a lease",
+                        q.waiting_writes, q.held_for_lease_requests
                     )
                 } else {
                     String::new()

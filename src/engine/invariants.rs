@@ -29,8 +29,8 @@ impl Engine {
         );
         for (what, token) in [
             ("activity-log snapshot", self.al_token),
-            ("full-sync marking", self.full_sync_token),
-            ("sync done", self.sync_done_after.unwrap_or(0)),
+            ("full-sync marking", self.source.full_sync_token),
+            ("sync done", self.source.sync_done_after.unwrap_or(0)),
             ("announcement", self.announce_after.unwrap_or(0)),
             ("export", self.export_after.unwrap_or(0)),
         ] {
@@ -49,7 +49,7 @@ impl Engine {
             previous = token;
         }
         // A resync pass exists only while this node is the sync source.
-        if self.resync.is_some() {
+        if self.source.pass.is_some() {
             assert!(
                 matches!(self.peer, Some((_, Relation::SyncSource { .. }))),
                 "a resync pass is running but the relation is {:?}",

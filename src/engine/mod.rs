@@ -4,11 +4,30 @@
 //! local or peer I/O, persist metadata, complete a request, announce state).
 //! Same inputs, same outputs: the simulator in `tests/` drives it with seeded
 //! faults.
+//!
+//! Where each event is handled:
+//!
+//! | event | entry point | code |
+//! |---|---|---|
+//! | client request | `submit`, `submit_forwarded` | this file (write path, legs), `request` (table, overlaps) |
+//! | local or peer I/O done | `local_done`, `peer_done` | this file; resync chunks and flushes: `sync_source`; the "sync done" flush: `sync_target` |
+//! | metadata durable | `meta_persisted` | this file; unflushed writes: `durability` |
+//! | peer state | `peer_state` → `renegotiate` | `peer::negotiate` (generations), `witness_direction` (the record), this file |
+//! | link lost | `peer_disconnected` | this file, `SyncSource::on_disconnect`, `SyncTarget::on_disconnect` |
+//! | resync finished | `peer_sync_done` | `sync_target` |
+//! | witness | `witness_record`, `witness_change_done` | this file (rules 2 and 3) |
+//! | timer | `tick` | this file, `durability` |
+//! | operator | `promote`, `demote`, `discard_local`, `start_verify`, `request_resync` | this file |
+//!
+//! `check_invariants` (`invariants`) runs at the end of every mutator in
+//! debug builds.
 
 pub mod durability;
 mod invariants;
 pub mod peer;
 pub mod request;
+mod sync_source;
+mod sync_target;
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -20,11 +39,16 @@ use crate::meta::bitmap::BITMAP_PAGE_BYTES;
 use crate::meta::{Bitmap, DiskState, Generations};
 use crate::quorum::{Holder, NoQuorumPolicy, RecordView, WitnessOp};
 use durability::{Unflushed, UnflushedWrite};
+use sync_source::SyncSource;
+use sync_target::SyncTarget;
 
-/// Resync (and verify) chunks in flight at once, at most.
+/// Resync (and verify) requests in flight at once, at most. A resync
+/// request carries one chunk, or while the application is idle a run of
+/// adjacent chunks (`RESYNC_RUN_MAX_BYTES`); a verify request one chunk.
 pub const RESYNC_WINDOW: usize = 32;
-/// Resync chunks in flight while application writes are running: little
-/// resync data queues in front of them on the link and the disks.
+/// Resync requests in flight while application writes are running (one
+/// chunk each then): little resync data queues in front of them on the
+/// link and the disks.
 pub const RESYNC_WINDOW_BUSY: usize = 4;
 /// While the application is idle, adjacent dirty chunks travel together in
 /// requests of up to this many bytes (fewer, larger requests: less work per
@@ -298,7 +322,8 @@ pub struct EngineConfig {
 pub struct ResyncProgress {
     /// Next chunk to look at.
     pub cursor: u64,
-    /// Chunks in flight.
+    /// Requests in flight (each one chunk or a run of them, see
+    /// `RESYNC_WINDOW`).
     pub inflight: usize,
     /// Chunks to copy when it started (dirty bits).
     pub total_chunks: u64,
@@ -389,13 +414,14 @@ pub struct Engine {
     gens: Generations,
     bitmap: Bitmap,
     peer: Option<(NodeView, Relation)>,
+    /// This node as the sync source of its peer (see `sync_source`).
+    source: SyncSource,
     table: RequestTable,
     actions: VecDeque<Action>,
     meta_issued: u64,
     meta_persisted: u64,
     pages_to_persist: BTreeSet<u32>,
     rng: u64,
-    resync: Option<ResyncProgress>,
     next_internal: RequestId,
     announce_after: Option<u64>,
     export_after: Option<u64>,
@@ -403,15 +429,6 @@ pub struct Engine {
     /// told (it must never act on a state this node could forget in a crash).
     durable: (DiskState, Generations),
     pending_durable: VecDeque<(u64, DiskState, Generations)>,
-    sync_done_after: Option<u64>,
-    /// Token of the metadata write that marked every chunk for the running
-    /// full sync (0: none); the peer is told the base once it is durable.
-    full_sync_token: u64,
-    /// The peer has not yet been told the durable full-sync base.
-    full_sync_announce: bool,
-    /// Resync chunks this node keeps in flight as the source (see
-    /// `set_resync_window`).
-    resync_window: usize,
     replicating: bool,
     al: ActivityLog,
     al_to_persist: Option<AlSnapshot>,
@@ -429,24 +446,8 @@ pub struct Engine {
     /// Requests of a primary on a copy still being resynced, held back
     /// while its sync source is unreachable (or refused them).
     frozen: BTreeSet<RequestId>,
-    /// Meaningful while this copy is Inconsistent and its sync source is
-    /// gone: what the source still had to copy into it by its last state
-    /// message (its dirty chunks then: an upper bound, as the resync only
-    /// shrinks them). None when no resync into this copy was seen since the
-    /// node started.
-    interrupted_sync_missing_bytes: Option<u64>,
-    /// As a sync target told the resync is done: the local flush that
-    /// makes the resynced data durable first, and the source's generations.
-    sync_done_flush: Option<(RequestId, Generations)>,
-    /// As a sync source: the generation the target takes when it processes
-    /// the last "sync done" sent, until it confirms (0: none). The bitmap
-    /// has held every change since then.
-    sync_done_current: u64,
-    /// Resynced chunks (first, count) the target acknowledged, not yet
-    /// covered by a flush there: still marked here.
-    resync_unflushed: Vec<(u64, u64)>,
-    /// The flush in flight on the target and the chunks it covers.
-    resync_flush: Option<(RequestId, Vec<(u64, u64)>)>,
+    /// This node as the sync target of its peer (see `sync_target`).
+    target: SyncTarget,
     /// Finished writes not yet durable on every copy that has them, in
     /// epochs closed by flushes; each keeps its activity-log pin.
     unflushed: Unflushed,
@@ -484,22 +485,19 @@ impl Engine {
             gens,
             bitmap,
             peer: None,
+            source: SyncSource::default(),
+            target: SyncTarget::default(),
             table: RequestTable::default(),
             actions: VecDeque::new(),
             meta_issued: 0,
             meta_persisted: 0,
             pages_to_persist: BTreeSet::new(),
             rng: seed,
-            resync: None,
             next_internal: INTERNAL_ID_BASE,
             announce_after: None,
             export_after: None,
             durable: (disk, gens),
             pending_durable: VecDeque::new(),
-            sync_done_after: None,
-            full_sync_token: 0,
-            full_sync_announce: false,
-            resync_window: RESYNC_WINDOW,
             replicating: false,
             al: ActivityLog::new(cfg_al.0, cfg_al.1),
             al_to_persist: None,
@@ -515,11 +513,6 @@ impl Engine {
             quorum_waiters: BTreeSet::new(),
             quorum_lost: false,
             frozen: BTreeSet::new(),
-            interrupted_sync_missing_bytes: None,
-            sync_done_flush: None,
-            sync_done_current: 0,
-            resync_unflushed: Vec::new(),
-            resync_flush: None,
             unflushed: Unflushed::default(),
             engine_flush: None,
             unflushed_ticks: 0,
@@ -781,16 +774,17 @@ impl Engine {
         token
     }
 
-    /// Sets how many resync chunks may be in flight (1..=`RESYNC_WINDOW`):
-    /// the shell lowers it while application writes run, so that they do
-    /// not queue behind resync data, and raises it when they stop. Returns
-    /// whether it changed (then new actions may be queued).
-    pub fn set_resync_window(&mut self, chunks: usize) -> bool {
-        let chunks = chunks.clamp(1, RESYNC_WINDOW);
-        if chunks == self.resync_window {
+    /// Sets how many resync requests may be in flight
+    /// (1..=`RESYNC_WINDOW`): the shell lowers it while application writes
+    /// run, so that they do not queue behind resync data, and raises it when
+    /// they stop. Returns whether it changed (then new actions may be
+    /// queued).
+    pub fn set_resync_window(&mut self, requests: usize) -> bool {
+        let requests = requests.clamp(1, RESYNC_WINDOW);
+        if requests == self.source.window {
             return false;
         }
-        self.resync_window = chunks;
+        self.source.window = requests;
         self.pump_resync();
         self.after_event();
         true
@@ -860,9 +854,9 @@ impl Engine {
             Some((_, Relation::SyncSource { full: true, .. }))
         );
         if full
-            && self.resync.is_some()
-            && self.full_sync_token != 0
-            && self.full_sync_token <= self.meta_persisted
+            && self.source.pass.is_some()
+            && self.source.full_sync_token != 0
+            && self.source.full_sync_token <= self.meta_persisted
         {
             self.durable.1.bitmap
         } else {
@@ -913,7 +907,7 @@ impl Engine {
                 .keys()
                 .filter(|id| **id < INTERNAL_ID_BASE)
                 .count(),
-            resync: self.resync,
+            resync: self.source.pass,
             last_resync: self.last_resync,
             verify: self.verify.clone(),
             last_verify: self.last_verify.clone(),
@@ -959,7 +953,7 @@ impl Engine {
 
     /// Whether this node is running a resync as the source (cheap).
     pub fn resync_running(&self) -> bool {
-        self.resync.is_some()
+        self.source.pass.is_some()
     }
 
     /// Where a read should go right now.
@@ -999,7 +993,7 @@ impl Engine {
     /// over the same range, and land last (seed 57801). The source keeps such
     /// a refused chunk marked and copies it in a later pass.
     pub fn accepts_resync_writes(&self) -> bool {
-        self.accepts_peer_writes() && self.sync_done_flush.is_none()
+        self.accepts_peer_writes() && self.target.done_flush.is_none()
     }
 
     /// Whether reads and flushes from the peer are served here: as its
@@ -1890,10 +1884,10 @@ impl Engine {
 
     /// The local leg of `id` finished.
     pub fn local_done(&mut self, id: RequestId, ok: bool) {
-        if let Some((flush, source)) = self.sync_done_flush
+        if let Some((flush, source)) = self.target.done_flush
             && flush == id
         {
-            self.sync_done_flush = None;
+            self.target.done_flush = None;
             return self.sync_done_flushed(source, ok);
         }
         if let Some(r) = self.table.requests.get_mut(&id) {
@@ -1909,7 +1903,7 @@ impl Engine {
     /// The peer leg of `id` finished (`ok` false: the peer reported an error
     /// or the link dropped).
     pub fn peer_done(&mut self, id: RequestId, ok: bool) {
-        if self.resync_flush.as_ref().is_some_and(|(f, _)| *f == id) {
+        if self.source.flush.as_ref().is_some_and(|(f, _)| *f == id) {
             self.resync_flushed(ok);
             self.after_event();
             return;
@@ -2043,9 +2037,9 @@ impl Engine {
             self.try_complete(id);
         }
         self.release_export();
-        if self.full_sync_announce && self.full_sync_token <= self.meta_persisted {
+        if self.source.full_sync_announce && self.source.full_sync_token <= self.meta_persisted {
             // Tell the target the base it may adopt (see `full_sync_base`).
-            self.full_sync_announce = false;
+            self.source.full_sync_announce = false;
             if before == self.durable {
                 self.actions.push_back(Action::AnnounceState);
             }
@@ -2057,11 +2051,11 @@ impl Engine {
             self.announce_after = None;
             self.actions.push_back(Action::AnnounceState);
         }
-        if let Some(t) = self.sync_done_after
+        if let Some(t) = self.source.sync_done_after
             && t <= self.meta_persisted
         {
-            self.sync_done_after = None;
-            self.sync_done_current = self.gens.current;
+            self.source.sync_done_after = None;
+            self.source.sync_done_current = self.gens.current;
             self.actions.push_back(Action::SendSyncDone {
                 generations: self.gens,
             });
@@ -2165,7 +2159,7 @@ impl Engine {
             DiskState::Outdated | DiskState::Inconsistent if !force => {
                 Err(PromoteError::NotUpToDate {
                     disk: self.disk,
-                    missing_bytes: self.interrupted_sync_missing_bytes,
+                    missing_bytes: self.target.interrupted_missing_bytes,
                 })
             }
             _ => Ok(()),
@@ -2289,7 +2283,7 @@ impl Engine {
         }
         let first = self.peer.is_none();
         if first {
-            self.interrupted_sync_missing_bytes = None;
+            self.target.interrupted_missing_bytes = None;
         }
         let old = self.peer;
         let rel = old
@@ -2316,18 +2310,18 @@ impl Engine {
         {
             // The target confirmed the finished resync.
             self.gens.sync_source_done();
-            self.sync_done_current = 0;
+            self.source.sync_done_current = 0;
             self.persist();
         }
         if first
-            && self.sync_done_current != 0
-            && view.generations.current == self.sync_done_current
-            && self.gens.rebase(self.sync_done_current)
+            && self.source.sync_done_current != 0
+            && view.generations.current == self.source.sync_done_current
+            && self.gens.rebase(self.source.sync_done_current)
         {
             // The link dropped after the target took our generation at the
             // end of a resync but before it could confirm: our bitmap holds
             // every change since (it was empty then), so resync just that.
-            self.sync_done_current = 0;
+            self.source.sync_done_current = 0;
             self.persist();
         }
         if renegotiate {
@@ -2343,51 +2337,6 @@ impl Engine {
         self.adopt_full_sync_base();
         self.resume_frozen(true);
         self.after_event();
-    }
-
-    /// The sync target persisted its state and has no writes of its own in
-    /// flight: add what it marked meanwhile (a fenced primary's last writes)
-    /// to the copy, then start sending.
-    fn target_ready(&mut self, view: NodeView, full: bool) {
-        if !full && view.dirty_chunks > 0 {
-            let pages = match self.peer_dirty.take() {
-                Some(ranges) => {
-                    let mut pages = Vec::new();
-                    for (first, count) in ranges {
-                        pages.extend(self.bitmap.set_range(
-                            first.saturating_mul(self.cfg.chunk_bytes),
-                            count.saturating_mul(self.cfg.chunk_bytes),
-                        ));
-                    }
-                    pages
-                }
-                // Too many runs to name: copy everything.
-                None => self.bitmap.set_all(),
-            };
-            if !pages.is_empty() {
-                self.pages_to_persist.extend(pages);
-                self.persist();
-                if let Some(r) = &mut self.resync {
-                    r.total_chunks = r.done_chunks + self.bitmap.set_count();
-                }
-                // The target learns what is left to copy now (an upper
-                // bound it reports if the resync is cut short).
-                self.actions.push_back(Action::AnnounceState);
-            }
-        }
-        self.start_sending(view, full);
-    }
-
-    /// The target is ready: resync chunks (and application writes) flow.
-    fn start_sending(&mut self, view: NodeView, full: bool) {
-        self.peer = Some((
-            view,
-            Relation::SyncSource {
-                target_ready: true,
-                full,
-            },
-        ));
-        self.pump_resync();
     }
 
     fn renegotiate(&mut self) {
@@ -2424,7 +2373,7 @@ impl Engine {
         if !matches!(new, Relation::SyncSource { .. }) {
             // No longer the source: the pass is over (its chunks in flight
             // finish on their own; what they did not copy stays marked).
-            self.resync = None;
+            self.source.pass = None;
         }
         match new {
             Relation::SyncSource { full, .. } => {
@@ -2443,10 +2392,10 @@ impl Engine {
                     }
                     let pages = self.bitmap.set_all();
                     self.pages_to_persist.extend(pages);
-                    self.full_sync_token = self.persist();
-                    self.full_sync_announce = true;
+                    self.source.full_sync_token = self.persist();
+                    self.source.full_sync_announce = true;
                 }
-                self.resync = Some(ResyncProgress {
+                self.source.pass = Some(ResyncProgress {
                     total_chunks: self.bitmap.set_count(),
                     ..Default::default()
                 });
@@ -2527,7 +2476,7 @@ impl Engine {
             .filter(|(_, r)| r.peer == Leg::Pending)
             .map(|(id, _)| *id)
             .collect();
-        self.resync = None;
+        self.source.on_disconnect();
         if let Some(mut v) = self.verify.take() {
             v.aborted = true;
             v.inflight = 0;
@@ -2556,63 +2505,15 @@ impl Engine {
             }
         }
         if let Some((view, Relation::SyncTarget)) = self.peer {
-            self.interrupted_sync_missing_bytes = Some(
-                view.dirty_chunks
-                    .saturating_mul(self.cfg.chunk_bytes)
-                    .min(self.cfg.data_bytes),
-            );
+            self.target
+                .on_disconnect(&view, self.cfg.chunk_bytes, self.cfg.data_bytes);
         }
+        self.target.done_flush = None;
         self.peer = None;
         self.peer_dirty = None;
         self.announce_after = None;
-        self.sync_done_after = None;
-        self.sync_done_flush = None;
-        // Chunks not covered by a flush on the target stay marked.
-        self.resync_unflushed.clear();
-        self.resync_flush = None;
         // Writes it acknowledged but never flushed (issue 13, hole 1).
         self.peer_acks_lost();
-        self.after_event();
-    }
-
-    /// The peer finished resyncing this node from `source` generations.
-    /// The resync data (and a forwarding primary's own writes) were written
-    /// without FUA: a local flush makes them durable before this copy
-    /// calls itself up to date.
-    pub fn peer_sync_done(&mut self, source: Generations) {
-        if !matches!(self.peer, Some((_, Relation::SyncTarget))) || self.sync_done_flush.is_some() {
-            return;
-        }
-        let id = self.internal_id();
-        self.sync_done_flush = Some((id, source));
-        self.actions.push_back(Action::LocalIo {
-            id,
-            op: Op::Flush,
-            range: Range::new(0, 0),
-        });
-        self.check_invariants();
-    }
-
-    /// The flush before taking the source's generations finished.
-    fn sync_done_flushed(&mut self, source: Generations, ok: bool) {
-        if !ok {
-            self.local_disk_failed();
-            return self.after_event();
-        }
-        if !matches!(self.peer, Some((_, Relation::SyncTarget))) {
-            return;
-        }
-        self.gens.sync_target_done(&source);
-        self.disk = DiskState::UpToDate;
-        // This copy now equals the source: nothing of ours is out of sync.
-        let pages = self.bitmap.clear_all();
-        self.pages_to_persist.extend(pages);
-        if let Some((v, _)) = self.peer {
-            self.peer = Some((v, Relation::InSync));
-        }
-        let token = self.persist();
-        self.announce_after = Some(token);
-        self.actions.push_back(Action::Notify(Notice::ResyncDone));
         self.after_event();
     }
 
@@ -2737,138 +2638,6 @@ impl Engine {
         self.renegotiate();
         self.after_event();
         Ok(true)
-    }
-
-    // ---- resync (this node is the source) ----
-
-    fn pump_resync(&mut self) {
-        let Some(mut prog) = self.resync else { return };
-        if !matches!(
-            self.peer,
-            Some((
-                _,
-                Relation::SyncSource {
-                    target_ready: true,
-                    ..
-                }
-            ))
-        ) {
-            return;
-        }
-        let run_max = if self.resync_window >= RESYNC_WINDOW {
-            (RESYNC_RUN_MAX_BYTES / self.cfg.chunk_bytes.max(1)).max(1)
-        } else {
-            1
-        };
-        let chunks = self.bitmap.chunks();
-        while prog.inflight < self.resync_window {
-            let Some(chunk) = self.bitmap.next_set(prog.cursor) else {
-                break;
-            };
-            let mut count = 1;
-            while count < run_max && chunk + count < chunks && self.bitmap.get(chunk + count) {
-                count += 1;
-            }
-            prog.cursor = chunk + count;
-            prog.inflight += 1;
-            let (id, may_start) = self.insert_chunk_request(Op::ResyncChunk, chunk, count);
-            if may_start {
-                self.start(id);
-            }
-        }
-        if prog.inflight == 0 && self.bitmap.next_set(prog.cursor).is_none() {
-            if self.resync_flush.is_some() || !self.resync_unflushed.is_empty() {
-                // Copied chunks stay marked until the target flushed them.
-                self.resync = Some(prog);
-                self.flush_resynced(true);
-                return;
-            }
-            if self.bitmap.set_count() > 0 {
-                // Bits set behind the cursor: another pass.
-                prog.cursor = 0;
-                self.resync = Some(prog);
-                return self.pump_resync();
-            }
-            self.last_resync = Some(prog);
-            self.resync = None;
-            // The bitmap base is dropped only when the target confirms it
-            // adopted our generation (see `peer_state`).
-            if let Some((v, _)) = self.peer {
-                self.peer = Some((v, Relation::InSync));
-            }
-            self.replicating = self.replicating();
-            // What the target now holds (copied from this disk's cache) is
-            // durable here before the target counts as up to date: until
-            // the witness lists it again, a power cut here must not lose
-            // writes only the target would still have.
-            self.meta_flush_data = true;
-            let token = self.persist();
-            self.sync_done_after = Some(token);
-            return;
-        }
-        self.resync = Some(prog);
-    }
-
-    fn resync_chunk_finished(&mut self, id: RequestId, ok: bool) {
-        let Some(r) = self.table.requests.get(&id) else {
-            return;
-        };
-        let first = r.range.offset / self.cfg.chunk_bytes;
-        let count = r.range.len.div_ceil(self.cfg.chunk_bytes).max(1);
-        if let Some(p) = self.resync.as_mut() {
-            p.inflight = p.inflight.saturating_sub(1);
-            if ok {
-                p.done_chunks += count;
-            }
-        }
-        if ok {
-            self.resync_unflushed.push((first, count));
-            self.flush_resynced(false);
-        }
-        self.finish(id);
-        if ok {
-            self.pump_resync();
-        }
-    }
-
-    /// Asks the target to flush the chunks it acknowledged (at the end of a
-    /// pass, or once `RESYNC_FLUSH_EVERY_BYTES` have piled up).
-    fn flush_resynced(&mut self, end_of_pass: bool) {
-        if self.resync_flush.is_some() || self.resync_unflushed.is_empty() {
-            return;
-        }
-        let chunks: u64 = self.resync_unflushed.iter().map(|(_, c)| c).sum();
-        if !end_of_pass && chunks.saturating_mul(self.cfg.chunk_bytes) < RESYNC_FLUSH_EVERY_BYTES {
-            return;
-        }
-        let id = self.internal_id();
-        self.resync_flush = Some((id, std::mem::take(&mut self.resync_unflushed)));
-        self.send_to_peer(id, Op::Flush, Range::new(0, 0), false);
-    }
-
-    /// The target's flush finished: the chunks it covers are copied for
-    /// good (`ok`) and no longer tracked, durably. Failed: they stay marked
-    /// and are copied again.
-    fn resync_flushed(&mut self, ok: bool) {
-        let Some((_, chunks)) = self.resync_flush.take() else {
-            return;
-        };
-        if ok {
-            let mut cleared = false;
-            for (first, count) in chunks {
-                for chunk in first..first + count {
-                    if let Some(page) = self.bitmap.clear(chunk) {
-                        self.pages_to_persist.insert(page);
-                        cleared = true;
-                    }
-                }
-            }
-            if cleared {
-                self.persist();
-            }
-        }
-        self.flush_resynced(false);
-        self.pump_resync();
     }
 }
 

@@ -2450,7 +2450,7 @@ fn resynced_chunks_stay_marked_until_the_target_flushed_them() {
     assert!(dirty > 0);
     sim.heal();
     let mut steps = 0;
-    while sim.nodes[0].eng.resync_flush.is_none() {
+    while sim.nodes[0].eng.source.flush.is_none() {
         for n in 0..2 {
             sim.deliver(n);
             sim.complete_local(n);
@@ -2459,7 +2459,7 @@ fn resynced_chunks_stay_marked_until_the_target_flushed_them() {
         steps += 1;
         assert!(steps < 10_000, "no flush was asked for");
     }
-    let Some((_, covered)) = sim.nodes[0].eng.resync_flush.clone() else {
+    let Some((_, covered)) = sim.nodes[0].eng.source.flush.clone() else {
         unreachable!()
     };
     let covered: u64 = covered.iter().map(|(_, c)| c).sum();

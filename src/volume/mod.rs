@@ -99,8 +99,9 @@ pub struct VolumeStatus {
     pub lease_valid: Option<bool>,
     /// With a witness: whether it answered the last request.
     pub witness_reachable: Option<bool>,
-    /// Client requests held because the primary has no lease.
-    pub frozen_requests: usize,
+    /// Client requests held because the primary has no lease (rule 7;
+    /// "frozen" means held for the sync source, see the engine).
+    pub held_for_lease_requests: usize,
     /// Metadata writes (bitmap pages, activity log, superblock; one per
     /// group commit) since attach.
     pub metadata_writes: u64,

@@ -321,7 +321,7 @@ fn start(opened: OpenedVolume) -> VolumeHandle {
         peer_detached: false,
         node: opts.node,
         lease,
-        frozen: std::collections::VecDeque::new(),
+        held_for_lease: std::collections::VecDeque::new(),
         metadata_writes,
         lease_lapsed: false,
         events: opts.events,
@@ -581,7 +581,7 @@ struct Shell {
     peer_detached: bool,
     node: String,
     lease: Option<Arc<super::VolumeLease>>,
-    frozen: std::collections::VecDeque<Input>,
+    held_for_lease: std::collections::VecDeque<Input>,
     metadata_writes: Arc<AtomicU64>,
     lease_lapsed: bool,
     events: super::EventHook,
@@ -712,13 +712,13 @@ impl Shell {
                 }
                 if let Some(l) = &self.lease
                     && self.engine.status_role() == Role::Primary
-                    && (!l.valid() || !self.frozen.is_empty())
+                    && (!l.valid() || !self.held_for_lease.is_empty())
                 {
                     // Rule 7: no lease, no service.
                     if l.policy == crate::quorum::NoQuorumPolicy::IoError {
                         let _ = reply.send(Err(crate::engine::IoFailure::NoQuorum.into()));
                     } else {
-                        self.frozen.push_back(Input::Submit {
+                        self.held_for_lease.push_back(Input::Submit {
                             op,
                             range,
                             buf,
@@ -1101,8 +1101,8 @@ impl Shell {
             tracing::info!("volume {}: lease regained; I/O resumes", self.name);
             (self.events)(&self.name, "quorum-regained");
         }
-        if (valid || !primary) && !self.frozen.is_empty() {
-            for input in std::mem::take(&mut self.frozen) {
+        if (valid || !primary) && !self.held_for_lease.is_empty() {
+            for input in std::mem::take(&mut self.held_for_lease) {
                 self.handle_input(input);
             }
         }
@@ -1156,7 +1156,7 @@ impl Shell {
             resync_elapsed_s: self.resync_started.map(|t| t.elapsed().as_secs_f64()),
             lease_valid: self.lease.as_ref().map(|l| l.valid()),
             witness_reachable: self.lease.as_ref().map(|l| l.witness.reachable()),
-            frozen_requests: self.frozen.len(),
+            held_for_lease_requests: self.held_for_lease.len(),
             metadata_writes: self.metadata_writes.load(Ordering::Relaxed),
             target_progress: self.target_sync.as_ref().map(|t| super::TargetProgress {
                 total_bytes: t.total_bytes,
