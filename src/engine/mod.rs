@@ -2333,6 +2333,20 @@ impl Engine {
             && view.sync_target
         {
             self.target_ready(view, full);
+        } else if matches!(
+            rel,
+            Relation::SyncSource {
+                target_ready: true,
+                ..
+            }
+        ) && view.sync_target
+            && old.is_some_and(|(v, _)| !v.sync_target)
+        {
+            // The target was briefly not ready (it refused what was in
+            // flight; those chunks stay marked) and is again: go on. A
+            // refused chunk does not pump by itself, so without this the
+            // pass would wait for the next window change.
+            self.pump_resync();
         }
         self.adopt_full_sync_base();
         self.resume_frozen(true);

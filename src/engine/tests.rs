@@ -2477,6 +2477,66 @@ fn resynced_chunks_stay_marked_until_the_target_flushed_them() {
     assert_eq!(norm(&sim.nodes[0].disk), norm(&sim.nodes[1].disk));
 }
 
+/// The target refused the resync chunks in flight (it was briefly not
+/// ready: its relation changed and changed back). Refused chunks stay
+/// marked and pump nothing; once the target says it is ready again the
+/// source goes on, and the pass finishes (it used to wait for the next
+/// window change: seed 85231 before its other fix).
+#[test]
+fn a_resync_goes_on_after_the_target_refused_chunks_and_is_ready_again() {
+    let mut sim = written_while_cut(7);
+    assert!(sim.nodes[0].eng.bitmap.set_count() > 0);
+    sim.heal();
+    let chunk_sent = |sim: &Sim| {
+        sim.nodes[1]
+            .inbox
+            .iter()
+            .any(|m| matches!(m, Msg::Write { resync: true, .. }))
+    };
+    let mut steps = 0;
+    while !chunk_sent(&sim) {
+        sim.deliver(0);
+        sim.deliver(1);
+        for n in 0..2 {
+            sim.complete_local(n);
+            sim.persist_meta(n);
+        }
+        steps += 1;
+        assert!(steps < 10_000, "no resync chunk was sent");
+    }
+    // The target refuses every chunk in flight.
+    sim.nodes[1]
+        .inbox
+        .retain(|m| !matches!(m, Msg::Write { resync: true, .. }));
+    let refused: Vec<RequestId> = sim.nodes[0]
+        .eng
+        .table
+        .requests
+        .iter()
+        .filter(|(_, r)| r.op == Op::ResyncChunk)
+        .map(|(id, _)| *id)
+        .collect();
+    assert!(!refused.is_empty());
+    for id in refused {
+        sim.nodes[0].eng.peer_done(id, false);
+    }
+    let mut view = sim.nodes[1].eng.announced_view();
+    assert!(view.sync_target);
+    view.sync_target = false;
+    sim.nodes[0].eng.peer_state(view);
+    view.sync_target = true;
+    sim.nodes[0].eng.peer_state(view);
+    sim.drain(0);
+    sim.run_until_quiet();
+    assert_eq!(
+        sim.nodes[0].eng.bitmap.set_count(),
+        0,
+        "the pass stalled after the refusal"
+    );
+    assert_eq!(sim.nodes[0].eng.status().relation, Some(Relation::InSync));
+    assert_eq!(norm(&sim.nodes[0].disk), norm(&sim.nodes[1].disk));
+}
+
 #[test]
 fn both_promoted_while_apart_is_split_brain() {
     let mut sim = Sim::new(6);
