@@ -10,7 +10,7 @@
 //! any event), `peer_dirty_runs` (always followed by `peer_state`, which
 //! checks), and `poll_action` (takes an action off the queue).
 
-use super::{Engine, Relation};
+use super::{Engine, Leg, Op, RESYNC_WINDOW, Relation};
 
 impl Engine {
     /// Panics when the engine's state breaks a rule the code relies on.
@@ -54,6 +54,35 @@ impl Engine {
                 matches!(self.peer, Some((_, Relation::SyncSource { .. }))),
                 "a resync pass is running but the relation is {:?}",
                 self.peer.map(|(_, r)| r)
+            );
+        }
+        // A forwarding primary writes its own copy only after the sync
+        // source has the write (the source's copy is the complete one; see
+        // `has_local_client_writes`).
+        for (id, r) in &self.table.requests {
+            if r.forwarded && matches!(r.op, Op::Write { .. } | Op::Zeroes { .. }) {
+                assert!(
+                    r.local == Leg::Unused || r.peer == Leg::Done,
+                    "forwarded write {id} issued locally (local {:?}) before the source had it (peer {:?})",
+                    r.local,
+                    r.peer
+                );
+            }
+        }
+        // Internal requests stay within their windows (the shell bounds the
+        // client ones with its permits, the link the forwarded ones).
+        if let Some(pass) = &self.source.pass {
+            assert!(
+                pass.inflight <= RESYNC_WINDOW,
+                "{} resync requests in flight, window {RESYNC_WINDOW}",
+                pass.inflight
+            );
+        }
+        if let Some(v) = &self.verify {
+            assert!(
+                v.inflight <= RESYNC_WINDOW,
+                "{} verify requests in flight, window {RESYNC_WINDOW}",
+                v.inflight
             );
         }
         // Every request the engine holds back is one it tracks. (The
