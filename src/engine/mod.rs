@@ -581,8 +581,31 @@ impl Engine {
         self.meta_issued
     }
 
-    /// Called after every event: react to the peer leaving the set of nodes
-    /// that receive writes.
+    /// The post-processing of an event, in one place: react to the peer
+    /// leaving (or joining) the set of nodes that receive writes, resume
+    /// held requests, drop the lost-power mark once in sync, flush when
+    /// due, ask the witness when needed, and check the invariants.
+    ///
+    /// Every public mutator that handles an event ends here, except, on
+    /// purpose:
+    /// - the attach-time setters (`set_cache_lost`, `power_lost`,
+    ///   `set_record`, `recover_activity_log`, `continue_activity_log`,
+    ///   `mark_all_out_of_sync`): they run before any event, with nothing
+    ///   to react to yet;
+    /// - `peer_dirty_runs`: always followed by `peer_state`, which ends here;
+    /// - `poll_action`: takes an action off the queue and changes nothing;
+    /// - `tick`: only the timed parts (`flush_if_needed`, `want_witness`)
+    ///   change with time;
+    /// - `promote`: it sets `replicating` itself (a new primary starts to
+    ///   replicate or to track, it leaves nothing), and what follows from
+    ///   its new state (the witness outdating the peer, rule 2) waits until
+    ///   that state is durable: `meta_persisted` ends here;
+    /// - `discard_local`, `peer_sync_done`, `start_verify`: they only issue
+    ///   metadata writes or I/O, whose completions end here.
+    ///
+    /// Those that do not end here check the invariants themselves (but for
+    /// the single-field setters, `peer_dirty_runs` and `poll_action`: see
+    /// `invariants`).
     fn after_event(&mut self) {
         let now = self.replicating();
         if self.replicating
