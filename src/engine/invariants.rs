@@ -48,12 +48,18 @@ impl Engine {
             );
             previous = token;
         }
-        // A resync pass exists only while this node is the sync source.
-        if self.source.pass.is_some() {
+        // A resync pass exists only while this node is the sync source, and
+        // keeps its requests within the window.
+        if let Some(pass) = &self.source.pass {
             assert!(
                 matches!(self.peer, Some((_, Relation::SyncSource { .. }))),
                 "a resync pass is running but the relation is {:?}",
                 self.peer.map(|(_, r)| r)
+            );
+            assert!(
+                pass.inflight <= RESYNC_WINDOW,
+                "{} resync requests in flight, window {RESYNC_WINDOW}",
+                pass.inflight
             );
         }
         // A forwarding primary writes its own copy only after the sync
@@ -69,15 +75,8 @@ impl Engine {
                 );
             }
         }
-        // Internal requests stay within their windows (the shell bounds the
-        // client ones with its permits, the link the forwarded ones).
-        if let Some(pass) = &self.source.pass {
-            assert!(
-                pass.inflight <= RESYNC_WINDOW,
-                "{} resync requests in flight, window {RESYNC_WINDOW}",
-                pass.inflight
-            );
-        }
+        // So does a verify pass (the shell bounds client requests with its
+        // permits, the link the forwarded ones).
         if let Some(v) = &self.verify {
             assert!(
                 v.inflight <= RESYNC_WINDOW,

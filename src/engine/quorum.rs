@@ -338,14 +338,16 @@ impl Engine {
             && self.disk != DiskState::Diskless
             && self.role == Role::Secondary
         {
-            // The peer's state predates this record: it may be changing
-            // already (into our sync target, on the record it knew), and
-            // a copy outdated by this record that became the target of a
-            // copy now Inconsistent waits for good. It adopts the record
-            // from our next state, announces, and we decide on that.
+            // Already its target: stay one (a refusal now would fail the
+            // chunks in flight).
             if negotiated == Relation::SyncTarget {
                 return None;
             }
+            // The peer's state predates this record: it may be changing
+            // already (into our sync target, on the record it knew), and a
+            // copy outdated by this record that became the target of a copy
+            // now Inconsistent would wait for good. The peer adopts the
+            // record from our next state and announces; we decide on that.
             if view.record.epoch < rec.epoch {
                 return Some(Relation::Refused(
                     "waiting for the peer to learn the witness record",

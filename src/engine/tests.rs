@@ -1882,6 +1882,21 @@ impl Sim {
         }
     }
 
+    /// Delivers, completes and persists on both nodes, in order, without
+    /// faults, until `done` holds (at most 10,000 rounds).
+    fn step_by_hand_until(&mut self, what: &str, done: impl Fn(&Sim) -> bool) {
+        let mut rounds = 0;
+        while !done(self) {
+            for n in 0..2 {
+                self.deliver(n);
+                self.complete_local(n);
+                self.persist_meta(n);
+            }
+            rounds += 1;
+            assert!(rounds < 10_000, "never: {what}");
+        }
+    }
+
     /// One random event, then the engines' invariants.
     fn step(&mut self) {
         self.step_once();
@@ -2449,16 +2464,9 @@ fn resynced_chunks_stay_marked_until_the_target_flushed_them() {
     let dirty = sim.nodes[0].eng.bitmap.set_count();
     assert!(dirty > 0);
     sim.heal();
-    let mut steps = 0;
-    while sim.nodes[0].eng.source.flush.is_none() {
-        for n in 0..2 {
-            sim.deliver(n);
-            sim.complete_local(n);
-            sim.persist_meta(n);
-        }
-        steps += 1;
-        assert!(steps < 10_000, "no flush was asked for");
-    }
+    sim.step_by_hand_until("a flush was asked for", |sim| {
+        sim.nodes[0].eng.source.flush.is_some()
+    });
     let Some((_, covered)) = sim.nodes[0].eng.source.flush.clone() else {
         unreachable!()
     };
@@ -2493,17 +2501,7 @@ fn a_resync_goes_on_after_the_target_refused_chunks_and_is_ready_again() {
             .iter()
             .any(|m| matches!(m, Msg::Write { resync: true, .. }))
     };
-    let mut steps = 0;
-    while !chunk_sent(&sim) {
-        sim.deliver(0);
-        sim.deliver(1);
-        for n in 0..2 {
-            sim.complete_local(n);
-            sim.persist_meta(n);
-        }
-        steps += 1;
-        assert!(steps < 10_000, "no resync chunk was sent");
-    }
+    sim.step_by_hand_until("a resync chunk was sent", chunk_sent);
     // The target refuses every chunk in flight.
     sim.nodes[1]
         .inbox
