@@ -28,6 +28,8 @@
 use std::collections::VecDeque;
 
 use super::request::{Range, RequestId};
+use super::{Action, Engine, Leg, Op, Request};
+use crate::meta::DiskState;
 
 /// Writes that may wait for a flush before the engine flushes on its own.
 pub const UNFLUSHED_WRITES_MAX: usize = 4096;
@@ -180,6 +182,99 @@ impl Unflushed {
         }
         self.open_bytes = 0;
         all
+    }
+}
+
+// ---- the engine's side of durability: what the peer acknowledged but may
+// lose, the activity-log pins of unflushed writes, the engine's own flushes.
+
+impl Engine {
+    /// The peer stopped receiving writes: what it acknowledged without a
+    /// flush covering it may be lost in a power cut there, so it goes into
+    /// the bitmap (durably, before any activity-log snapshot that could
+    /// drop the extents: metadata is written in order).
+    pub(super) fn peer_acks_lost(&mut self) {
+        let (mut marked, done) = self.unflushed.peer_lost();
+        for r in self.table.requests.values_mut() {
+            if r.peer == Leg::Done && r.op.volatile_write() && !r.forwarded && !r.peer_marked {
+                r.peer_marked = true;
+                r.needs_local_flush = true;
+                marked.push(r.range);
+            }
+        }
+        if self.disk != DiskState::Diskless && !marked.is_empty() {
+            for range in marked {
+                let pages = self.bitmap.set_range(range.offset, range.len);
+                self.pages_to_persist.extend(pages);
+            }
+            self.persist();
+        }
+        self.release_pins(done);
+    }
+
+    /// Writes durable on every copy: their activity-log extents may go.
+    pub(super) fn release_pins(&mut self, writes: Vec<UnflushedWrite>) {
+        if writes.is_empty() {
+            return;
+        }
+        for w in writes {
+            self.al.end(w.range.offset, w.range.len);
+        }
+        for waiting in std::mem::take(&mut self.al_waiting) {
+            if self.table.requests.contains_key(&waiting) {
+                self.start(waiting);
+            }
+        }
+    }
+
+    /// Issues a flush of the engine's own when finished writes wait and a
+    /// bound says so: too many of them, writes waiting for an extent the
+    /// unflushed ones pin, a mostly pinned activity log, their age (ticks),
+    /// or a demotion.
+    pub(super) fn flush_if_needed(&mut self) {
+        if self.engine_flush.is_some() || !self.unflushed.has_open() {
+            return;
+        }
+        let wanted = self.flush_wanted
+            || self.unflushed.open_full()
+            || !self.al_waiting.is_empty()
+            || self.al.mostly_busy()
+            || self.unflushed_ticks >= 2;
+        if !wanted {
+            return;
+        }
+        let id = self.internal_id();
+        self.table
+            .insert(id, Request::new(Op::Flush, Range::new(0, 0)));
+        let has_disk = self.disk != DiskState::Diskless;
+        let to_peer = self.replicating() && !self.forwarding();
+        if let Some(r) = self.table.requests.get_mut(&id) {
+            if has_disk {
+                r.local = Leg::Pending;
+            }
+            if to_peer {
+                r.peer = Leg::Pending;
+            }
+        }
+        if has_disk {
+            self.actions.push_back(Action::LocalIo {
+                id,
+                op: Op::Flush,
+                range: Range::new(0, 0),
+            });
+        }
+        if to_peer {
+            self.send_to_peer(id, Op::Flush, Range::new(0, 0), false);
+        }
+        self.unflushed.close(id);
+        self.engine_flush = Some(id);
+        self.flush_wanted = false;
+        self.unflushed_ticks = 0;
+        if !has_disk && !to_peer {
+            // Nothing to flush on (no disk, no peer): what is tracked
+            // cannot become more durable than it is.
+            self.try_complete(id);
+        }
     }
 }
 
