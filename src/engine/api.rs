@@ -27,6 +27,37 @@ pub const RESYNC_RUN_MAX_BYTES: u64 = 1 << 20;
 /// thinks it copied it, and an interrupted resync resumes from there.
 pub const RESYNC_FLUSH_EVERY_BYTES: u64 = 2 << 20;
 
+/// The place of one metadata write in the engine's sequence
+/// (`Action::PersistMeta`). The shell writes them in this order and reports
+/// each with `Engine::meta_persisted`; a token is durable once it or a later
+/// one was reported. The first token is 1; "none" is `Option::None`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MetaToken(std::num::NonZeroU64);
+
+impl MetaToken {
+    /// The token after this one.
+    pub(super) fn next(last: Option<MetaToken>) -> MetaToken {
+        MetaToken(std::num::NonZeroU64::MIN.saturating_add(last.map_or(0, |t| t.0.get())))
+    }
+
+    /// The sequence number (for logs).
+    pub fn get(self) -> u64 {
+        self.0.get()
+    }
+
+    /// A token built from its sequence number (tests of the metadata
+    /// writer); None for 0.
+    pub fn from_seq(n: u64) -> Option<MetaToken> {
+        std::num::NonZeroU64::new(n).map(MetaToken)
+    }
+}
+
+impl std::fmt::Display for MetaToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// Why a request failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum IoFailure {
@@ -192,8 +223,8 @@ pub enum Action {
     /// Durably write these bitmap pages, then the superblock fields, then
     /// report `meta_persisted(token)`.
     PersistMeta {
-        /// Sequence token.
-        token: u64,
+        /// Its place in the metadata sequence.
+        token: MetaToken,
         /// Disk state to record.
         disk: DiskState,
         /// Generations to record.

@@ -121,7 +121,7 @@ impl Engine {
                 r.local = Leg::Unused;
                 r.peer = Leg::Unused;
                 r.forwarded = false;
-                r.meta_token = 0;
+                r.meta_token = None;
                 r.local_deferred = false;
                 self.start(id);
             }

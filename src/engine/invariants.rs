@@ -21,32 +21,31 @@ impl Engine {
         }
         // Metadata sequencing: nothing is durable that was not issued, and
         // every token the engine waits on was issued.
+        let issued = self.meta.last_issued();
         assert!(
-            self.meta_persisted <= self.meta_issued,
-            "metadata persisted up to {} but only {} issued",
-            self.meta_persisted,
-            self.meta_issued
+            self.meta.last_persisted() <= issued,
+            "metadata persisted up to {:?} but only {issued:?} issued",
+            self.meta.last_persisted(),
         );
         for (what, token) in [
             ("activity-log snapshot", self.al_token),
             ("full-sync marking", self.source.full_sync_token),
-            ("sync done", self.source.sync_done_after.unwrap_or(0)),
-            ("announcement", self.announce_after.unwrap_or(0)),
-            ("export", self.export_after.unwrap_or(0)),
+            ("sync done", self.source.sync_done_after),
+            ("announcement", self.announce_after),
+            ("export", self.export_after),
         ] {
             assert!(
-                token <= self.meta_issued,
-                "waits for {what} metadata write {token}, only {} issued",
-                self.meta_issued
+                token <= issued,
+                "waits for {what} metadata write {token:?}, only {issued:?} issued"
             );
         }
-        let mut previous = self.meta_persisted;
+        let mut previous = self.meta.last_persisted();
         for &(token, _, _) in &self.pending_durable {
             assert!(
-                token > previous,
-                "pending durable states out of order or already durable: {token} after {previous}"
+                Some(token) > previous,
+                "pending durable states out of order or already durable: {token} after {previous:?}"
             );
-            previous = token;
+            previous = Some(token);
         }
         // A resync pass exists only while this node is the sync source, and
         // keeps its requests within the window.

@@ -4,15 +4,64 @@
 //! `MetaToken`, written in order by the shell; `meta_persisted` releases
 //! what waited for it (requests, the durable view the peer is told).
 //!
-//! Owns `meta_issued`, `meta_persisted`, `pending_durable`, `durable`,
+//! Owns `meta` (the sequence), `pending_durable`, `durable`,
 //! `pages_to_persist`, `al_to_persist`, `meta_flush_data`.
 
 use super::*;
 
+/// The metadata sequence: the last write issued and the last one durable.
+#[derive(Debug, Default)]
+pub(super) struct MetaSeq {
+    /// The last token issued; None before the first metadata write.
+    issued: Option<MetaToken>,
+    /// The last token reported durable; never after `issued`.
+    persisted: Option<MetaToken>,
+}
+
+impl MetaSeq {
+    /// The next token.
+    fn issue(&mut self) -> MetaToken {
+        let token = MetaToken::next(self.issued);
+        self.issued = Some(token);
+        token
+    }
+
+    /// The last token issued (None: none yet).
+    pub(super) fn last_issued(&self) -> Option<MetaToken> {
+        self.issued
+    }
+
+    /// The last token reported durable (None: none yet).
+    pub(super) fn last_persisted(&self) -> Option<MetaToken> {
+        self.persisted
+    }
+
+    /// Whether the write of `token` (and every one before it) is durable.
+    pub(super) fn is_durable(&self, token: MetaToken) -> bool {
+        Some(token) <= self.persisted
+    }
+
+    /// Whether a write issued is not durable yet.
+    pub(super) fn pending(&self) -> bool {
+        self.issued > self.persisted
+    }
+
+    /// Every write up to `token` is durable.
+    fn persisted_up_to(&mut self, token: MetaToken) {
+        self.persisted = self.persisted.max(Some(token));
+    }
+
+    /// Nothing is left to wait for (no disk to write to).
+    pub(super) fn all_persisted(&mut self) {
+        self.persisted = self.issued;
+    }
+}
+
 impl Engine {
-    /// Whether metadata up to `token` is already durable.
-    pub fn meta_durable(&self, token: u64) -> bool {
-        token <= self.meta_persisted
+    /// Whether metadata up to `token` is already durable (None: nothing to
+    /// wait for).
+    pub fn meta_durable(&self, token: Option<MetaToken>) -> bool {
+        token.is_none_or(|t| self.meta.is_durable(t))
     }
 
     /// A new generation starts (writes this copy completes from now on are
@@ -26,25 +75,27 @@ impl Engine {
         self.meta_flush_data = true;
     }
 
-    pub(super) fn persist(&mut self) -> u64 {
-        self.meta_issued += 1;
+    /// Issues a metadata write of the current state (and the bitmap pages
+    /// and activity-log snapshot waiting for one); its token.
+    pub(super) fn persist(&mut self) -> MetaToken {
+        let token = self.meta.issue();
         if self.disk == DiskState::Diskless {
             // No disk to write to: nothing can wait on it.
             self.pages_to_persist.clear();
             self.al_to_persist = None;
-            self.meta_persisted = self.meta_issued;
+            self.meta.all_persisted();
             self.pending_durable.clear();
             self.durable = (self.disk, self.gens);
-            return self.meta_issued;
+            return token;
         }
         self.pending_durable
-            .push_back((self.meta_issued, self.disk, self.gens));
+            .push_back((token, self.disk, self.gens));
         let pages = std::mem::take(&mut self.pages_to_persist)
             .into_iter()
             .map(|p| (p, Box::new(self.bitmap.page_bytes(p))))
             .collect();
         self.actions.push_back(Action::PersistMeta {
-            token: self.meta_issued,
+            token,
             disk: self.disk,
             generations: self.gens,
             primary: self.role == Role::Primary,
@@ -54,15 +105,15 @@ impl Engine {
             cache_lost: self.cache_lost,
             flush_data: std::mem::take(&mut self.meta_flush_data) && self.cfg.volatile_cache,
         });
-        self.meta_issued
+        token
     }
 
     /// Metadata up to `token` is durable.
-    pub fn meta_persisted(&mut self, token: u64) {
-        self.meta_persisted = self.meta_persisted.max(token);
+    pub fn meta_persisted(&mut self, token: MetaToken) {
+        self.meta.persisted_up_to(token);
         let before = self.durable;
         while let Some(&(t, disk, gens)) = self.pending_durable.front()
-            && t <= self.meta_persisted
+            && self.meta.is_durable(t)
         {
             self.durable = (disk, gens);
             self.pending_durable.pop_front();
@@ -74,7 +125,7 @@ impl Engine {
             .table
             .requests
             .iter()
-            .filter(|(_, r)| r.meta_token != 0 && r.meta_token <= self.meta_persisted)
+            .filter(|(_, r)| r.meta_token.is_some_and(|t| self.meta.is_durable(t)))
             .map(|(id, _)| *id)
             .collect();
         let has_disk = self.disk != DiskState::Diskless;
@@ -82,19 +133,19 @@ impl Engine {
             .table
             .requests
             .iter()
-            .filter(|(_, r)| r.start_after != 0 && r.start_after <= self.meta_persisted)
+            .filter(|(_, r)| r.start_after.is_some_and(|t| self.meta.is_durable(t)))
             .map(|(id, _)| *id)
             .collect();
         for id in al_ready {
             if let Some(r) = self.table.requests.get_mut(&id) {
-                r.start_after = 0;
+                r.start_after = None;
             }
             let replicating = self.replicating();
             self.start_legs(id, replicating, has_disk);
         }
         for id in ready {
             if let Some(r) = self.table.requests.get_mut(&id) {
-                r.meta_token = 0;
+                r.meta_token = None;
                 if r.local_deferred {
                     r.local_deferred = false;
                     if has_disk {
@@ -110,22 +161,19 @@ impl Engine {
             self.try_complete(id);
         }
         self.release_export();
-        if self.source.full_sync_announce && self.source.full_sync_token <= self.meta_persisted {
+        if self.source.full_sync_announce && self.meta_durable(self.source.full_sync_token) {
             // Tell the target the base it may adopt (see `full_sync_base`).
             self.source.full_sync_announce = false;
             if before == self.durable {
                 self.actions.push_back(Action::AnnounceState);
             }
         }
-        if self
-            .announce_after
-            .is_some_and(|t| t <= self.meta_persisted)
-        {
+        if self.announce_after.is_some_and(|t| self.meta.is_durable(t)) {
             self.announce_after = None;
             self.actions.push_back(Action::AnnounceState);
         }
         if let Some(t) = self.source.sync_done_after
-            && t <= self.meta_persisted
+            && self.meta.is_durable(t)
         {
             self.source.sync_done_after = None;
             self.source.sync_done_current = self.gens.current;
@@ -146,12 +194,12 @@ impl Engine {
             .table
             .requests
             .iter()
-            .filter(|(_, r)| r.meta_token != 0)
+            .filter(|(_, r)| r.meta_token.is_some())
             .map(|(id, _)| *id)
             .collect();
         for id in waiting {
             if let Some(r) = self.table.requests.get_mut(&id) {
-                r.meta_token = 0;
+                r.meta_token = None;
                 r.local_deferred = false;
                 if r.local == Leg::Unused {
                     r.local = Leg::Failed;

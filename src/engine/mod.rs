@@ -53,6 +53,7 @@ use crate::meta::activity_log::{ActivityLog, AlSnapshot};
 use crate::meta::{Bitmap, DiskState, Generations};
 use crate::quorum::{Holder, NoQuorumPolicy, RecordView, WitnessOp};
 use durability::{Unflushed, UnflushedWrite};
+use metadata::MetaSeq;
 use sync_source::SyncSource;
 use sync_target::SyncTarget;
 
@@ -68,21 +69,22 @@ pub struct Engine {
     source: SyncSource,
     table: RequestTable,
     actions: VecDeque<Action>,
-    meta_issued: u64,
-    meta_persisted: u64,
+    /// The metadata sequence (see `metadata`).
+    meta: MetaSeq,
     pages_to_persist: BTreeSet<u32>,
     rng: u64,
     next_internal: RequestId,
-    announce_after: Option<u64>,
-    export_after: Option<u64>,
+    announce_after: Option<MetaToken>,
+    export_after: Option<MetaToken>,
     /// Disk state and generations as last made durable: what the peer is
     /// told (it must never act on a state this node could forget in a crash).
     durable: (DiskState, Generations),
-    pending_durable: VecDeque<(u64, DiskState, Generations)>,
+    pending_durable: VecDeque<(MetaToken, DiskState, Generations)>,
     replicating: bool,
     al: ActivityLog,
     al_to_persist: Option<AlSnapshot>,
-    al_token: u64,
+    /// The metadata write of the last activity-log snapshot (None: none).
+    al_token: Option<MetaToken>,
     al_waiting: VecDeque<RequestId>,
     peer_dirty: Option<Vec<(u64, u64)>>,
     last_resync: Option<ResyncProgress>,
@@ -139,8 +141,7 @@ impl Engine {
             target: SyncTarget::default(),
             table: RequestTable::default(),
             actions: VecDeque::new(),
-            meta_issued: 0,
-            meta_persisted: 0,
+            meta: MetaSeq::default(),
             pages_to_persist: BTreeSet::new(),
             rng: seed,
             next_internal: INTERNAL_ID_BASE,
@@ -151,7 +152,7 @@ impl Engine {
             replicating: false,
             al: ActivityLog::new(cfg_al.0, cfg_al.1),
             al_to_persist: None,
-            al_token: 0,
+            al_token: None,
             al_waiting: VecDeque::new(),
             peer_dirty: None,
             last_resync: None,
@@ -235,7 +236,12 @@ impl Engine {
     /// After a crash of this node while it was primary: every extent of the
     /// persisted activity log may differ from the peer. Marks them out of
     /// sync and persists that. `al_seq` continues the on-disk numbering.
-    pub fn recover_activity_log(&mut self, extents: &[u32], extent_bytes: u64, al_seq: u64) -> u64 {
+    pub fn recover_activity_log(
+        &mut self,
+        extents: &[u32],
+        extent_bytes: u64,
+        al_seq: u64,
+    ) -> MetaToken {
         for e in extents {
             let pages = self
                 .bitmap
@@ -263,7 +269,7 @@ impl Engine {
 
     /// Marks every chunk out of sync (recovery after this node crashed while
     /// primary: any region may differ from the peer) and persists that.
-    pub fn mark_all_out_of_sync(&mut self) -> u64 {
+    pub fn mark_all_out_of_sync(&mut self) -> MetaToken {
         let pages = self.bitmap.set_all();
         self.pages_to_persist.extend(pages);
         let token = self.persist();

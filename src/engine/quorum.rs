@@ -119,7 +119,7 @@ impl Engine {
             // disk: after a crash this node still knows the peer missed them.
             for id in &self.quorum_waiters {
                 if let Some(r) = self.table.requests.get_mut(id) {
-                    r.meta_token = r.meta_token.max(token);
+                    r.meta_token = r.meta_token.max(Some(token));
                 }
             }
             // The peer adopts a newer record from our view: both then claim

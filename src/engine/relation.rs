@@ -137,7 +137,7 @@ impl Engine {
                     }
                     let pages = self.bitmap.set_all();
                     self.pages_to_persist.extend(pages);
-                    self.source.full_sync_token = self.persist();
+                    self.source.full_sync_token = Some(self.persist());
                     self.source.full_sync_announce = true;
                 }
                 self.source.pass = Some(ResyncProgress {
@@ -271,8 +271,10 @@ impl Engine {
         );
         if full
             && self.source.pass.is_some()
-            && self.source.full_sync_token != 0
-            && self.source.full_sync_token <= self.meta_persisted
+            && self
+                .source
+                .full_sync_token
+                .is_some_and(|t| self.meta.is_durable(t))
         {
             self.durable.1.bitmap
         } else {

@@ -2,6 +2,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use super::MetaToken;
+
 /// Identifies one request in the engine. Client requests use ids chosen by
 /// the shell (below `INTERNAL_ID_BASE`); the engine's own (resync) requests
 /// use ids at or above it.
@@ -109,16 +111,16 @@ pub struct Request {
     pub local: Leg,
     /// Peer leg.
     pub peer: Leg,
-    /// Metadata sequence that must be persisted before the request proceeds
-    /// (dirty bits covering it); 0 for none.
-    pub meta_token: u64,
+    /// Metadata write that must be durable before the request proceeds
+    /// (dirty bits covering it).
+    pub meta_token: Option<MetaToken>,
     /// Local leg waits for `meta_token` before it is issued.
     pub local_deferred: bool,
     /// Started (holds its range), as opposed to queued.
     pub started: bool,
-    /// Metadata sequence (an activity-log update) that must be persisted
-    /// before any leg is issued; 0 for none.
-    pub start_after: u64,
+    /// Metadata write (an activity-log update) that must be durable
+    /// before any leg is issued.
+    pub start_after: Option<MetaToken>,
     /// Holds a reference on its activity-log extents.
     pub al_pinned: bool,
     /// Sent to the peer only, by a primary whose own copy is still being
@@ -151,10 +153,10 @@ impl Request {
             range,
             local: Leg::Unused,
             peer: Leg::Unused,
-            meta_token: 0,
+            meta_token: None,
             local_deferred: false,
             started: false,
-            start_after: 0,
+            start_after: None,
             al_pinned: false,
             forwarded: false,
             from_peer: false,

@@ -7,7 +7,7 @@ impl Engine {
     /// Split-brain resolution on the victim: forget this node's data history
     /// (its copy becomes Inconsistent) so that the peer overwrites it with a
     /// full resync. Refused while primary.
-    pub fn discard_local(&mut self) -> Result<u64, MaintenanceError> {
+    pub fn discard_local(&mut self) -> Result<MetaToken, MaintenanceError> {
         if self.role == Role::Primary {
             return Err(MaintenanceError::IsPrimary);
         }
@@ -69,10 +69,11 @@ impl Engine {
                 || self.cache_lost)
     }
 
-    /// Makes this node primary. Returns the metadata token to wait for.
-    pub fn promote(&mut self, force: bool) -> Result<u64, PromoteError> {
+    /// Makes this node primary. Returns the metadata write to wait for
+    /// (None: nothing to wait for).
+    pub fn promote(&mut self, force: bool) -> Result<Option<MetaToken>, PromoteError> {
         if self.role == Role::Primary {
-            return Ok(self.meta_issued);
+            return Ok(self.meta.last_issued());
         }
         self.promote_check(force)?;
         if self.promotion_is_forced() {
@@ -109,18 +110,18 @@ impl Engine {
         // (up to date, new generation) is on disk: a crash before that must
         // not leave acknowledged writes on a copy whose metadata says
         // otherwise.
-        if self.meta_durable(token) {
+        if self.meta.is_durable(token) {
             self.actions.push_back(Action::Export(true));
         } else {
             self.export_after = Some(token);
         }
         self.check_invariants();
-        Ok(token)
+        Ok(Some(token))
     }
 
     pub(super) fn release_export(&mut self) {
         if let Some(t) = self.export_after
-            && t <= self.meta_persisted
+            && self.meta.is_durable(t)
         {
             self.export_after = None;
             if self.role == Role::Primary {
@@ -135,10 +136,11 @@ impl Engine {
         self.role == Role::Primary && self.export_after.is_none()
     }
 
-    /// Makes this node secondary.
-    pub fn demote(&mut self) -> Result<u64, DemoteError> {
+    /// Makes this node secondary. Returns the metadata write to wait for
+    /// (None: nothing to wait for).
+    pub fn demote(&mut self) -> Result<Option<MetaToken>, DemoteError> {
         if self.role == Role::Secondary {
-            return Ok(self.meta_issued);
+            return Ok(self.meta.last_issued());
         }
         // Requests frozen while the sync source is away were never
         // acknowledged: they fail, so that the node can step down.
@@ -161,6 +163,6 @@ impl Engine {
         let token = self.persist();
         self.actions.push_back(Action::AnnounceState);
         self.after_event();
-        Ok(token)
+        Ok(Some(token))
     }
 }

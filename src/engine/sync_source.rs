@@ -11,7 +11,7 @@
 //! this node's metadata is durable (`sync_done_after`), the target's
 //! confirmation then dropping the bitmap base (`sync_done_current`).
 
-use super::{Action, Engine, Op, Range, Relation, RequestId, ResyncProgress};
+use super::{Action, Engine, MetaToken, Op, Range, Relation, RequestId, ResyncProgress};
 use super::{NodeView, RESYNC_FLUSH_EVERY_BYTES, RESYNC_RUN_MAX_BYTES, RESYNC_WINDOW};
 
 /// What the sync source keeps; each field says when it is meaningful.
@@ -27,12 +27,12 @@ pub(super) struct SyncSource {
     pub(super) flush: Option<(RequestId, Vec<(u64, u64)>)>,
     /// Token of the metadata write that marked every chunk for the running
     /// full sync (0: none); the peer is told the base once it is durable.
-    pub(super) full_sync_token: u64,
+    pub(super) full_sync_token: Option<MetaToken>,
     /// The peer has not yet been told the durable full-sync base.
     pub(super) full_sync_announce: bool,
     /// The pass ended: "sync done" goes out once this metadata write is
     /// durable.
-    pub(super) sync_done_after: Option<u64>,
+    pub(super) sync_done_after: Option<MetaToken>,
     /// The generation the target takes when it processes the last "sync
     /// done" sent, until it confirms (0: none). The bitmap has held every
     /// change since then.
@@ -47,7 +47,7 @@ impl Default for SyncSource {
             pass: None,
             unflushed: Vec::new(),
             flush: None,
-            full_sync_token: 0,
+            full_sync_token: None,
             full_sync_announce: false,
             sync_done_after: None,
             sync_done_current: 0,

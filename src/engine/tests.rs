@@ -139,7 +139,7 @@ struct Persisted {
 
 struct MetaWrite {
     record: RecordView,
-    token: u64,
+    token: MetaToken,
     disk: DiskState,
     gens: Generations,
     primary: bool,

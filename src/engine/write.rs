@@ -65,7 +65,7 @@ impl Engine {
                         }
                         if let Some(snap) = changed {
                             self.al_to_persist = Some(snap);
-                            self.al_token = self.persist();
+                            self.al_token = Some(self.persist());
                         }
                     }
                     Err(_) => {
@@ -75,7 +75,7 @@ impl Engine {
                     }
                 }
             }
-            if self.al_token > self.meta_persisted {
+            if !self.meta_durable(self.al_token) {
                 if let Some(r) = self.table.requests.get_mut(&id) {
                     r.start_after = self.al_token;
                 }
@@ -114,23 +114,23 @@ impl Engine {
             self.actions.push_back(Action::LocalIo { id, op, range });
             return;
         }
-        let mut token = 0;
+        let mut token = None;
         if op != Op::Read && op != Op::Flush && !replicating && has_disk {
             let pages = self.bitmap.set_range(range.offset, range.len);
             if !pages.is_empty() {
                 self.pages_to_persist.extend(pages);
-                token = self.persist();
-            } else if self.meta_issued > self.meta_persisted {
+                token = Some(self.persist());
+            } else if self.meta.pending() {
                 // Earlier bits (or the generation change) are still on their way.
-                token = self.meta_issued;
+                token = self.meta.last_issued();
             }
         }
-        if op == Op::Flush && !replicating && has_disk && self.meta_issued > self.meta_persisted {
+        if op == Op::Flush && !replicating && has_disk && self.meta.pending() {
             // A flush that completes without the peer promises durability
             // on this copy alone: only once this copy is the newer one on
             // disk (the generation change), or after a power cut here the
             // peer's copy, which may lack what it covers, would be chosen.
-            token = self.meta_issued;
+            token = self.meta.last_issued();
         }
         // In sync again, but the witness does not list the peer yet: the
         // record names this copy alone as holding every acknowledged write,
@@ -147,7 +147,7 @@ impl Engine {
             r.needs_local_flush = true;
         }
         if op != Op::Read && has_disk {
-            if token != 0 {
+            if token.is_some() {
                 r.local_deferred = true;
             } else {
                 r.local = Leg::Pending;
@@ -182,7 +182,6 @@ impl Engine {
         if self.frozen.contains(&id) {
             return;
         }
-        let persisted = self.meta_persisted;
         let Some(r) = self.table.requests.get(&id) else {
             return;
         };
@@ -197,7 +196,7 @@ impl Engine {
         if r.local == Leg::Pending
             || r.peer == Leg::Pending
             || r.local_deferred
-            || (r.meta_token != 0 && r.meta_token > persisted)
+            || !self.meta_durable(r.meta_token)
         {
             return;
         }
@@ -429,7 +428,7 @@ impl Engine {
             self.pages_to_persist.extend(pages);
             let token = self.persist();
             if let Some(r) = self.table.requests.get_mut(&id) {
-                r.meta_token = token;
+                r.meta_token = Some(token);
             }
         }
     }
@@ -483,7 +482,7 @@ impl Engine {
         self.disk = DiskState::Diskless;
         let done = self.unflushed.local_lost();
         self.release_pins(done);
-        self.meta_persisted = self.meta_issued; // nothing more can be persisted
+        self.meta.all_persisted(); // nothing more can be persisted
         self.pending_durable.clear();
         self.durable = (DiskState::Diskless, self.gens);
         self.actions

@@ -146,7 +146,7 @@ pub(crate) enum Input {
     },
     DiskFailed,
     MetaDone {
-        token: u64,
+        write: shell::MetaWrite,
         ok: bool,
     },
     Connected(Arc<PeerConnection>),

@@ -10,7 +10,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{HandleInner, Input, VolumeError, VolumeHandle, VolumeStatus, encode_read_path};
 use crate::config::MetaLocation;
-use crate::engine::{Action, Engine, EngineConfig, Notice, Op, Range, Role};
+use crate::engine::{Action, Engine, EngineConfig, MetaToken, Notice, Op, Range, Role};
 use crate::link::wire::{FLAG_FORWARD, FLAG_FUA, FLAG_RESYNC, Kind};
 use crate::link::{InboundRequest, PeerConnection, VolumeStateMsg, bytes_of, data_header};
 use crate::meta::{Bitmap, DiskState, MetaDevice, MetaError, MetaLayout, Superblock};
@@ -18,7 +18,15 @@ use crate::resync::{Pacer, RateController};
 use crate::store::uring::Uring;
 use crate::store::{AlignedBuf, BlockStore, FaultPlan, FaultyStore, UringStore, backing};
 
-const DETACH_TOKEN: u64 = u64::MAX;
+/// Which metadata write a job is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MetaWrite {
+    /// One of the engine's, in its sequence.
+    Engine(MetaToken),
+    /// The final write of a clean detach (after every engine write).
+    Detach,
+}
+
 /// Most dirty-chunk runs sent with a state message (fits the 64 KiB control
 /// payload); beyond that the peer falls back to a full resync.
 const DIRTY_RUNS_MAX: usize = 2000;
@@ -317,7 +325,7 @@ fn start(opened: OpenedVolume) -> VolumeHandle {
         rate_controller: RateController::new(opts.resync_rate),
         write_started: HashMap::new(),
         detaching: None,
-        detach_write_failed: false,
+        detach_write_done: None,
         peer_detached: false,
         node: opts.node,
         lease,
@@ -366,7 +374,7 @@ fn note_unclean_stop(
 }
 
 struct MetaJob {
-    token: u64,
+    write: MetaWrite,
     activity_log: Option<crate::meta::activity_log::AlSnapshot>,
     disk: DiskState,
     generations: crate::meta::Generations,
@@ -410,9 +418,9 @@ async fn meta_writer(
         // job keeps its own write, after the others.
         let mut job = first;
         let mut detach = None;
-        while job.token != DETACH_TOKEN {
+        while job.write != MetaWrite::Detach {
             match rx.try_recv() {
-                Ok(next) if next.token == DETACH_TOKEN => {
+                Ok(next) if next.write == MetaWrite::Detach => {
                     detach = Some(next);
                     break;
                 }
@@ -421,7 +429,7 @@ async fn meta_writer(
             }
         }
         for mut job in std::iter::once(job).chain(detach) {
-            let token = job.token;
+            let write = job.write;
             if job.flush_data && !failed && store.flush().await.is_err() {
                 // Neither a new generation nor the clean-stop mark without
                 // every completed write durable first.
@@ -436,7 +444,7 @@ async fn meta_writer(
             if ok {
                 writes.fetch_add(1, Ordering::Relaxed);
             }
-            let _ = done.send(Input::MetaDone { token, ok });
+            let _ = done.send(Input::MetaDone { write, ok });
         }
     }
 }
@@ -444,13 +452,14 @@ async fn meta_writer(
 impl MetaJob {
     /// This job followed by `next`: the newer state, the newer activity-log
     /// snapshot (it holds every extent with writes in flight), every bitmap
-    /// page (the newer copy of a page wins), and the newer token.
+    /// page (the newer copy of a page wins), and the newer token (never
+    /// the detach's: it is never folded).
     fn then(mut self, next: MetaJob) -> MetaJob {
         let mut pages = std::mem::take(&mut self.pages);
         pages.retain(|(p, _)| !next.pages.iter().any(|(q, _)| q == p));
         pages.extend(next.pages);
         MetaJob {
-            token: next.token,
+            write: next.write,
             activity_log: next.activity_log.or(self.activity_log),
             disk: next.disk,
             generations: next.generations,
@@ -560,7 +569,8 @@ struct Shell {
     bufs: HashMap<u64, Arc<AlignedBuf>>,
     waiters: HashMap<u64, oneshot::Sender<Result<Option<AlignedBuf>, VolumeError>>>,
     read_results: HashMap<u64, AlignedBuf>,
-    meta_waiters: Vec<(u64, oneshot::Sender<Result<(), VolumeError>>)>,
+    /// Replies waiting for a metadata write of the engine's.
+    meta_waiters: Vec<(MetaToken, oneshot::Sender<Result<(), VolumeError>>)>,
     export: super::ExportHook,
     handle: VolumeHandle,
     exported: bool,
@@ -574,8 +584,9 @@ struct Shell {
     /// Start time and length of application writes in flight.
     write_started: HashMap<u64, (Instant, u64)>,
     detaching: Option<oneshot::Sender<Result<(), VolumeError>>>,
-    /// A detach's final metadata write failed (meaningful once it is done).
-    detach_write_failed: bool,
+    /// Meaningful while `detaching`: whether the detach's final metadata
+    /// write succeeded, once it is done (None: in flight).
+    detach_write_done: Option<bool>,
     /// Meaningful while `conn` is set: the peer told us it detached this
     /// volume (its last state message had no view).
     peer_detached: bool,
@@ -667,7 +678,7 @@ impl Shell {
             }
         }
         if let Some(reply) = self.detaching.take() {
-            if self.detach_write_failed {
+            if self.detach_write_done == Some(false) {
                 tracing::error!(
                     "volume {}: the final metadata write of the detach failed",
                     self.name
@@ -691,7 +702,10 @@ impl Shell {
     }
 
     fn ready_to_stop(&self) -> bool {
-        self.waiters.is_empty() && self.replica_inflight == 0 && self.meta_waiters.is_empty()
+        self.waiters.is_empty()
+            && self.replica_inflight == 0
+            && self.meta_waiters.is_empty()
+            && (self.detaching.is_none() || self.detach_write_done.is_some())
     }
 
     fn current_conn_id(&self) -> Option<u64> {
@@ -753,12 +767,11 @@ impl Shell {
                 self.engine.peer_done(id, ok);
             }
             Input::DiskFailed => self.engine.disk_failed(),
-            Input::MetaDone { token, ok } => {
-                if token == DETACH_TOKEN {
-                    self.detach_write_failed = !ok;
-                    self.meta_waiters.retain(|(t, _)| *t != DETACH_TOKEN);
+            Input::MetaDone { write, ok } => {
+                let MetaWrite::Engine(token) = write else {
+                    self.detach_write_done = Some(ok);
                     return;
-                }
+                };
                 if ok {
                     self.engine.meta_persisted(token);
                 } else {
@@ -929,7 +942,7 @@ impl Shell {
                         self.name,
                         self.peer_name
                     );
-                    self.wait_meta(token, reply)
+                    self.wait_meta(Some(token), reply)
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e.into()));
@@ -958,10 +971,9 @@ impl Shell {
                 self.drain_actions();
                 // A clean detach: the activity of this node is recorded
                 // (the meta writer flushes the data disk first).
-                let token = self.next_meta_token();
                 let s = self.engine.status();
                 let _ = self.meta_tx.send(MetaJob {
-                    token,
+                    write: MetaWrite::Detach,
                     activity_log: None,
                     disk: s.disk,
                     generations: s.generations,
@@ -972,7 +984,7 @@ impl Shell {
                     cache_lost: s.cache_lost,
                     flush_data: true,
                 });
-                self.meta_waiters.push((token, oneshot::channel().0));
+                self.detach_write_done = None;
                 self.detaching = Some(reply);
             }
         }
@@ -1108,18 +1120,20 @@ impl Shell {
         }
     }
 
-    /// Token of the final metadata write of a detach (never an engine token).
-    fn next_meta_token(&self) -> u64 {
-        DETACH_TOKEN
-    }
-
-    fn wait_meta(&mut self, token: u64, reply: oneshot::Sender<Result<(), VolumeError>>) {
-        if self.engine.meta_durable(token) {
+    /// Answers `reply` once the engine's metadata write `token` is durable
+    /// (None: at once).
+    fn wait_meta(
+        &mut self,
+        token: Option<MetaToken>,
+        reply: oneshot::Sender<Result<(), VolumeError>>,
+    ) {
+        match token {
+            Some(t) if !self.engine.meta_durable(token) => self.meta_waiters.push((t, reply)),
             // Nothing new to persist (e.g. demoting a secondary).
-            let _ = reply.send(Ok(()));
-            return;
+            _ => {
+                let _ = reply.send(Ok(()));
+            }
         }
-        self.meta_waiters.push((token, reply));
     }
 
     fn connection_ready(&mut self, conn: Arc<PeerConnection>) {
@@ -1217,7 +1231,7 @@ impl Shell {
                 flush_data,
             } => {
                 let _ = self.meta_tx.send(MetaJob {
-                    token,
+                    write: MetaWrite::Engine(token),
                     activity_log,
                     disk,
                     generations,
@@ -1781,7 +1795,7 @@ mod tests {
 
     fn job(token: u64, al_seq: Option<u64>, pages: &[(u32, u8)]) -> MetaJob {
         MetaJob {
-            token,
+            write: MetaWrite::Engine(MetaToken::from_seq(token).expect("token 1 or later")),
             activity_log: al_seq.map(|seq| AlSnapshot {
                 seq,
                 extent_bytes: 4 << 20,
@@ -1809,7 +1823,10 @@ mod tests {
         let merged = job(1, Some(10), &[(0, 1), (5, 1)])
             .then(job(2, None, &[(5, 2), (7, 2)]))
             .then(job(3, Some(11), &[]));
-        assert_eq!(merged.token, 3);
+        assert_eq!(
+            merged.write,
+            MetaWrite::Engine(MetaToken::from_seq(3).expect("token"))
+        );
         assert_eq!(merged.generations.current, 3);
         assert!(!merged.primary);
         assert_eq!(merged.activity_log.map(|a| a.seq), Some(11));
