@@ -2,7 +2,7 @@
 //! no I/O of its own. The shell (`crate::volume`) feeds it events (requests,
 //! I/O completions, peer state) and carries out the actions it emits (issue a
 //! local or peer I/O, persist metadata, complete a request, announce state).
-//! Same inputs, same outputs: the simulator in `tests/` drives it with seeded
+//! Same inputs, same outputs: the simulator in `sim/` drives it with seeded
 //! faults.
 //!
 //! Where each event is handled (every file is an `impl Engine` of one
@@ -553,4 +553,4 @@ impl Engine {
 }
 
 #[cfg(test)]
-mod tests;
+mod sim;
