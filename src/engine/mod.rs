@@ -14,7 +14,7 @@
 //! | write forwarded by the peer | `submit_forwarded` | `forward` (forwarding through a sync source, both sides) |
 //! | local or peer I/O done | `local_done`, `peer_done` | `write`; resync chunks and flushes: `sync_source`; the "sync done" flush: `sync_target`; verify digests: `verify` |
 //! | metadata durable | `meta_persisted`, `meta_failed` | `metadata` (sequencing, tokens); unflushed writes: `durability` |
-//! | peer state | `peer_state` → `renegotiate` | `relation`, over `peer::negotiate` (generations) and `quorum::witness_direction` (the record) |
+//! | peer state | `peer_state` → `renegotiate` | `relation`, over the pure decisions of `negotiate` (`negotiate`: generations; `witness_direction`: the record) |
 //! | link lost | `peer_disconnected` | `relation`, `SyncSource::on_disconnect`, `SyncTarget::on_disconnect` |
 //! | resync finished | `peer_sync_done` | `sync_target` |
 //! | witness | `witness_record`, `witness_change_done` | `quorum` (rules 2 and 3) |
@@ -25,6 +25,15 @@
 //!
 //! What the shell sees (actions, notices, config, status, errors) is `api`.
 //!
+//! Three questions, three files:
+//! - Where are resync decisions made? `negotiate` decides (which way, bitmap
+//!   or full, from both views and the witness record); `relation` applies
+//!   the decision, and `sync_source` / `sync_target` carry the resync out.
+//! - Where are a write's legs tracked? `write` (legs, completion, what a
+//!   finished write leaves behind), over the table in `request`.
+//! - Where is generation negotiation? `negotiate`, over the comparison of
+//!   `crate::meta::generation`.
+//!
 //! `check_invariants` (`invariants`) runs at the end of every mutator in
 //! debug builds.
 
@@ -33,6 +42,7 @@ pub mod durability;
 mod forward;
 mod invariants;
 mod metadata;
+pub mod negotiate;
 pub mod peer;
 mod quorum;
 mod relation;
@@ -46,7 +56,8 @@ mod write;
 use std::collections::{BTreeSet, VecDeque};
 
 pub use api::*;
-pub use peer::{NodeView, Relation, Role, negotiate};
+pub use negotiate::{negotiate, witness_direction};
+pub use peer::{NodeView, Relation, Role};
 pub use request::{INTERNAL_ID_BASE, Leg, Op, Range, Request, RequestId, RequestTable};
 
 use crate::meta::activity_log::{ActivityLog, AlSnapshot};

@@ -1,6 +1,6 @@
 //! The relation to the peer: its state messages, the negotiation that
 //! picks a relation from both views and the witness record (`renegotiate`,
-//! over `peer::negotiate` and `witness_direction`), the full-sync base a
+//! over the pure decisions in `negotiate`), the full-sync base a
 //! target adopts, and what a lost link leaves behind.
 
 use super::*;
@@ -93,7 +93,14 @@ impl Engine {
             self.cfg.tie_winner,
             self.peer_dirty.is_some(),
         );
-        if let Some(forced) = self.witness_direction(&view, new) {
+        if let Some(forced) = witness_direction(
+            &self.view(),
+            &view,
+            new,
+            self.cfg.quorum.is_some(),
+            self.cfg.tie_winner,
+            self.peer_dirty.is_some(),
+        ) {
             new = forced;
         }
         let same = std::mem::discriminant(&new) == std::mem::discriminant(&old);
