@@ -16,6 +16,7 @@
 //! | metadata durable | `meta_persisted`, `meta_failed` | `metadata` (sequencing, tokens); unflushed writes: `durability` |
 //! | peer state | `peer_state` → `renegotiate` | `relation`, over the pure decisions of `negotiate` (`negotiate`: generations; `witness_direction`: the record) |
 //! | link lost | `peer_disconnected` | `relation`, `SyncSource::on_disconnect`, `SyncTarget::on_disconnect` |
+//! | request from the peer | `accepts_peer_request` | `replica` (writes, flushes, digests, reads it applies) |
 //! | resync finished | `peer_sync_done` | `sync_target` |
 //! | witness | `witness_record`, `witness_change_done` | `quorum` (rules 2 and 3) |
 //! | local disk failed | `disk_failed` | `write` |
@@ -46,6 +47,7 @@ pub mod negotiate;
 pub mod peer;
 mod quorum;
 mod relation;
+mod replica;
 pub mod request;
 mod roles;
 mod sync_source;
@@ -58,6 +60,7 @@ use std::collections::{BTreeSet, VecDeque};
 pub use api::*;
 pub use negotiate::{negotiate, witness_direction};
 pub use peer::{NodeView, Relation, Role};
+pub use replica::PeerRequest;
 pub use request::{INTERNAL_ID_BASE, Leg, Op, Range, Request, RequestId, RequestTable};
 
 use crate::meta::activity_log::{ActivityLog, AlSnapshot};
@@ -432,39 +435,6 @@ impl Engine {
         } else {
             ReadPath::Refuse
         }
-    }
-
-    /// Whether writes received from the peer (mirrored writes, resync data)
-    /// may be applied here.
-    pub fn accepts_peer_writes(&self) -> bool {
-        (self.role == Role::Secondary || self.forwarding())
-            && self.disk != DiskState::Diskless
-            && matches!(
-                self.peer,
-                Some((
-                    _,
-                    Relation::InSync | Relation::SyncTarget | Relation::ServingDiskless
-                ))
-            )
-    }
-
-    /// Whether resync data from the peer may be applied here: as its
-    /// mirrored writes may, but not once it said the resync is done. Data
-    /// sent after that belongs to a pass it started on a state of this node
-    /// older than the "sync done" (the link carries them in that order): it
-    /// could still be in flight here when this node, done, writes on its own
-    /// over the same range, and land last (seed 57801). The source keeps such
-    /// a refused chunk marked and copies it in a later pass.
-    pub fn accepts_resync_writes(&self) -> bool {
-        self.accepts_peer_writes() && self.target.done_flush.is_none()
-    }
-
-    /// Whether reads and flushes from the peer are served here: as its
-    /// mirror, or as the sync source of a primary whose own copy is still
-    /// being resynced.
-    pub fn serves_peer_reads(&self) -> bool {
-        self.disk == DiskState::UpToDate
-            && (self.accepts_peer_writes() || self.accepts_forwarded_writes())
     }
 
     /// Whether application writes are mirrored to the peer now.

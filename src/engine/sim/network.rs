@@ -319,13 +319,17 @@ impl Sim {
                 self.nodes[to].eng.peer_done(id, ok)
             }
             Msg::Flush { id } => {
-                let blocks = self.nodes[to].unflushed.keys().copied().collect();
-                self.nodes[to].pending.push(Pending::Replica {
-                    id,
-                    data: vec![],
-                    flush: Some(blocks),
-                    fua: false,
-                })
+                if self.nodes[to].eng.accepts_peer_request(PeerRequest::Flush) {
+                    let blocks = self.nodes[to].unflushed.keys().copied().collect();
+                    self.nodes[to].pending.push(Pending::Replica {
+                        id,
+                        data: vec![],
+                        flush: Some(blocks),
+                        fua: false,
+                    })
+                } else {
+                    self.send(1 - to, Msg::Ack { id, ok: false });
+                }
             }
             Msg::Write {
                 id,
@@ -333,13 +337,10 @@ impl Sim {
                 fua,
                 resync,
             } => {
-                let e = &self.nodes[to].eng;
-                let accepts = if resync {
-                    e.accepts_resync_writes()
-                } else {
-                    e.accepts_peer_writes()
-                };
-                if accepts {
+                if self.nodes[to]
+                    .eng
+                    .accepts_peer_request(PeerRequest::Write { resync })
+                {
                     self.nodes[to].pending.push(Pending::Replica {
                         id,
                         data,
@@ -363,7 +364,8 @@ impl Sim {
                 None => self.send(1 - to, Msg::Ack { id, ok: false }),
             },
             Msg::Read { id, range } => {
-                let data = self.nodes[to].eng.serves_peer_reads().then(|| {
+                let serves = self.nodes[to].eng.accepts_peer_request(PeerRequest::Read);
+                let data = serves.then(|| {
                     blocks(range)
                         .map(|b| (b, self.nodes[to].disk.get(&b).copied().unwrap_or(0)))
                         .collect()

@@ -12,6 +12,28 @@ fn secondary_refuses_promotion_while_primary_connected() {
     );
 }
 
+/// What a node applies from its peer (the shell and the simulator ask the
+/// same question): a mirror in sync applies everything; cut off, nothing;
+/// a primary applies no mirrored write, and serves no read, of its peer.
+#[test]
+fn a_node_applies_only_what_its_relation_to_the_peer_allows() {
+    let all = [
+        PeerRequest::Write { resync: false },
+        PeerRequest::Write { resync: true },
+        PeerRequest::Flush,
+        PeerRequest::Digest { resync: true },
+        PeerRequest::Read,
+    ];
+    let mut sim = Sim::new(5);
+    sim.run_until_quiet();
+    let applies = |sim: &Sim, n: usize| all.map(|r| sim.nodes[n].eng.accepts_peer_request(r));
+    assert_eq!(applies(&sim, 1), [true; 5], "the secondary in sync");
+    assert_eq!(applies(&sim, 0), [false; 5], "the primary");
+    sim.cut();
+    sim.run_until_quiet();
+    assert_eq!(applies(&sim, 1), [false; 5], "the secondary cut off");
+}
+
 #[test]
 fn outdated_copy_refuses_promotion_unless_forced() {
     let mut sim = Sim::new(4);

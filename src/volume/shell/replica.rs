@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::Shell;
 use super::execute::digest;
-use crate::engine::{Op, Range};
+use crate::engine::{Op, PeerRequest, Range};
 use crate::link::wire::{FLAG_FORWARD, FLAG_FUA, FLAG_RESYNC, Kind};
 use crate::link::{InboundRequest, PeerConnection, bytes_of};
 use crate::volume::Input;
@@ -35,18 +35,23 @@ impl Shell {
     pub(super) fn replica(&mut self, conn: Arc<PeerConnection>, req: InboundRequest) {
         let store = self.store.clone();
         let current = self.current_conn_id() == Some(conn.id);
-        let accepts = if req.flags & FLAG_RESYNC != 0 {
-            self.engine.accepts_resync_writes()
-        } else {
-            self.engine.accepts_peer_writes()
-        } && current;
-        let serves_reads = self.engine.serves_peer_reads() && current;
+        let resync = req.flags & FLAG_RESYNC != 0;
+        let asked = match req.kind {
+            Kind::Write | Kind::Zeroes => Some(PeerRequest::Write { resync }),
+            Kind::Flush => Some(PeerRequest::Flush),
+            Kind::HashRequest => Some(PeerRequest::Digest { resync }),
+            Kind::ReadRequest => Some(PeerRequest::Read),
+            _ => None,
+        };
+        // Only the current connection's requests, and only what the engine
+        // says this copy applies now.
+        let accepted = current && asked.is_some_and(|a| self.engine.accepts_peer_request(a));
         let range_ok = crate::store::check_range(req.offset, req.len, self.data_bytes).is_ok()
             || req.kind == Kind::Flush;
-        if accepts
+        if accepted
             && range_ok
             && matches!(req.kind, Kind::Write | Kind::Zeroes)
-            && req.flags & FLAG_RESYNC != 0
+            && resync
             && let Some(t) = &mut self.target_sync
         {
             t.received_bytes = t.received_bytes.saturating_add(req.len);
@@ -74,25 +79,25 @@ impl Shell {
                 conn.reply(req.request, libc::EINVAL as u32, None).await;
             } else {
                 match req.kind {
-                    Kind::Write if accepts => {
+                    Kind::Write if accepted => {
                         let status = match req.data {
                             Some(d) => errno(store.write(req.offset, Arc::new(d), fua).await),
                             None => libc::EINVAL as u32,
                         };
                         conn.reply(req.request, status, None).await;
                     }
-                    Kind::Zeroes if accepts => {
+                    Kind::Zeroes if accepted => {
                         let mut r = store.write_zeroes(req.offset, req.len).await;
                         if r.is_ok() && fua {
                             r = store.flush().await;
                         }
                         conn.reply(req.request, errno(r), None).await;
                     }
-                    Kind::Flush if accepts || serves_reads => {
+                    Kind::Flush if accepted => {
                         conn.reply(req.request, errno(store.flush().await), None)
                             .await;
                     }
-                    Kind::HashRequest if accepts => {
+                    Kind::HashRequest if accepted => {
                         match store.read(req.offset, req.len as usize).await {
                             Ok(d) => {
                                 let dg = digest(d.as_slice()).to_vec();
@@ -101,7 +106,7 @@ impl Shell {
                             Err(_) => conn.reply_digest(req.request, libc::EIO as u32, None).await,
                         }
                     }
-                    Kind::ReadRequest if serves_reads => {
+                    Kind::ReadRequest if accepted => {
                         match store.read(req.offset, req.len as usize).await {
                             Ok(d) => {
                                 conn.reply(req.request, 0, Some(bytes_of(Arc::new(d))))
