@@ -131,6 +131,8 @@ pub struct Engine {
     /// The next metadata write flushes the data disk first (see
     /// `start_tracking`).
     meta_flush_data: bool,
+    /// Requests from the peer the shell is applying (see `replica`).
+    replicas_in_flight: usize,
 }
 
 impl Engine {
@@ -184,6 +186,7 @@ impl Engine {
             flush_wanted: false,
             cache_lost: false,
             meta_flush_data: false,
+            replicas_in_flight: 0,
         }
     }
 

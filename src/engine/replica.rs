@@ -1,8 +1,12 @@
 //! The replica side of the engine: which requests from the peer this node
-//! applies to its copy (`accepts_peer_request`). The shell and the
-//! simulator both ask it for every request the peer sends, so the
-//! simulator runs the decision the daemon makes. Writes the peer forwards
-//! to its sync source are `forward`.
+//! applies to its copy (`accepts_peer_request`), and what waits for the
+//! requests being applied to land: a new connection (none of the old one's
+//! writes may land after a resync of the same range) and a promotion (none
+//! may land after this node's own writes). The shell and the simulator
+//! both ask it, so the simulator runs the decisions the daemon makes.
+//! Writes the peer forwards to its sync source are `forward`.
+//!
+//! Owns `replicas_in_flight`.
 
 use super::*;
 
@@ -57,6 +61,41 @@ impl Engine {
     pub(super) fn serves_peer_reads(&self) -> bool {
         self.disk == DiskState::UpToDate
             && (self.accepts_peer_writes() || self.accepts_forwarded_writes())
+    }
+
+    /// The shell started applying a request from the peer (or answering
+    /// one it refused): it lands, or is answered, with `replica_finished`.
+    pub fn replica_started(&mut self) {
+        self.replicas_in_flight += 1;
+    }
+
+    /// A request from the peer has landed (or was answered).
+    pub fn replica_finished(&mut self) {
+        assert!(
+            self.replicas_in_flight > 0,
+            "a replica request finished that never started"
+        );
+        self.replicas_in_flight -= 1;
+    }
+
+    /// Requests from the peer being applied now.
+    pub fn replicas_in_flight(&self) -> usize {
+        self.replicas_in_flight
+    }
+
+    /// Whether a new connection to the peer must wait (before its first
+    /// state is applied) for the requests of the old one to land: one of
+    /// them landing after a resync chunk of the same range would undo it.
+    pub fn new_link_waits_for_replicas(&self) -> bool {
+        self.replicas_in_flight > 0
+    }
+
+    /// Whether a promotion must wait for the requests from the peer (the
+    /// old primary) to land: none may land after this node's own writes.
+    /// A promotion into a forwarding primary does not wait: it writes its
+    /// own copy only in order with its sync source (see `forward`).
+    pub fn promote_waits_for_replicas(&self) -> bool {
+        self.replicas_in_flight > 0 && !self.promotes_by_forwarding()
     }
 
     /// Whether this node applies `req` from the peer now. (Whether the

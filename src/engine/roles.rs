@@ -76,6 +76,11 @@ impl Engine {
             return Ok(self.meta.last_issued());
         }
         self.promote_check(force)?;
+        debug_assert!(
+            !self.promote_waits_for_replicas(),
+            "promoted while {} requests of the old primary are still landing",
+            self.replicas_in_flight
+        );
         if self.promotion_is_forced() {
             // Forced: this copy starts a new data history, marked forced so
             // that it never passes for one holding every acknowledged write.

@@ -29,6 +29,7 @@ impl Sim {
                 fua,
             } => {
                 self.complete_on_disk(n, &data, fua, flush);
+                self.nodes[n].eng.replica_finished();
                 self.send(1 - n, Msg::Ack { id, ok: true });
             }
         }

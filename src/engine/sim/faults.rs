@@ -225,9 +225,10 @@ impl Sim {
         // survivor that was already cut off is a split brain the witness
         // exists to prevent; with quorum off the engine detects it instead.
         if self.nodes[1 - n].eng.role != Role::Primary {
-            // The shell lets in-flight replica writes land before promoting.
-            self.land_replicas(1 - n);
-            self.land_replicas(n);
+            // The shell lets in-flight replica writes land before promoting
+            // when the engine says so.
+            self.land_replicas_before_promoting(1 - n);
+            self.land_replicas_before_promoting(n);
             // (Without a connected survivor, a cluster manager puts back the
             // node that was primary last: the other one may have missed
             // its writes. A copy that lost power refuses until it synced.)

@@ -432,6 +432,18 @@ impl Sim {
         self.step_once();
         for n in &self.nodes {
             n.eng.check_invariants();
+            // The engine counts what the node is applying for its peer (its
+            // waits before a promotion or a new connection depend on it).
+            let replicas = n
+                .pending
+                .iter()
+                .filter(|p| matches!(p, Pending::Replica { .. }))
+                .count();
+            assert_eq!(
+                n.eng.replicas_in_flight(),
+                replicas,
+                "the engine's count of replica writes in flight is off"
+            );
         }
     }
 

@@ -10,19 +10,12 @@ impl Sim {
             return;
         }
         // A node finishes applying the replica writes of the old connection
-        // before it talks on the new one (the shell drains them), so none of
-        // them can land after a resync of the same chunk.
+        // before it talks on the new one, when the engine says so (the
+        // shell waits for them), so none of them can land after a resync of
+        // the same chunk. (Their acks went with the old connection.)
         for n in 0..2 {
-            let pending = std::mem::take(&mut self.nodes[n].pending);
-            for p in pending {
-                match p {
-                    Pending::Replica {
-                        data, fua, flush, ..
-                    } => {
-                        self.complete_on_disk(n, &data, fua, flush);
-                    }
-                    local => self.nodes[n].pending.push(local),
-                }
+            if self.nodes[n].eng.new_link_waits_for_replicas() {
+                self.land_replicas(n, false);
             }
         }
         self.connected = true;
@@ -321,12 +314,7 @@ impl Sim {
             Msg::Flush { id } => {
                 if self.nodes[to].eng.accepts_peer_request(PeerRequest::Flush) {
                     let blocks = self.nodes[to].unflushed.keys().copied().collect();
-                    self.nodes[to].pending.push(Pending::Replica {
-                        id,
-                        data: vec![],
-                        flush: Some(blocks),
-                        fua: false,
-                    })
+                    self.start_replica(to, id, vec![], Some(blocks), false);
                 } else {
                     self.send(1 - to, Msg::Ack { id, ok: false });
                 }
@@ -341,12 +329,7 @@ impl Sim {
                     .eng
                     .accepts_peer_request(PeerRequest::Write { resync })
                 {
-                    self.nodes[to].pending.push(Pending::Replica {
-                        id,
-                        data,
-                        flush: None,
-                        fua,
-                    });
+                    self.start_replica(to, id, data, None, fua);
                 } else {
                     self.send(1 - to, Msg::Ack { id, ok: false });
                 }
@@ -383,9 +366,29 @@ impl Sim {
         self.drain(to);
     }
 
-    /// Replica writes still in flight on node `n` land (the shell waits for
-    /// them before it promotes: none may land after the node's own writes).
-    pub(super) fn land_replicas(&mut self, n: usize) {
+    /// Node `n` starts applying a request of its peer (the engine counts
+    /// it until it lands).
+    fn start_replica(
+        &mut self,
+        n: usize,
+        id: u64,
+        data: Vec<(u64, u64)>,
+        flush: Option<Vec<u64>>,
+        fua: bool,
+    ) {
+        self.nodes[n].eng.replica_started();
+        self.nodes[n].pending.push(Pending::Replica {
+            id,
+            data,
+            flush,
+            fua,
+        });
+    }
+
+    /// Replica writes still in flight on node `n` land, acknowledged on
+    /// the link if `ack` (what the shell does when the engine says a
+    /// promotion or a new connection waits for them).
+    pub(super) fn land_replicas(&mut self, n: usize, ack: bool) {
         let pending = std::mem::take(&mut self.nodes[n].pending);
         for p in pending {
             match p {
@@ -396,10 +399,20 @@ impl Sim {
                     fua,
                 } => {
                     self.complete_on_disk(n, &data, fua, flush);
-                    self.send(1 - n, Msg::Ack { id, ok: true });
+                    self.nodes[n].eng.replica_finished();
+                    if ack {
+                        self.send(1 - n, Msg::Ack { id, ok: true });
+                    }
                 }
                 local => self.nodes[n].pending.push(local),
             }
+        }
+    }
+
+    /// Lands node `n`'s replica writes if a promotion must wait for them.
+    pub(super) fn land_replicas_before_promoting(&mut self, n: usize) {
+        if self.nodes[n].eng.promote_waits_for_replicas() {
+            self.land_replicas(n, true);
         }
     }
 }

@@ -506,3 +506,38 @@ fn a_zeroing_longer_than_the_activity_log_fails_at_once() {
     assert_eq!(sim.nodes[0].disk.get(&2), Some(&w));
     assert!(sim.demote(0).is_ok(), "nothing is left holding the volume");
 }
+
+/// A promotion waits for the old primary's writes this node is still
+/// applying (`Engine::promote_waits_for_replicas`, which the shell and the
+/// simulator obey): one landing after the new primary's own write of the
+/// same block would undo that write.
+#[test]
+fn a_promotion_lands_the_old_primarys_writes_first() {
+    let mut sim = Sim::new(7);
+    sim.run_until_quiet();
+    // The primary (node 0) writes block 3; node 1 starts applying it.
+    let id = sim.next_id;
+    sim.next_id += 1;
+    sim.next_version += 1;
+    let version = sim.next_version;
+    sim.nodes[0].payload.insert(id, vec![(3, version)]);
+    sim.nodes[0]
+        .eng
+        .submit(id, Op::Write { fua: false }, Range::new(3 * BLOCK, BLOCK));
+    sim.drain(0);
+    // (Its activity-log update goes first.)
+    for _ in 0..8 {
+        sim.persist_meta(0);
+        sim.deliver(1);
+    }
+    assert_eq!(sim.nodes[1].eng.replicas_in_flight(), 1, "log {:?}", sim.log);
+    // Node 0 dies; the cluster manager promotes node 1.
+    sim.crash(0);
+    assert_eq!(sim.nodes[1].eng.role, Role::Primary, "log {:?}", sim.log);
+    assert_eq!(
+        sim.nodes[1].eng.replicas_in_flight(),
+        0,
+        "promoted with the old primary's write still landing"
+    );
+    assert_eq!(sim.nodes[1].disk.get(&3), Some(&version));
+}

@@ -34,7 +34,7 @@ impl Sim {
                 ChangeOutcome::Done(r) => {
                     let view = RecordView::of(&r, NAMES[n], NAMES[1 - n]);
                     self.nodes[n].eng.witness_record(view);
-                    self.land_replicas(n);
+                    self.land_replicas_before_promoting(n);
                     if self.nodes[n].eng.promote(false).is_ok() {
                         self.log.push(format!("witness promote {n}"));
                         self.drain(n);

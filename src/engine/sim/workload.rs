@@ -328,7 +328,7 @@ impl Sim {
                 .witness_record(RecordView::of(&r, NAMES[f], NAMES[c]));
             self.drain(f);
         }
-        self.land_replicas(f);
+        self.land_replicas_before_promoting(f);
         if self.nodes[f].eng.promote(true).is_err() {
             return false;
         }

@@ -293,7 +293,6 @@ fn start(opened: OpenedVolume) -> VolumeHandle {
         conn: None,
         readying: None,
         stash: Vec::new(),
-        replica_inflight: 0,
         next_id: 1,
         bufs: HashMap::new(),
         waiters: HashMap::new(),

@@ -18,7 +18,7 @@ impl Shell {
         self.engine.peer_disconnected();
         self.conn = None;
         self.stash.clear();
-        if self.replica_inflight == 0 {
+        if !self.engine.new_link_waits_for_replicas() {
             self.connection_ready(conn);
         } else {
             // Let the old connection's replica writes land first.

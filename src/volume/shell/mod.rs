@@ -64,7 +64,6 @@ struct Shell {
     conn: Option<Arc<PeerConnection>>,
     readying: Option<Arc<PeerConnection>>,
     stash: Vec<Input>,
-    replica_inflight: usize,
     next_id: u64,
     bufs: HashMap<u64, Arc<AlignedBuf>>,
     waiters: HashMap<u64, oneshot::Sender<Result<Option<AlignedBuf>, VolumeError>>>,
@@ -203,7 +202,7 @@ impl Shell {
 
     fn ready_to_stop(&self) -> bool {
         self.waiters.is_empty()
-            && self.replica_inflight == 0
+            && self.engine.replicas_in_flight() == 0
             && self.meta_waiters.is_empty()
             && (self.detaching.is_none() || self.detach_write_done.is_some())
     }

@@ -18,13 +18,13 @@ impl Shell {
     /// A replica write finished: once none is left, a promotion or a new
     /// connection that waited for them goes on.
     pub(super) fn replica_done(&mut self) {
-        self.replica_inflight -= 1;
-        if self.replica_inflight == 0
+        self.engine.replica_finished();
+        if !self.engine.promote_waits_for_replicas()
             && let Some((force, reply)) = self.promote_after_replicas.take()
         {
             self.promote_now(force, reply);
         }
-        if self.replica_inflight == 0
+        if !self.engine.new_link_waits_for_replicas()
             && let Some(conn) = self.readying.take()
         {
             self.connection_ready(conn);
@@ -63,7 +63,7 @@ impl Shell {
         {
             return self.forwarded(conn, req);
         }
-        self.replica_inflight += 1;
+        self.engine.replica_started();
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let fua = req.flags & FLAG_FUA != 0;
@@ -151,7 +151,7 @@ impl Shell {
         if let Some(d) = req.data {
             self.bufs.insert(id, Arc::new(d));
         }
-        self.replica_inflight += 1;
+        self.engine.replica_started();
         self.write_started.insert(id, (Instant::now(), req.len));
         self.forwarded_replies.insert(id, (conn, req.request));
     }

@@ -229,7 +229,7 @@ impl Shell {
     ) {
         // (Resync data may keep arriving under a forwarding primary: it
         // writes its own copy only in order with it, see the engine.)
-        if self.replica_inflight > 0 && !self.engine.promotes_by_forwarding() {
+        if self.engine.promote_waits_for_replicas() {
             // Replica writes of the old primary still in flight land first:
             // none may land after this node's own writes.
             self.promote_after_replicas = Some((force, reply));
