@@ -453,15 +453,7 @@ fn flushed_writes_survive_a_power_cut_of_both_nodes() {
 #[test]
 fn a_primary_whose_disk_failed_mid_write_still_steps_down() {
     let mut sim = Sim::new(6);
-    let id = sim.next_id;
-    sim.next_id += 1;
-    sim.next_version += 1;
-    let v = sim.next_version;
-    sim.nodes[0].payload.insert(id, vec![(3, v)]);
-    sim.nodes[0]
-        .eng
-        .submit(id, Op::Write { fua: false }, Range::new(3 * BLOCK, BLOCK));
-    sim.drain(0);
+    let v = sim.start_write(0, 3, false);
     // The activity log's update first, then the write on the disk.
     sim.persist_meta(0);
     assert_eq!(sim.nodes[0].pending.len(), 1, "the local write is issued");
@@ -516,21 +508,18 @@ fn a_promotion_lands_the_old_primarys_writes_first() {
     let mut sim = Sim::new(7);
     sim.run_until_quiet();
     // The primary (node 0) writes block 3; node 1 starts applying it.
-    let id = sim.next_id;
-    sim.next_id += 1;
-    sim.next_version += 1;
-    let version = sim.next_version;
-    sim.nodes[0].payload.insert(id, vec![(3, version)]);
-    sim.nodes[0]
-        .eng
-        .submit(id, Op::Write { fua: false }, Range::new(3 * BLOCK, BLOCK));
-    sim.drain(0);
+    let version = sim.start_write(0, 3, false);
     // (Its activity-log update goes first.)
     for _ in 0..8 {
         sim.persist_meta(0);
         sim.deliver(1);
     }
-    assert_eq!(sim.nodes[1].eng.replicas_in_flight(), 1, "log {:?}", sim.log);
+    assert_eq!(
+        sim.nodes[1].eng.replicas_in_flight(),
+        1,
+        "log {:?}",
+        sim.log
+    );
     // Node 0 dies; the cluster manager promotes node 1.
     sim.crash(0);
     assert_eq!(sim.nodes[1].eng.role, Role::Primary, "log {:?}", sim.log);

@@ -133,7 +133,9 @@ impl Sim {
 
     /// Scripted tests: primary `n` writes version `v` of `block` and
     /// everything settles (the write is acknowledged).
-    pub(super) fn write_block(&mut self, n: usize, block: u64, fua: bool) -> u64 {
+    /// Node `n`'s client writes a new version of `block` (submitted, its
+    /// first actions executed); the version.
+    pub(super) fn start_write(&mut self, n: usize, block: u64, fua: bool) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.next_version += 1;
@@ -146,6 +148,11 @@ impl Sim {
             .eng
             .submit(id, Op::Write { fua }, Range::new(block * BLOCK, BLOCK));
         self.drain(n);
+        v
+    }
+
+    pub(super) fn write_block(&mut self, n: usize, block: u64, fua: bool) -> u64 {
+        let v = self.start_write(n, block, fua);
         self.run_until_quiet();
         assert!(
             self.acked.get(&block) == Some(&v),
