@@ -50,6 +50,7 @@ fn engine_step(c: &mut Criterion) {
         al_extents: 1000,
         quorum: None,
         volatile_cache: true,
+        client_requests_max: 256,
     };
     let gens = Generations {
         current: 7,

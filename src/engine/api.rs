@@ -27,6 +27,10 @@ pub const RESYNC_RUN_MAX_BYTES: u64 = 1 << 20;
 /// thinks it copied it, and an interrupted resync resumes from there.
 pub const RESYNC_FLUSH_EVERY_BYTES: u64 = 2 << 20;
 
+/// Writes forwarded by the peer (a primary on a copy this node resyncs)
+/// held at once; more are refused, and the peer sends them again later.
+pub const FORWARDED_WRITES_MAX: usize = 256;
+
 /// The place of one metadata write in the engine's sequence
 /// (`Action::PersistMeta`). The shell writes them in this order and reports
 /// each with `Engine::meta_persisted`; a token is durable once it or a later
@@ -312,6 +316,10 @@ pub struct EngineConfig {
     /// power-loss protected (or reported write-through by the kernel):
     /// then a completed write counts as durable and no flush is waited for.
     pub volatile_cache: bool,
+    /// Client requests the shell lets into the engine at once (its request
+    /// permits). With the resync and verify windows and
+    /// `FORWARDED_WRITES_MAX` it bounds the request table.
+    pub client_requests_max: usize,
 }
 
 /// Progress of a resync in which this node is the source.

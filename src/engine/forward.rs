@@ -31,6 +31,11 @@ impl Engine {
         if !self.accepts_forwarded_writes() || !matches!(op, Op::Write { .. } | Op::Zeroes { .. }) {
             return None;
         }
+        let held = self.table.requests.values().filter(|r| r.from_peer).count();
+        if held >= FORWARDED_WRITES_MAX {
+            // Bounded: the peer holds the write back and sends it again.
+            return None;
+        }
         let id = self.internal_id();
         let req = Request {
             from_peer: true,

@@ -10,7 +10,7 @@
 //! any event), `peer_dirty_runs` (always followed by `peer_state`, which
 //! checks), and `poll_action` (takes an action off the queue).
 
-use super::{Engine, Leg, Op, RESYNC_WINDOW, Relation};
+use super::{Engine, FORWARDED_WRITES_MAX, INTERNAL_ID_BASE, Leg, Op, RESYNC_WINDOW, Relation};
 
 impl Engine {
     /// Panics when the engine's state breaks a rule the code relies on.
@@ -83,6 +83,32 @@ impl Engine {
                 v.inflight
             );
         }
+        // The request table is bounded: client requests by the shell's
+        // permits, forwarded writes by their own bound, the engine's own
+        // by the resync and verify windows and its one flush.
+        let (mut clients, mut forwarded, mut internal) = (0, 0, 0);
+        for (id, r) in &self.table.requests {
+            if r.from_peer {
+                forwarded += 1;
+            } else if *id < INTERNAL_ID_BASE {
+                clients += 1;
+            } else {
+                internal += 1;
+            }
+        }
+        assert!(
+            clients <= self.cfg.client_requests_max,
+            "{clients} client requests in the table, {} permits",
+            self.cfg.client_requests_max
+        );
+        assert!(
+            forwarded <= FORWARDED_WRITES_MAX,
+            "{forwarded} forwarded writes held, bound {FORWARDED_WRITES_MAX}"
+        );
+        assert!(
+            internal <= 2 * RESYNC_WINDOW + 1,
+            "{internal} internal requests in the table (resync and verify windows {RESYNC_WINDOW}, one flush)"
+        );
         // Every request the engine holds back is one it tracks. (The
         // sync-done and resync flushes are internal ids outside the table.)
         let tracked = |id: &u64| self.table.requests.contains_key(id);

@@ -22,7 +22,6 @@ pub use create::create_metadata;
 pub use quorum::{QuorumAttach, VolumeLease};
 pub use shell::{AttachOptions, EventHook, ExportHook, attach, open_meta};
 
-/// Client requests in flight per volume.
 /// Client requests in flight per volume (each pins at most two activity-log
 /// extents, so this stays well below the log's capacity).
 pub const CLIENT_INFLIGHT_MAX: usize = 256;

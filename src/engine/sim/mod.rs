@@ -264,6 +264,8 @@ struct Coverage {
 /// A small activity log so that eviction and waiting are exercised.
 const AL_EXTENT: u64 = 2 * CHUNK;
 const AL_CAPACITY: usize = 6;
+/// The simulated client's request permits (the shell's `CLIENT_INFLIGHT_MAX`).
+const CLIENT_REQUESTS_MAX: usize = 64;
 
 fn config(tie: bool, quorum: bool) -> EngineConfig {
     EngineConfig {
@@ -274,6 +276,7 @@ fn config(tie: bool, quorum: bool) -> EngineConfig {
         al_extent_bytes: AL_EXTENT,
         al_extents: AL_CAPACITY,
         volatile_cache: true,
+        client_requests_max: CLIENT_REQUESTS_MAX,
     }
 }
 

@@ -530,3 +530,24 @@ fn a_promotion_lands_the_old_primarys_writes_first() {
     );
     assert_eq!(sim.nodes[1].disk.get(&3), Some(&version));
 }
+
+/// Writes forwarded by the peer are bounded: beyond `FORWARDED_WRITES_MAX`
+/// held at once the node refuses more (the peer sends them again later),
+/// whatever a misbehaving peer sends.
+#[test]
+fn forwarded_writes_beyond_the_bound_are_refused() {
+    let mut sim = Sim::new(8);
+    sim.run_until_quiet();
+    let secondary = &mut sim.nodes[1].eng;
+    assert!(secondary.accepts_forwarded_writes());
+    for i in 0..FORWARDED_WRITES_MAX as u64 {
+        let block = i % (DATA_BYTES / BLOCK);
+        let held =
+            secondary.submit_forwarded(Op::Write { fua: false }, Range::new(block * BLOCK, BLOCK));
+        assert!(held.is_some(), "forwarded write {i} refused");
+    }
+    assert_eq!(
+        secondary.submit_forwarded(Op::Write { fua: false }, Range::new(0, BLOCK)),
+        None
+    );
+}

@@ -34,8 +34,18 @@ impl Sim {
 
     /// A read through the engine (a primary whose copy is still being
     /// resynced reads from its sync source); checked at completion.
+    /// Client requests node `n`'s engine holds (the simulated client has
+    /// `CLIENT_REQUESTS_MAX` permits, as the shell's clients do).
+    fn client_requests(&self, n: usize) -> usize {
+        let table = &self.nodes[n].eng.table.requests;
+        table
+            .iter()
+            .filter(|(id, r)| **id < INTERNAL_ID_BASE && !r.from_peer)
+            .count()
+    }
+
     pub(super) fn submit_read(&mut self, n: usize) {
-        if !self.nodes[n].eng.exported() {
+        if !self.nodes[n].eng.exported() || self.client_requests(n) >= CLIENT_REQUESTS_MAX {
             return;
         }
         let block = self.rng2.below(DATA_BYTES / BLOCK);
@@ -209,7 +219,10 @@ impl Sim {
         if !self.serving(n) || !self.nodes[n].eng.exported() {
             return;
         }
-        if self.nodes[n].eng.role != Role::Primary || self.nodes[n].payload.len() > 16 {
+        if self.nodes[n].eng.role != Role::Primary
+            || self.nodes[n].payload.len() > 16
+            || self.client_requests(n) >= CLIENT_REQUESTS_MAX
+        {
             return;
         }
         if self.power_cuts && self.rng2.below(6) == 0 {

@@ -198,6 +198,7 @@ fn open_volume(opts: AttachOptions) -> Result<OpenedVolume, VolumeError> {
         al_extents: opts.al_extents,
         quorum: opts.quorum.as_ref().map(|q| q.policy),
         volatile_cache: opts.volatile_cache,
+        client_requests_max: crate::volume::CLIENT_INFLIGHT_MAX,
     };
     let disk_state = if sb.disk_state == DiskState::Diskless {
         DiskState::Inconsistent
@@ -420,6 +421,7 @@ mod tests {
             al_extents: 16,
             quorum: None,
             volatile_cache: true,
+            client_requests_max: crate::volume::CLIENT_INFLIGHT_MAX,
         };
         let gens = crate::meta::Generations {
             current: 5,
