@@ -311,19 +311,21 @@ fn once_failing_sync_target_schedules_converge() {
 ///   generation the peer had taken; then it lost power, and the peer, the
 ///   copy that kept power with the same generation, was the source: the
 ///   writes were lost (fixed in `Engine::promote`: a primary without its
-///   peer always writes under a generation of its own);
+///   peer always writes under a generation of its own; scripted as
+///   `writes_a_restarted_primary_completes_alone_after_a_resync_survive_its_power_cut`);
 /// - 48382 and 56775 (of 100000, witness crashes): a sync source learned
 ///   a record that outdated it and became the target of its peer, on a
 ///   state the peer had sent before it became our target itself: both
 ///   Inconsistent (fixed in `Engine::witness_direction`: a state older than
 ///   the record waits for the peer to learn it; 85231: but a sync target
-///   stays one meanwhile, or the chunks in flight are refused);
+///   stays one meanwhile, or the chunks in flight are refused; both
+///   decisions are rows of the table in `negotiate::tests`);
 /// - 68277 (of 100000, witness crashes): two histories split by two
 ///   promotions, each copy listed up to date, so "either copy will do":
 ///   one side chose by roles while the peer was still primary, the other
 ///   after that peer was fenced, and each became the other's target
-///   (fixed in `Engine::witness_direction`: the copy that kept power wins
-///   first, a mark both views carry alike);
+///   (fixed in `witness_direction`: the copy that kept power wins first, a
+///   mark both views carry alike; rows of the table in `negotiate::tests`);
 /// - 68997 and 93443 (of 100000, witness crashes): both nodes lost power,
 ///   one while it was a sync target in memory only; the checker now counts
 ///   every copy when both nodes that held an unflushed write lost power
@@ -550,4 +552,38 @@ fn forwarded_writes_beyond_the_bound_are_refused() {
         secondary.submit_forwarded(Op::Write { fua: false }, Range::new(0, BLOCK)),
         None
     );
+}
+
+/// Seed 49095 as a script: a resync from A into B ends, B takes A's
+/// current generation, and the link drops before A hears B confirm. A
+/// restarts and is promoted again without B; the writes it completes alone
+/// (flushed: they must survive anything) must not pass for ones B holds.
+/// Then A loses power. On the heal the generations must still say A is
+/// ahead: were they equal, the copy that kept power (B) would be the
+/// source and overwrite them.
+#[test]
+fn writes_a_restarted_primary_completes_alone_after_a_resync_survive_its_power_cut() {
+    let mut sim = written_while_cut(11);
+    assert_eq!(sim.nodes[0].eng.role, Role::Primary);
+    assert!(
+        sim.nodes[0].eng.bitmap.set_count() > 0,
+        "A wrote while apart"
+    );
+    // The resync into B runs until B took A's generation; the link drops
+    // before B's confirmation reaches A.
+    sim.heal();
+    sim.step_by_hand_until("B took A's generation at the end of the resync", |s| {
+        s.nodes[1].eng.status().relation == Some(Relation::InSync)
+            && s.nodes[1].eng.gens.current == s.nodes[0].eng.gens.current
+    });
+    sim.cut();
+    // A restarts and, as the last primary, is promoted again alone.
+    sim.crash(0);
+    assert_eq!(sim.nodes[0].eng.role, Role::Primary, "log {:?}", sim.log);
+    let alone = sim.write_block(0, 5, true);
+    // A loses power; it comes back with the lost-power mark.
+    sim.power_cut(0);
+    sim.settle();
+    check_converged(&sim, "after the heal");
+    assert_eq!(sim.nodes[1].disk.get(&5), Some(&alone), "log {:?}", sim.log);
 }
