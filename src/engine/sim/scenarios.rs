@@ -316,7 +316,7 @@ fn once_failing_sync_target_schedules_converge() {
 /// - 48382 and 56775 (of 100000, witness crashes): a sync source learned
 ///   a record that outdated it and became the target of its peer, on a
 ///   state the peer had sent before it became our target itself: both
-///   Inconsistent (fixed in `Engine::witness_direction`: a state older than
+///   Inconsistent (fixed in `witness_direction`: a state older than
 ///   the record waits for the peer to learn it; 85231: but a sync target
 ///   stays one meanwhile, or the chunks in flight are refused; both
 ///   decisions are rows of the table in `negotiate::tests`);
