@@ -205,7 +205,7 @@ impl Engine {
         if self.disk != DiskState::Diskless && !marked.is_empty() {
             for range in marked {
                 let pages = self.bitmap.set_range(range.offset, range.len);
-                self.pages_to_persist.extend(pages);
+                self.next_meta.pages.extend(pages);
             }
             self.persist();
         }

@@ -117,7 +117,8 @@ impl Engine {
             .iter()
             .map(|id| ("frozen", id))
             .chain(
-                self.quorum_waiters
+                self.quorum
+                    .waiters
                     .iter()
                     .map(|id| ("waiting for quorum", id)),
             )

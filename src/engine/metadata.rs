@@ -4,10 +4,20 @@
 //! `MetaToken`, written in order by the shell; `meta_persisted` releases
 //! what waited for it (requests, the durable view the peer is told).
 //!
-//! Owns `meta` (the sequence), `pending_durable`, `durable`,
-//! `pages_to_persist`, `al_to_persist`, `meta_flush_data`.
+//! Owns `meta` (the sequence), `next_meta`, `pending_durable`, `durable`.
 
 use super::*;
+
+/// What the next metadata write carries besides the state.
+#[derive(Debug, Default)]
+pub(super) struct NextMeta {
+    /// Bitmap pages changed since the last write.
+    pub(super) pages: BTreeSet<u32>,
+    /// A new activity-log snapshot (extents added).
+    pub(super) activity_log: Option<AlSnapshot>,
+    /// Flush the data disk before the write (see `start_tracking`).
+    pub(super) flush_data: bool,
+}
 
 /// The metadata sequence: the last write issued and the last one durable.
 #[derive(Debug, Default)]
@@ -72,7 +82,7 @@ impl Engine {
     /// from this copy cannot undo them.
     pub(super) fn start_tracking(&mut self, id: u64) {
         self.gens.start_tracking(id);
-        self.meta_flush_data = true;
+        self.next_meta.flush_data = true;
     }
 
     /// Issues a metadata write of the current state (and the bitmap pages
@@ -81,8 +91,8 @@ impl Engine {
         let token = self.meta.issue();
         if self.disk == DiskState::Diskless {
             // No disk to write to: nothing can wait on it.
-            self.pages_to_persist.clear();
-            self.al_to_persist = None;
+            self.next_meta.pages.clear();
+            self.next_meta.activity_log = None;
             self.meta.all_persisted();
             self.pending_durable.clear();
             self.durable = (self.disk, self.gens);
@@ -90,7 +100,7 @@ impl Engine {
         }
         self.pending_durable
             .push_back((token, self.disk, self.gens));
-        let pages = std::mem::take(&mut self.pages_to_persist)
+        let pages = std::mem::take(&mut self.next_meta.pages)
             .into_iter()
             .map(|p| (p, Box::new(self.bitmap.page_bytes(p))))
             .collect();
@@ -100,10 +110,10 @@ impl Engine {
             generations: self.gens,
             primary: self.role == Role::Primary,
             pages,
-            activity_log: self.al_to_persist.take(),
-            record: self.record,
+            activity_log: self.next_meta.activity_log.take(),
+            record: self.quorum.record,
             cache_lost: self.cache_lost,
-            flush_data: std::mem::take(&mut self.meta_flush_data) && self.cfg.volatile_cache,
+            flush_data: std::mem::take(&mut self.next_meta.flush_data) && self.cfg.volatile_cache,
         });
         token
     }

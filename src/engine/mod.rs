@@ -67,7 +67,8 @@ use crate::meta::activity_log::{ActivityLog, AlSnapshot};
 use crate::meta::{Bitmap, DiskState, Generations};
 use crate::quorum::{Holder, NoQuorumPolicy, RecordView, WitnessOp};
 use durability::{Unflushed, UnflushedWrite};
-use metadata::MetaSeq;
+use metadata::{MetaSeq, NextMeta};
+use quorum::QuorumState;
 use sync_source::SyncSource;
 use sync_target::SyncTarget;
 
@@ -75,40 +76,62 @@ use sync_target::SyncTarget;
 pub struct Engine {
     cfg: EngineConfig,
     role: Role,
+    /// This copy's disk state, in memory (what is durable: `durable`).
     disk: DiskState,
+    /// This copy's generations, in memory (what is durable: `durable`).
     gens: Generations,
+    /// Chunks that may differ from the peer's copy (persisted in pages).
     bitmap: Bitmap,
+    /// The peer's last announced view and the relation to it; None while
+    /// not connected (or the peer detached the volume).
     peer: Option<(NodeView, Relation)>,
     /// This node as the sync source of its peer (see `sync_source`).
     source: SyncSource,
+    /// Every request in flight (client, forwarded, the engine's own).
     table: RequestTable,
+    /// Actions for the shell, in order (`poll_action`).
     actions: VecDeque<Action>,
     /// The metadata sequence (see `metadata`).
     meta: MetaSeq,
-    pages_to_persist: BTreeSet<u32>,
+    /// What the next metadata write carries besides the state (see
+    /// `metadata`).
+    next_meta: NextMeta,
+    /// Feeds fresh generation identifiers.
     rng: u64,
+    /// The next id of a request of the engine's own (resync, verify,
+    /// flushes, forwarded writes).
     next_internal: RequestId,
+    /// Announce the state once this metadata write is durable (a new sync
+    /// target's Inconsistent state).
     announce_after: Option<MetaToken>,
+    /// Export the volume once this metadata write is durable (a new
+    /// primary's state); meaningful while primary.
     export_after: Option<MetaToken>,
     /// Disk state and generations as last made durable: what the peer is
     /// told (it must never act on a state this node could forget in a crash).
     durable: (DiskState, Generations),
+    /// States issued in metadata writes not durable yet, in order.
     pending_durable: VecDeque<(MetaToken, DiskState, Generations)>,
+    /// Application writes were mirrored to the peer as of the last event
+    /// (`after_event` reacts when that changes).
     replicating: bool,
+    /// The activity log: extents with writes in flight or not yet durable.
     al: ActivityLog,
-    al_to_persist: Option<AlSnapshot>,
     /// The metadata write of the last activity-log snapshot (None: none).
     al_token: Option<MetaToken>,
+    /// Requests waiting for an activity-log extent to free.
     al_waiting: VecDeque<RequestId>,
+    /// The peer's dirty runs from its last state (None: it sent none, or
+    /// too many); meaningful while connected.
     peer_dirty: Option<Vec<(u64, u64)>>,
+    /// The last resync this node was the source of, for status.
     last_resync: Option<ResyncProgress>,
+    /// The verify pass running (see `verify`).
     verify: Option<VerifyProgress>,
+    /// The last verify pass, for status.
     last_verify: Option<VerifyProgress>,
-    record: RecordView,
-    witness_pending: bool,
-    witness_backoff: bool,
-    quorum_waiters: BTreeSet<RequestId>,
-    quorum_lost: bool,
+    /// Rules 2 and 3 as this node applies them (see `quorum`).
+    quorum: QuorumState,
     /// Requests of a primary on a copy still being resynced, held back
     /// while its sync source is unreachable (or refused them).
     frozen: BTreeSet<RequestId>,
@@ -128,9 +151,6 @@ pub struct Engine {
     /// synced with its peer since: it may lack writes the peer still
     /// holds. Meaningful while UpToDate; persisted.
     cache_lost: bool,
-    /// The next metadata write flushes the data disk first (see
-    /// `start_tracking`).
-    meta_flush_data: bool,
     /// Requests from the peer the shell is applying (see `replica`).
     replicas_in_flight: usize,
 }
@@ -158,7 +178,7 @@ impl Engine {
             table: RequestTable::default(),
             actions: VecDeque::new(),
             meta: MetaSeq::default(),
-            pages_to_persist: BTreeSet::new(),
+            next_meta: NextMeta::default(),
             rng: seed,
             next_internal: INTERNAL_ID_BASE,
             announce_after: None,
@@ -167,25 +187,19 @@ impl Engine {
             pending_durable: VecDeque::new(),
             replicating: false,
             al: ActivityLog::new(cfg_al.0, cfg_al.1),
-            al_to_persist: None,
             al_token: None,
             al_waiting: VecDeque::new(),
             peer_dirty: None,
             last_resync: None,
             verify: None,
             last_verify: None,
-            record: RecordView::default(),
-            witness_pending: false,
-            witness_backoff: false,
-            quorum_waiters: BTreeSet::new(),
-            quorum_lost: false,
+            quorum: QuorumState::default(),
             frozen: BTreeSet::new(),
             unflushed: Unflushed::default(),
             engine_flush: None,
             unflushed_ticks: 0,
             flush_wanted: false,
             cache_lost: false,
-            meta_flush_data: false,
             replicas_in_flight: 0,
         }
     }
@@ -214,7 +228,7 @@ impl Engine {
 
     /// Sets the witness record persisted in the superblock (at attach).
     pub fn set_record(&mut self, record: RecordView) {
-        self.record = record;
+        self.quorum.record = record;
     }
 
     /// The dirty chunks of this node as `(first, count)` runs, for the peer;
@@ -263,11 +277,11 @@ impl Engine {
             let pages = self
                 .bitmap
                 .set_range(u64::from(*e) * extent_bytes, extent_bytes);
-            self.pages_to_persist.extend(pages);
+            self.next_meta.pages.extend(pages);
         }
         self.al.set_seq(al_seq + 1);
         // Persist an empty log too: these extents now live in the bitmap.
-        self.al_to_persist = Some(self.al.snapshot());
+        self.next_meta.activity_log = Some(self.al.snapshot());
         let token = self.persist();
         self.check_invariants();
         token
@@ -288,7 +302,7 @@ impl Engine {
     /// primary: any region may differ from the peer) and persists that.
     pub fn mark_all_out_of_sync(&mut self) -> MetaToken {
         let pages = self.bitmap.set_all();
-        self.pages_to_persist.extend(pages);
+        self.next_meta.pages.extend(pages);
         let token = self.persist();
         self.check_invariants();
         token
@@ -360,7 +374,7 @@ impl Engine {
                 && self.announce_after.is_none()
                 && !self.has_local_client_writes(),
             full_sync_base: self.full_sync_base(),
-            record: self.record,
+            record: self.quorum.record,
             cache_lost: self.cache_lost,
             volatile_cache: self.cfg.volatile_cache,
         }
@@ -386,9 +400,9 @@ impl Engine {
             verify: self.verify.clone(),
             last_verify: self.last_verify.clone(),
             activity_log_updates: self.al.updates,
-            record: self.record,
-            quorum_waiting: self.quorum_waiters.len(),
-            quorum_lost: self.quorum_lost,
+            record: self.quorum.record,
+            quorum_waiting: self.quorum.waiters.len(),
+            quorum_lost: self.quorum.lost,
             frozen_requests: self.frozen.len(),
             unflushed_writes: self.unflushed.len(),
             cache_lost: self.cache_lost,
@@ -522,7 +536,7 @@ impl Engine {
 
     /// Periodic: retry a failed witness change.
     pub fn tick(&mut self) {
-        self.witness_backoff = false;
+        self.quorum.change_backoff = false;
         // Finished writes do not wait for a flush for longer than about
         // two ticks (the shell ticks every 50 ms).
         if self.unflushed.has_open() {

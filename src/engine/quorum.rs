@@ -6,6 +6,23 @@
 
 use super::*;
 
+/// This node's side of rules 2 and 3.
+#[derive(Debug, Default)]
+pub(super) struct QuorumState {
+    /// The witness record as last seen (epoch 0: none seen yet).
+    pub(super) record: RecordView,
+    /// A change asked of the witness is unanswered (one at a time).
+    pub(super) change_pending: bool,
+    /// The last change failed: the next one is asked after the next tick.
+    pub(super) change_backoff: bool,
+    /// Requests complete without the peer that wait for the witness to
+    /// outdate it before they may complete (rule 2).
+    pub(super) waiters: BTreeSet<RequestId>,
+    /// Requests wait and the witness did not answer: reported as quorum
+    /// lost until it answers (or no longer lists the peer).
+    pub(super) lost: bool,
+}
+
 impl Engine {
     /// Whether request `r`, complete on the local disk only, must wait for
     /// the witness to outdate the peer before it may complete.
@@ -14,13 +31,13 @@ impl Engine {
             && !r.from_peer
             && !matches!(r.op, Op::Read | Op::ResyncChunk | Op::VerifyChunk)
             && r.peer != Leg::Done
-            && (self.record.epoch == 0 || self.record.peer_up_to_date)
+            && (self.quorum.record.epoch == 0 || self.quorum.record.peer_up_to_date)
     }
 
     /// The peer is back and mirrors writes again: send it the writes that
     /// waited for quorum; each completes once the peer has it.
     pub(super) fn resend_quorum_waiters(&mut self) {
-        for id in self.quorum_waiters.clone() {
+        for id in self.quorum.waiters.clone() {
             if self
                 .table
                 .requests
@@ -44,17 +61,17 @@ impl Engine {
 
     /// Asks the witness for what the state needs, one change at a time.
     pub(super) fn want_witness(&mut self) {
-        if self.cfg.quorum.is_none() || self.witness_pending || self.witness_backoff {
+        if self.cfg.quorum.is_none() || self.quorum.change_pending || self.quorum.change_backoff {
             return;
         }
-        let rec = self.record;
+        let rec = self.quorum.record;
         // Only a copy that is up to date on disk (not just in memory, as
         // right after a resync into a primary), with the generation it
         // writes under on disk too, may have the witness drop its peer:
         // after a crash it must still be the newer copy.
         let durable = self.durable.0 == DiskState::UpToDate && self.durable.1 == self.gens;
         let outdate = durable
-            && (!self.quorum_waiters.is_empty()
+            && (!self.quorum.waiters.is_empty()
                 || (self.role == Role::Primary
                     && self.disk == DiskState::UpToDate
                     && !self.replicating()
@@ -72,7 +89,7 @@ impl Engine {
         } else {
             return;
         };
-        self.witness_pending = true;
+        self.quorum.change_pending = true;
         self.actions.push_back(Action::WitnessChange {
             op,
             expected_epoch: rec.epoch,
@@ -82,20 +99,20 @@ impl Engine {
     /// The witness answered a change: `Some(record)` when it was done or the
     /// epoch had moved on (decide again), `None` when it failed or was refused.
     pub fn witness_change_done(&mut self, outcome: Option<RecordView>) {
-        self.witness_pending = false;
+        self.quorum.change_pending = false;
         match outcome {
             Some(view) => {
-                if self.quorum_lost {
-                    self.quorum_lost = false;
+                if self.quorum.lost {
+                    self.quorum.lost = false;
                     self.actions
                         .push_back(Action::Notify(Notice::QuorumRegained));
                 }
                 self.witness_record(view);
             }
             None => {
-                self.witness_backoff = true;
-                if !self.quorum_waiters.is_empty() && !self.quorum_lost {
-                    self.quorum_lost = true;
+                self.quorum.change_backoff = true;
+                if !self.quorum.waiters.is_empty() && !self.quorum.lost {
+                    self.quorum.lost = true;
                     self.actions.push_back(Action::Notify(Notice::QuorumLost));
                 }
                 if self.cfg.quorum == Some(NoQuorumPolicy::IoError) {
@@ -109,15 +126,15 @@ impl Engine {
     /// The witness record (from a heartbeat, a change, or the peer's newer
     /// view).
     pub fn witness_record(&mut self, view: RecordView) {
-        if self.cfg.quorum.is_none() || view.epoch < self.record.epoch {
+        if self.cfg.quorum.is_none() || view.epoch < self.quorum.record.epoch {
             return;
         }
-        if view != self.record {
-            self.record = view;
+        if view != self.quorum.record {
+            self.quorum.record = view;
             let token = self.persist();
             // Writes released by this record complete only once it is on
             // disk: after a crash this node still knows the peer missed them.
-            for id in &self.quorum_waiters {
+            for id in &self.quorum.waiters {
                 if let Some(r) = self.table.requests.get_mut(id) {
                     r.meta_token = r.meta_token.max(Some(token));
                 }
@@ -147,12 +164,12 @@ impl Engine {
             self.actions.push_back(Action::Notify(Notice::Outdated));
             self.renegotiate();
         }
-        if self.quorum_lost && !view.peer_up_to_date {
-            self.quorum_lost = false;
+        if self.quorum.lost && !view.peer_up_to_date {
+            self.quorum.lost = false;
             self.actions
                 .push_back(Action::Notify(Notice::QuorumRegained));
         }
-        for id in self.quorum_waiters.clone() {
+        for id in self.quorum.waiters.clone() {
             self.try_complete(id);
         }
         self.after_event();
@@ -160,7 +177,7 @@ impl Engine {
 
     /// Fails every write waiting for quorum with EIO.
     pub(super) fn fail_quorum_waiters(&mut self) {
-        let ids = std::mem::take(&mut self.quorum_waiters);
+        let ids = std::mem::take(&mut self.quorum.waiters);
         self.fail_requests(ids, IoFailure::NoQuorum);
     }
 
@@ -172,7 +189,7 @@ impl Engine {
         if self.disk != DiskState::Diskless {
             for w in &writes {
                 let pages = self.bitmap.set_range(w.range.offset, w.range.len);
-                self.pages_to_persist.extend(pages);
+                self.next_meta.pages.extend(pages);
             }
         }
         self.release_pins(writes);
@@ -191,8 +208,8 @@ impl Engine {
     /// saw or, never having seen one, what it knows; and whether it is
     /// primary now.
     pub fn claim(&self) -> (RecordView, bool) {
-        let view = if self.record.epoch > 0 {
-            self.record
+        let view = if self.quorum.record.epoch > 0 {
+            self.quorum.record
         } else {
             RecordView {
                 epoch: 0,
@@ -216,6 +233,6 @@ impl Engine {
 
     /// The witness record as last seen.
     pub fn record(&self) -> RecordView {
-        self.record
+        self.quorum.record
     }
 }

@@ -8,7 +8,7 @@ use super::*;
 impl Engine {
     /// The peer's state arrived (first time after connecting, or changed).
     pub fn peer_state(&mut self, view: NodeView) {
-        if self.cfg.quorum.is_some() && view.record.epoch > self.record.epoch {
+        if self.cfg.quorum.is_some() && view.record.epoch > self.quorum.record.epoch {
             // The peer saw a newer witness record: the same record for both.
             self.witness_record(view.record.swapped());
         }
@@ -143,7 +143,7 @@ impl Engine {
                         self.start_tracking(id);
                     }
                     let pages = self.bitmap.set_all();
-                    self.pages_to_persist.extend(pages);
+                    self.next_meta.pages.extend(pages);
                     self.source.full_sync_token = Some(self.persist());
                     self.source.full_sync_announce = true;
                 }
@@ -169,7 +169,7 @@ impl Engine {
                     self.start_tracking(id);
                 }
                 let pages = self.bitmap.set_all();
-                self.pages_to_persist.extend(pages);
+                self.next_meta.pages.extend(pages);
                 self.persist();
             }
             Relation::InSync => {
@@ -202,10 +202,10 @@ impl Engine {
             || view.disk != DiskState::Inconsistent
             || self.role != Role::Secondary
             || self.cfg.quorum.is_none()
-            || self.record.epoch == 0
-            || !self.record.me_up_to_date
-            || self.record.peer_up_to_date
-            || self.record.forced
+            || self.quorum.record.epoch == 0
+            || !self.quorum.record.me_up_to_date
+            || self.quorum.record.peer_up_to_date
+            || self.quorum.record.forced
             || self.gens.current == 0
             || view.generations.bitmap != self.gens.current
             || self.gens.forced_apart(&view.generations)

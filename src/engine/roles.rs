@@ -14,7 +14,7 @@ impl Engine {
         self.disk = DiskState::Inconsistent;
         self.gens = Generations::default();
         let pages = self.bitmap.clear_all();
-        self.pages_to_persist.extend(pages);
+        self.next_meta.pages.extend(pages);
         let token = self.persist();
         if let Some((v, _)) = self.peer {
             self.peer = Some((v, Relation::Refused("resolving")));
@@ -87,7 +87,7 @@ impl Engine {
             assert!(force, "only a forced promotion starts a new history");
             let id = self.fresh_id();
             self.gens.start_new_history(id);
-            self.meta_flush_data = true;
+            self.next_meta.flush_data = true;
             self.disk = DiskState::UpToDate;
             self.cache_lost = false;
         }

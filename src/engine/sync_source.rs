@@ -94,7 +94,7 @@ impl Engine {
                 None => self.bitmap.set_all(),
             };
             if !pages.is_empty() {
-                self.pages_to_persist.extend(pages);
+                self.next_meta.pages.extend(pages);
                 self.persist();
                 if let Some(r) = &mut self.source.pass {
                     r.total_chunks = r.done_chunks + self.bitmap.set_count();
@@ -176,7 +176,7 @@ impl Engine {
             // durable here before the target counts as up to date: until
             // the witness lists it again, a power cut here must not lose
             // writes only the target would still have.
-            self.meta_flush_data = true;
+            self.next_meta.flush_data = true;
             let token = self.persist();
             self.source.sync_done_after = Some(token);
             return;
@@ -233,7 +233,7 @@ impl Engine {
             for (first, count) in chunks {
                 for chunk in first..first + count {
                     if let Some(page) = self.bitmap.clear(chunk) {
-                        self.pages_to_persist.insert(page);
+                        self.next_meta.pages.insert(page);
                         cleared = true;
                     }
                 }

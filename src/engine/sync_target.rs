@@ -69,7 +69,7 @@ impl Engine {
         self.disk = DiskState::UpToDate;
         // This copy now equals the source: nothing of ours is out of sync.
         let pages = self.bitmap.clear_all();
-        self.pages_to_persist.extend(pages);
+        self.next_meta.pages.extend(pages);
         if let Some((v, _)) = self.peer {
             self.peer = Some((v, Relation::InSync));
         }

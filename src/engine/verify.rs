@@ -87,7 +87,7 @@ impl Engine {
         }
         if equal == Some(false) {
             let pages = self.bitmap.set_range(range.offset, range.len);
-            self.pages_to_persist.extend(pages);
+            self.next_meta.pages.extend(pages);
         }
         self.finish(id);
         self.pump_verify();

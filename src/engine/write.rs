@@ -64,7 +64,7 @@ impl Engine {
                             r.al_pinned = true;
                         }
                         if let Some(snap) = changed {
-                            self.al_to_persist = Some(snap);
+                            self.next_meta.activity_log = Some(snap);
                             self.al_token = Some(self.persist());
                         }
                     }
@@ -118,7 +118,7 @@ impl Engine {
         if op != Op::Read && op != Op::Flush && !replicating && has_disk {
             let pages = self.bitmap.set_range(range.offset, range.len);
             if !pages.is_empty() {
-                self.pages_to_persist.extend(pages);
+                self.next_meta.pages.extend(pages);
                 token = Some(self.persist());
             } else if self.meta.pending() {
                 // Earlier bits (or the generation change) are still on their way.
@@ -136,8 +136,8 @@ impl Engine {
         // record names this copy alone as holding every acknowledged write,
         // so a power cut here must not lose one the peer holds too.
         let alone_at_witness = self.cfg.quorum.is_some()
-            && self.record.epoch > 0
-            && !self.record.peer_up_to_date
+            && self.quorum.record.epoch > 0
+            && !self.quorum.record.peer_up_to_date
             && replicating;
         let Some(r) = self.table.requests.get_mut(&id) else {
             return;
@@ -225,8 +225,8 @@ impl Engine {
         if ok && self.needs_quorum(r) && self.role == Role::Primary {
             // Rule 2: completing without the peer needs the witness to
             // have moved the peer out of up_to_date first.
-            if self.quorum_lost && self.cfg.quorum == Some(NoQuorumPolicy::IoError) {
-                self.quorum_waiters.remove(&id);
+            if self.quorum.lost && self.cfg.quorum == Some(NoQuorumPolicy::IoError) {
+                self.quorum.waiters.remove(&id);
                 self.actions.push_back(Action::Complete {
                     id,
                     result: Err(IoFailure::NoQuorum),
@@ -243,10 +243,10 @@ impl Engine {
                 self.resend_to_peer(id);
                 return;
             }
-            self.quorum_waiters.insert(id);
+            self.quorum.waiters.insert(id);
             return;
         }
-        self.quorum_waiters.remove(&id);
+        self.quorum.waiters.remove(&id);
         let ok = ok && !self.needs_quorum(r);
         self.actions.push_back(Action::Complete {
             id,
@@ -406,7 +406,7 @@ impl Engine {
             if matches!(r.op, Op::Write { .. } | Op::Zeroes { .. }) {
                 let pages = self.bitmap.set_range(range.offset, range.len);
                 if !pages.is_empty() {
-                    self.pages_to_persist.extend(pages);
+                    self.next_meta.pages.extend(pages);
                     self.persist();
                 }
             }
@@ -425,7 +425,7 @@ impl Engine {
                 self.actions.push_back(Action::Notify(Notice::PeerOutdated));
             }
             let pages = self.bitmap.set_range(range.offset, range.len);
-            self.pages_to_persist.extend(pages);
+            self.next_meta.pages.extend(pages);
             let token = self.persist();
             if let Some(r) = self.table.requests.get_mut(&id) {
                 r.meta_token = Some(token);

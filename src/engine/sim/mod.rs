@@ -407,7 +407,7 @@ impl Sim {
                     (0..DATA_BYTES / CHUNK)
                         .filter(|c| e.bitmap.get(*c))
                         .collect::<Vec<_>>(),
-                    e.record,
+                    e.quorum.record,
                     norm(&self.nodes[n].disk)
                 )
             };
