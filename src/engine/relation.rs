@@ -261,6 +261,7 @@ impl Engine {
                 .on_disconnect(&view, self.cfg.chunk_bytes, self.cfg.data_bytes);
         }
         self.target.done_flush = None;
+        self.target.done_flush_waits = false;
         self.peer = None;
         self.peer_dirty = None;
         self.announce_after = None;

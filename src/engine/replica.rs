@@ -76,6 +76,16 @@ impl Engine {
             "a replica request finished that never started"
         );
         self.replicas_in_flight -= 1;
+        if self.replicas_in_flight == 0
+            && self.target.done_flush_waits
+            && let Some((id, _)) = self.target.done_flush
+        {
+            // The resync data in flight has landed: the "sync done" flush
+            // now covers it.
+            self.target.done_flush_waits = false;
+            self.issue_sync_done_flush(id);
+        }
+        self.check_invariants();
     }
 
     /// Requests from the peer being applied now.

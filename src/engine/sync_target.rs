@@ -13,6 +13,12 @@ pub(super) struct SyncTarget {
     /// makes the resynced data durable first, and the source's generations.
     /// None otherwise (and after a disconnect: the source tells again).
     pub(super) done_flush: Option<(RequestId, Generations)>,
+    /// Meaningful while `done_flush` is set: that flush waits for the
+    /// peer's requests this node is still applying (resync data accepted
+    /// before "sync done", maybe of a pass the source gave up) to land, so
+    /// that it covers them and none lands after this copy is up to date and
+    /// writes on its own.
+    pub(super) done_flush_waits: bool,
     /// Meaningful while this copy is Inconsistent and its sync source is
     /// gone: what the source still had to copy into it by its last state
     /// message (its dirty chunks then: an upper bound, as the resync only
@@ -48,12 +54,20 @@ impl Engine {
         }
         let id = self.internal_id();
         self.target.done_flush = Some((id, source));
+        self.target.done_flush_waits = self.replicas_in_flight > 0;
+        if !self.target.done_flush_waits {
+            self.issue_sync_done_flush(id);
+        }
+        self.check_invariants();
+    }
+
+    /// Issues the "sync done" flush `id`.
+    pub(super) fn issue_sync_done_flush(&mut self, id: RequestId) {
         self.actions.push_back(Action::LocalIo {
             id,
             op: Op::Flush,
             range: Range::new(0, 0),
         });
-        self.check_invariants();
     }
 
     /// The flush before taking the source's generations finished.

@@ -6,6 +6,23 @@
 use super::*;
 
 impl Sim {
+    /// A write of the peer lands on node `n`'s copy only while it is not
+    /// writing on its own: as a secondary, or as a forwarding primary (its
+    /// own writes wait for its sync source, see `Engine::forward`). One
+    /// landing after a promotion could undo the new primary's writes.
+    /// (A flush of the peer's may complete at any time: it writes nothing.)
+    pub(super) fn check_replica_lands(&self, n: usize, data: &[(u64, u64)]) {
+        let e = &self.nodes[n].eng;
+        assert!(
+            data.is_empty() || e.role == Role::Secondary || e.disk == DiskState::Inconsistent,
+            "seed {}: a write of the peer landed on primary {n} (disk {:?}, relation {:?}, data {data:?}); log {:?}",
+            self.seed,
+            e.disk,
+            e.status().relation,
+            self.log.iter().rev().take(12).collect::<Vec<_>>()
+        );
+    }
+
     /// Rule 1: a completed write is on the writer's disk and on the peer's,
     /// unless the writer's persisted bitmap covers it.
     /// (`cut_since`: a node lost power since the write was submitted; the

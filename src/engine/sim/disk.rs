@@ -28,6 +28,7 @@ impl Sim {
                 flush,
                 fua,
             } => {
+                self.check_replica_lands(n, &data);
                 self.complete_on_disk(n, &data, fua, flush);
                 self.nodes[n].eng.replica_finished();
                 self.send(1 - n, Msg::Ack { id, ok: true });

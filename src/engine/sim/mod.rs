@@ -259,6 +259,8 @@ struct Coverage {
     dropped_writes: u64,
     /// Writes in flight that a power cut tore (some blocks landed).
     torn_writes: u64,
+    /// Promotions that waited for the old primary's writes to land.
+    promotions_after_landing: u64,
 }
 
 /// A small activity log so that eviction and waiting are exercised.

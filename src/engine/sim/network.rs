@@ -398,6 +398,7 @@ impl Sim {
                     flush,
                     fua,
                 } => {
+                    self.check_replica_lands(n, &data);
                     self.complete_on_disk(n, &data, fua, flush);
                     self.nodes[n].eng.replica_finished();
                     if ack {
@@ -407,11 +408,13 @@ impl Sim {
                 local => self.nodes[n].pending.push(local),
             }
         }
+        self.drain(n);
     }
 
     /// Lands node `n`'s replica writes if a promotion must wait for them.
     pub(super) fn land_replicas_before_promoting(&mut self, n: usize) {
         if self.nodes[n].eng.promote_waits_for_replicas() {
+            self.cov.promotions_after_landing += 1;
             self.land_replicas(n, true);
         }
     }

@@ -329,7 +329,14 @@ fn once_failing_sync_target_schedules_converge() {
 /// - 68997 and 93443 (of 100000, witness crashes): both nodes lost power,
 ///   one while it was a sync target in memory only; the checker now counts
 ///   every copy when both nodes that held an unflushed write lost power
-///   (P2 lets it go).
+///   (P2 lets it go);
+/// - 12062 (of 20000, crashes) and 7422 (of 20000, forced): a resync run
+///   accepted by a forwarding primary was still landing when "sync done"
+///   arrived; the hand-over flush did not cover it and it landed after the
+///   copy was up to date and writing on its own (caught by the check that
+///   no write of the peer lands on a primary, `check_replica_lands`; fixed
+///   in `Engine::peer_sync_done`: the flush waits for the peer's requests
+///   in flight).
 #[test]
 fn once_failing_power_cut_schedules_converge() {
     for seed in [12076, 24801, 16593, 57801] {
@@ -341,7 +348,9 @@ fn once_failing_power_cut_schedules_converge() {
     ] {
         run_seed(seed, 400, true, true);
     }
+    run_seed(12062, 400, true, false);
     run_forced_seed(5737, true, false);
+    run_forced_seed(7422, true, false);
 }
 
 /// Issue 13, hole 1: the secondary acknowledged W from its disk's cache

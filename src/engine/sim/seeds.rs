@@ -53,6 +53,7 @@ pub(super) fn run_seeds_with(crashes: bool, witness: bool) {
                 total.power_cuts += c.power_cuts;
                 total.dropped_writes += c.dropped_writes;
                 total.torn_writes += c.torn_writes;
+                total.promotions_after_landing += c.promotions_after_landing;
             }
             Err(_) => {
                 eprintln!("simulation failed for seed {seed}; replay with BLKREP_SIM_SEED={seed}");
