@@ -5,6 +5,25 @@
 use super::*;
 
 impl Sim {
+    /// A write (or flush) of the peer lands on node `n`: on its disk, off
+    /// the engine's count, acknowledged on the link if `ack`.
+    pub(super) fn land_replica(
+        &mut self,
+        n: usize,
+        id: u64,
+        data: &[(u64, u64)],
+        flush: Option<Vec<u64>>,
+        fua: bool,
+        ack: bool,
+    ) {
+        self.check_replica_lands(n, data);
+        self.complete_on_disk(n, data, fua, flush);
+        self.nodes[n].eng.replica_finished();
+        if ack {
+            self.send(1 - n, Msg::Ack { id, ok: true });
+        }
+    }
+
     pub(super) fn complete_local(&mut self, n: usize) {
         if self.nodes[n].pending.is_empty() {
             return;
@@ -27,12 +46,7 @@ impl Sim {
                 data,
                 flush,
                 fua,
-            } => {
-                self.check_replica_lands(n, &data);
-                self.complete_on_disk(n, &data, fua, flush);
-                self.nodes[n].eng.replica_finished();
-                self.send(1 - n, Msg::Ack { id, ok: true });
-            }
+            } => self.land_replica(n, id, &data, flush, fua, true),
         }
         self.drain(n);
     }

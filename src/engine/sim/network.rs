@@ -397,14 +397,7 @@ impl Sim {
                     data,
                     flush,
                     fua,
-                } => {
-                    self.check_replica_lands(n, &data);
-                    self.complete_on_disk(n, &data, fua, flush);
-                    self.nodes[n].eng.replica_finished();
-                    if ack {
-                        self.send(1 - n, Msg::Ack { id, ok: true });
-                    }
-                }
+                } => self.land_replica(n, id, &data, flush, fua, ack),
                 local => self.nodes[n].pending.push(local),
             }
         }
